@@ -1,0 +1,185 @@
+"""The composition root: reads the settings, builds the store, bus and gateway, starts the
+management API and the enabled adapters, and drains them on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from aiohttp import web
+
+from adapters.http import HTTPAdapter
+from conduit.api import ManagementAPI, admin_key
+from conduit.settings import Settings
+from core.bus.local import LocalBus
+from core.gateway import Gateway
+from core.limits import Limits
+from core.store.sqlite import SQLiteStore
+
+log = logging.getLogger("conduit")
+
+
+class Adapter(Protocol):
+    protocol: str
+    port: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self, timeout: float = 10.0) -> None: ...
+
+
+class StartupError(Exception):
+    """Conduit cannot start as configured; the message says what to change."""
+
+
+class _API:
+    """The management API's listener, shaped like an adapter."""
+
+    protocol = "api"
+
+    def __init__(self, api: ManagementAPI, host: str, port: int) -> None:
+        self.api, self.host, self.port = api, host, port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.api.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        if server is not None and self.port == 0:
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self._runner is not None:
+            self._runner.shutdown_timeout = timeout
+            await self._runner.cleanup()
+            self._runner = None
+
+
+class Conduit:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        s = settings
+        self.gateway = Gateway(
+            SQLiteStore(s.database),
+            LocalBus(),
+            limits=Limits(
+                max_payload=s.max_payload,
+                queue_size=s.queue_size,
+                max_dropped=s.max_dropped,
+                rate=s.rate,
+                burst=s.burst,
+            ),
+            cache_ttl=s.cache_ttl,
+        )
+        self.api = _API(
+            ManagementAPI(self.gateway, admin_key(s.data_dir, s.admin_key)), s.api_host, s.api_port
+        )
+        factories: list[tuple[bool, Callable[[], Adapter]]] = [
+            (s.http_enabled, lambda: HTTPAdapter(self.gateway, s.host, s.http_port)),
+        ]
+        self.adapters: list[Adapter] = [make() for enabled, make in factories if enabled]
+        self._started: list[Adapter] = []
+
+    @property
+    def endpoints(self) -> dict[str, int]:
+        return {a.protocol: a.port for a in [self.api, *self.adapters]}
+
+    async def start(self) -> None:
+        await self.gateway.start()
+        try:
+            for listener in [self.api, *self.adapters]:
+                try:
+                    await listener.start()
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE:
+                        setting = f"CONDUIT_{listener.protocol.upper()}_PORT"
+                        raise StartupError(
+                            f"{listener.protocol} port {listener.port} is already in use;"
+                            f" stop what holds it or choose another port ({setting})"
+                        ) from None
+                    raise StartupError(
+                        f"cannot listen for {listener.protocol} on port {listener.port}: {exc}"
+                    ) from None
+                self._started.append(listener)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight work, close sessions, close the backends."""
+        timeout = self.settings.shutdown_timeout
+        adapters = [a for a in self._started if a is not self.api]
+        await asyncio.gather(*(a.stop(timeout) for a in adapters), return_exceptions=True)
+        if self.api in self._started:
+            await self.api.stop(timeout)
+        self._started.clear()
+        await self.gateway.close()
+
+
+async def serve(settings: Settings) -> None:
+    app = Conduit(settings)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready = " ".join(f"{name}={port}" for name, port in app.endpoints.items())
+    log.info("conduit ready: %s", ready)
+    print(f"conduit ready: {ready}", flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await app.stop()
+    log.info("stopped")
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(_JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+def run(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, on the configured event loop."""
+    setup_logging(settings)
+    use_uvloop = settings.loop == "uvloop"
+    if settings.loop == "auto":
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            use_uvloop = True
+    if use_uvloop:
+        import uvloop
+
+        runner = uvloop.run
+    else:
+        runner = asyncio.run
+    runner(serve(settings))

@@ -1,0 +1,357 @@
+"""The ``conduit`` command: ``serve``, and provisioning over the management API.
+
+Every provisioning command takes ``--json`` for scripts; without it the output is for people.
+``serve`` takes a flag for every setting (``--http-port`` for ``http_port``), generated from
+the settings object so the two never drift.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, get_args
+
+import click
+
+from conduit.settings import ADMIN_KEY_FILE as KEY_FILE
+from conduit.settings import Settings
+
+
+# serve
+def _setting_options(func: Any) -> Any:
+    for name, field in reversed(list(Settings.model_fields.items())):
+        flag = "--" + name.replace("_", "-")
+        kind = field.annotation
+        args = [a for a in get_args(kind) if a is not type(None)] or [kind]
+        base = args[0]
+        help_text = f"{field.description} [CONDUIT_{name.upper()}]"
+        if base is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+        elif getattr(base, "__origin__", None) is not None or get_args(base):
+            option = click.option(
+                flag, name, type=click.Choice(get_args(base)), default=None, help=help_text
+            )
+        else:
+            ptype = {int: int, float: float, Path: click.Path(path_type=Path)}.get(base, str)
+            option = click.option(flag, name, type=ptype, default=None, help=help_text)
+        func = option(func)
+    return func
+
+
+@click.group()
+def main() -> None:
+    """Conduit: a multi-protocol IoT messaging gateway."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path),
+    envvar="CONDUIT_CONFIG",
+    help="TOML configuration file [CONDUIT_CONFIG]",
+)
+@_setting_options
+def serve(config: Path | None, **overrides: Any) -> None:
+    """Run the gateway until SIGTERM or SIGINT."""
+    from conduit.app import StartupError, run
+
+    try:
+        settings = Settings.load(config, **overrides)
+    except Exception as exc:
+        raise click.ClickException(f"configuration: {exc}") from None
+    try:
+        run(settings)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# provisioning client
+class API:
+    def __init__(self, url: str, key: str | None, data_dir: Path, as_json: bool) -> None:
+        self.url = url.rstrip("/")
+        self.as_json = as_json
+        if key is None:
+            path = data_dir / KEY_FILE
+            try:
+                key = path.read_text().strip()
+            except OSError:
+                raise click.ClickException(
+                    f"no admin key: set CONDUIT_ADMIN_KEY or run where {path} is readable"
+                ) from None
+        self.key = key
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.key}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("detail", exc.reason)
+            except ValueError:
+                detail = exc.reason
+            raise click.ClickException(f"{exc.code}: {detail}") from None
+        except urllib.error.URLError as exc:
+            raise click.ClickException(
+                f"cannot reach the management API at {self.url}: {exc.reason}"
+            ) from None
+        return json.loads(raw) if raw else None
+
+    def show(self, data: Any, fields: tuple[str, ...] = ()) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2))
+            return
+        rows = data if isinstance(data, list) else [data]
+        if not rows:
+            click.echo("(none)")
+        for row in rows:
+            if isinstance(row, dict):
+                keys = fields or tuple(row)
+                click.echo("  ".join(f"{k}={_fmt(row.get(k))}" for k in keys))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _meta(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--metadata")
+        out[key] = value
+    return out
+
+
+def api_command(group: click.Group, name: str, **kw: Any) -> Any:
+    """A provisioning command: the management API options, and an ``api`` argument."""
+
+    def decorate(func: Any) -> Any:
+        @group.command(name, **kw)
+        @click.option(
+            "--api",
+            "url",
+            envvar="CONDUIT_API_URL",
+            default="http://127.0.0.1:9009",
+            show_default=True,
+            help="Management API URL [CONDUIT_API_URL]",
+        )
+        @click.option(
+            "--admin-key",
+            envvar="CONDUIT_ADMIN_KEY",
+            help="Admin key [CONDUIT_ADMIN_KEY]; default: <data-dir>/admin.key",
+        )
+        @click.option(
+            "--data-dir",
+            envvar="CONDUIT_DATA_DIR",
+            default="data",
+            type=click.Path(path_type=Path),
+            help="Data directory [CONDUIT_DATA_DIR]",
+        )
+        @click.option("--json", "as_json", is_flag=True, help="JSON output, for scripts")
+        @functools.wraps(func)
+        def command(
+            url: str, admin_key: str | None, data_dir: Path, as_json: bool, **params: Any
+        ) -> None:
+            func(API(url, admin_key, data_dir, as_json), **params)
+
+        return command
+
+    return decorate
+
+
+domain_opt = click.option("--domain", "-d", required=True, help="Domain name")
+meta_opt = click.option("--metadata", "-m", multiple=True, help="KEY=VALUE, repeatable")
+client_opt = click.option("--client", required=True, help="Client id or name")
+channel_opt = click.option("--channel", required=True, help="Channel name")
+
+
+@main.group()
+def domains() -> None:
+    """Domains: the tenants; topics start m/<domain>/."""
+
+
+@api_command(domains, "create")
+@click.argument("name")
+@meta_opt
+def domains_create(api: API, name: str, metadata: tuple[str, ...]) -> None:
+    """Create a domain."""
+    api.show(api.call("POST", "/domains", {"name": name, "metadata": _meta(metadata)}))
+
+
+@api_command(domains, "list")
+def domains_list(api: API) -> None:
+    """List domains."""
+    api.show(api.call("GET", "/domains"))
+
+
+@api_command(domains, "show")
+@click.argument("name")
+def domains_show(api: API, name: str) -> None:
+    """Show a domain."""
+    api.show(api.call("GET", f"/domains/{_q(name)}"))
+
+
+@api_command(domains, "delete")
+@click.argument("name")
+def domains_delete(api: API, name: str) -> None:
+    """Delete a domain with its clients, channels and connections."""
+    api.call("DELETE", f"/domains/{_q(name)}")
+    api.show({"deleted": name})
+
+
+@main.group()
+def clients() -> None:
+    """Clients: devices and applications, each with a secret."""
+
+
+CLIENT_FIELDS = ("id", "name", "domain", "enabled")
+
+
+@api_command(clients, "create")
+@domain_opt
+@click.argument("name")
+@meta_opt
+def clients_create(api: API, domain: str, name: str, metadata: tuple[str, ...]) -> None:
+    """Create a client; prints its id and secret. The secret is shown this once."""
+    created = api.call(
+        "POST", f"/domains/{_q(domain)}/clients", {"name": name, "metadata": _meta(metadata)}
+    )
+    api.show(created, (*CLIENT_FIELDS, "secret"))
+    if not api.as_json:
+        click.echo(
+            "Keep the secret now: it is stored only as a hash and cannot be shown again.", err=True
+        )
+
+
+@api_command(clients, "list")
+@domain_opt
+def clients_list(api: API, domain: str) -> None:
+    """List a domain's clients."""
+    api.show(api.call("GET", f"/domains/{_q(domain)}/clients"), CLIENT_FIELDS)
+
+
+def _client_command(name: str, method: str, suffix: str, help_text: str) -> None:
+    @api_command(clients, name, help=help_text)
+    @domain_opt
+    @click.argument("client")
+    def command(api: API, domain: str, client: str) -> None:
+        result = api.call(method, f"/domains/{_q(domain)}/clients/{_q(client)}{suffix}")
+        api.show(result if result is not None else {"deleted": client})
+
+
+_client_command("show", "GET", "", "Show a client (by id or name).")
+_client_command("enable", "POST", "/enable", "Enable a client.")
+_client_command("disable", "POST", "/disable", "Disable a client: it is refused from now on.")
+_client_command("rotate-secret", "POST", "/secret", "Give a client a new secret (shown once).")
+_client_command("delete", "DELETE", "", "Delete a client.")
+
+
+@main.group()
+def channels() -> None:
+    """Channels: topics m/<domain>/c/<channel>/..."""
+
+
+@api_command(channels, "create")
+@domain_opt
+@click.argument("name")
+@meta_opt
+def channels_create(api: API, domain: str, name: str, metadata: tuple[str, ...]) -> None:
+    """Create a channel."""
+    api.show(
+        api.call(
+            "POST", f"/domains/{_q(domain)}/channels", {"name": name, "metadata": _meta(metadata)}
+        )
+    )
+
+
+@api_command(channels, "list")
+@domain_opt
+def channels_list(api: API, domain: str) -> None:
+    """List a domain's channels."""
+    api.show(api.call("GET", f"/domains/{_q(domain)}/channels"), ("id", "name", "domain"))
+
+
+@api_command(channels, "show")
+@domain_opt
+@click.argument("channel")
+def channels_show(api: API, domain: str, channel: str) -> None:
+    """Show a channel."""
+    api.show(api.call("GET", f"/domains/{_q(domain)}/channels/{_q(channel)}"))
+
+
+@api_command(channels, "delete")
+@domain_opt
+@click.argument("channel")
+def channels_delete(api: API, domain: str, channel: str) -> None:
+    """Delete a channel and its connections."""
+    api.call("DELETE", f"/domains/{_q(domain)}/channels/{_q(channel)}")
+    api.show({"deleted": channel})
+
+
+@api_command(main, "connect")
+@domain_opt
+@client_opt
+@channel_opt
+@click.option("--publish", is_flag=True, help="Allow publishing")
+@click.option("--subscribe", is_flag=True, help="Allow subscribing")
+def connect(
+    api: API, domain: str, client: str, channel: str, publish: bool, subscribe: bool
+) -> None:
+    """Let a client publish and/or subscribe on a channel (both when neither flag is given)."""
+    if not (publish or subscribe):
+        publish = subscribe = True
+    api.show(
+        api.call(
+            "POST",
+            f"/domains/{_q(domain)}/connections",
+            {
+                "client": client,
+                "channel": channel,
+                "publish": publish,
+                "subscribe": subscribe,
+            },
+        )
+    )
+
+
+@api_command(main, "disconnect")
+@domain_opt
+@client_opt
+@channel_opt
+def disconnect(api: API, domain: str, client: str, channel: str) -> None:
+    """Take a client's rights on a channel away."""
+    api.call("DELETE", f"/domains/{_q(domain)}/connections/{_q(client)}/{_q(channel)}")
+    api.show({"disconnected": client, "channel": channel})
+
+
+@api_command(main, "connections")
+@domain_opt
+@click.option("--client", help="Only this client")
+@click.option("--channel", help="Only this channel")
+def connections(api: API, domain: str, client: str | None, channel: str | None) -> None:
+    """List connections."""
+    query = urllib.parse.urlencode(
+        {k: v for k, v in (("client", client), ("channel", channel)) if v}
+    )
+    api.show(api.call("GET", f"/domains/{_q(domain)}/connections" + (f"?{query}" if query else "")))
+
+
+def _q(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+if __name__ == "__main__":
+    main()

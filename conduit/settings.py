@@ -1,0 +1,94 @@
+"""The typed settings of Conduit: one flat object, one name per setting everywhere.
+
+A setting ``http_port`` is ``http_port`` in the TOML file, ``CONDUIT_HTTP_PORT`` in the
+environment and ``--http-port`` on the command line; later sources win:
+defaults < TOML file < environment < command line. ``docs/configuration.md`` lists them all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ADMIN_KEY_FILE = "admin.key"  # in the data directory, mode 0600
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONDUIT_", extra="forbid")
+
+    # where state lives
+    data_dir: Path = Field(Path("data"), description="Directory for the SQLite file and admin key")
+    store: Literal["sqlite"] = Field("sqlite", description="State backend")
+    sqlite_path: Path | None = Field(None, description="SQLite file; default <data_dir>/conduit.db")
+    bus: Literal["local"] = Field("local", description="Message bus")
+
+    # listeners
+    host: str = Field("0.0.0.0", description="Address the protocol adapters bind to")
+    http_enabled: bool = Field(True, description="Serve the HTTP adapter")
+    http_port: int = Field(8008, ge=0, le=65535, description="HTTP adapter port")
+    api_host: str = Field("127.0.0.1", description="Address of the management API")
+    api_port: int = Field(9009, ge=0, le=65535, description="Management API port")
+    admin_key: str | None = Field(
+        None, description="Management API key; default: generated into <data_dir>/admin.key"
+    )
+
+    # limits
+    max_payload: int = Field(262144, gt=0, description="Largest message payload, bytes")
+    queue_size: int = Field(1024, gt=0, description="Messages a subscriber may have waiting")
+    max_dropped: int = Field(
+        1000, gt=0, description="Consecutive drops before a slow subscriber is disconnected"
+    )
+    rate: float = Field(0.0, ge=0, description="Publishes per second per client; 0 = unlimited")
+    burst: int = Field(100, gt=0, description="Publishes a client may send at once above rate")
+    cache_ttl: float = Field(
+        30.0, gt=0, description="Seconds credentials and rights are cached; revocation bound"
+    )
+
+    # process
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format")
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="Event loop: auto uses uvloop when installed"
+    )
+    shutdown_timeout: float = Field(
+        10.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM/SIGINT"
+    )
+
+    @property
+    def database(self) -> Path:
+        return self.sqlite_path or self.data_dir / "conduit.db"
+
+    @classmethod
+    def load(cls, config: Path | None = None, **overrides: Any) -> Settings:
+        """Settings from defaults, the TOML file, the environment and explicit overrides."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if config is None:
+            return cls(**overrides)
+        if not config.is_file():
+            raise FileNotFoundError(f"configuration file {config} not found")
+
+        class FromFile(cls):  # type: ignore[valid-type, misc]
+            @classmethod
+            def settings_customise_sources(
+                cls,
+                settings_cls: type[BaseSettings],
+                init_settings: PydanticBaseSettingsSource,
+                env_settings: PydanticBaseSettingsSource,
+                dotenv_settings: PydanticBaseSettingsSource,
+                file_secret_settings: PydanticBaseSettingsSource,
+            ) -> tuple[PydanticBaseSettingsSource, ...]:
+                return (
+                    init_settings,
+                    env_settings,
+                    TomlConfigSettingsSource(settings_cls, toml_file=config),
+                )
+
+        return cls.model_validate(FromFile(**overrides).model_dump())

@@ -1,0 +1,131 @@
+"""Who is speaking, and what may they do: credentials, the authenticator and the authorizer.
+
+Credentials are parsed here once for every protocol (``Authorization`` header values, MQTT
+username/password, CoAP ``auth=`` query). Secrets are random and high-entropy, so a fast hash
+(SHA-256) is the right lookup key; a slow password hash would add nothing but latency.
+
+Both answers (who a secret belongs to, what a client may do on a channel) are cached in memory
+with a TTL; every change through the provisioning API clears the caches at once, so a revoked
+client is cut off immediately on this node and within the TTL on any other.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Literal
+
+from cachetools import TTLCache
+
+from core.errors import AuthenticationError, AuthorizationError, Condition
+from core.store import Store
+
+Action = Literal["publish", "subscribe"]
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a client presented: a secret, optionally with the client id it claims."""
+
+    secret: str
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated client."""
+
+    client_id: str
+    domain: str
+    name: str
+
+
+def new_secret() -> str:
+    """A fresh client secret: 256 random bits, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_authorization(value: str | None) -> Credentials:
+    """Parse an ``Authorization`` header value (or the ``authorization`` query of a URL).
+
+    Accepts ``Client <secret>``, ``Basic base64(client_id:secret)`` and a bare secret.
+    """
+    if value is None or not value.strip():
+        raise AuthenticationError("no credentials", Condition.NO_CREDENTIALS)
+    scheme, _, rest = value.strip().partition(" ")
+    rest = rest.strip()
+    lowered = scheme.lower()
+    if lowered == "client":
+        if not rest:
+            raise AuthenticationError("empty client secret", Condition.NO_CREDENTIALS)
+        return Credentials(rest)
+    if lowered == "basic":
+        try:
+            decoded = base64.b64decode(rest, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise AuthenticationError("malformed Basic credentials") from None
+        client_id, sep, secret = decoded.partition(":")
+        if not sep or not secret:
+            raise AuthenticationError("Basic credentials need client_id:secret")
+        return Credentials(secret, client_id or None)
+    if lowered == "bearer":
+        raise AuthenticationError("bearer tokens are not accepted by this gateway yet")
+    if not rest:
+        return Credentials(scheme)
+    raise AuthenticationError(f"unknown authorization scheme {scheme!r}")
+
+
+_MISSING = object()
+
+
+class Authenticator:
+    """Resolves credentials to an identity and checks connections, through TTL caches."""
+
+    def __init__(self, store: Store, ttl: float = 30.0, maxsize: int = 100_000) -> None:
+        self.store = store
+        self._identities: TTLCache[str, Identity | None] = TTLCache(maxsize, ttl)
+        self._rights: TTLCache[tuple[str, str, str], tuple[bool, bool]] = TTLCache(maxsize, ttl)
+
+    def invalidate(self) -> None:
+        """Forget every cached answer (called on any provisioning change)."""
+        self._identities.clear()
+        self._rights.clear()
+
+    async def authenticate(self, credentials: Credentials) -> Identity:
+        key = hash_secret(credentials.secret)
+        identity = self._identities.get(key, _MISSING)
+        if identity is _MISSING:
+            client = await self.store.client_by_secret(key)
+            identity = (
+                Identity(client.id, client.domain, client.name)
+                if client is not None and client.enabled
+                else None
+            )
+            self._identities[key] = identity
+        if identity is None:
+            raise AuthenticationError("unknown or disabled client")
+        assert isinstance(identity, Identity)
+        if credentials.client_id is not None and credentials.client_id != identity.client_id:
+            raise AuthenticationError("client id does not match the secret")
+        return identity
+
+    async def authorize(
+        self, identity: Identity, domain: str, channel: str, action: Action
+    ) -> None:
+        if domain != identity.domain:
+            raise AuthorizationError(f"client is not in domain {domain!r}")
+        key = (identity.client_id, domain, channel)
+        rights = self._rights.get(key)
+        if rights is None:
+            conn = await self.store.permissions(identity.client_id, domain, channel)
+            rights = (conn.publish, conn.subscribe) if conn else (False, False)
+            self._rights[key] = rights
+        if not rights[0 if action == "publish" else 1]:
+            raise AuthorizationError(f"client may not {action} on channel {channel!r}")

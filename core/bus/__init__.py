@@ -1,0 +1,223 @@
+"""Routing messages to subscribers: subscriptions, the local router and the ``Bus`` interface.
+
+A :class:`Subscription` is one subscriber's interest in a topic filter with its bounded queue.
+The bus never blocks the publisher: a full subscriber loses the message (counted), and past
+``max_dropped`` losses in a row it is closed with a reason, which the adapter turns into a
+disconnect in its protocol's idiom.
+
+Adapters that write straight to a transport pass a ``sink`` instead of reading the queue; the sink
+returns False when the subscriber cannot take the message (its write buffer is full).
+
+:class:`Router` is the in-memory index of subscriptions of this process; every bus
+implementation routes through it: the in-process bus directly, the NATS bus for what it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from collections.abc import Callable
+from typing import Protocol
+
+from core.message import Message
+from core.topics import TopicFilter
+
+Sink = Callable[[Message], bool]
+
+
+class SubscriptionClosed(Exception):
+    """Raised by :meth:`Subscription.get` once the subscription is closed; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Subscription:
+    """One subscriber's interest in a topic filter, with its bounded queue."""
+
+    __slots__ = (
+        "_queue",
+        "_waiter",
+        "closed",
+        "dropped",
+        "filter",
+        "group",
+        "identity",
+        "max_dropped",
+        "maxsize",
+        "on_close",
+        "on_drop",
+        "protocol",
+        "sink",
+        "streak",
+    )
+
+    def __init__(
+        self,
+        flt: TopicFilter,
+        *,
+        protocol: str = "",
+        identity: object = None,
+        maxsize: int = 1024,
+        max_dropped: int = 1000,
+        sink: Sink | None = None,
+        group: str | None = None,
+        on_close: Callable[[Subscription, str], None] | None = None,
+        on_drop: Callable[[], None] | None = None,
+    ) -> None:
+        self.filter = flt
+        self.protocol = protocol
+        self.identity = identity
+        self.maxsize = maxsize
+        self.max_dropped = max_dropped
+        self.sink = sink
+        self.group = group
+        self.on_close = on_close
+        self.on_drop = on_drop
+        self.dropped = 0
+        self.streak = 0  # losses since the last message taken
+        self.closed: str | None = None
+        self._queue: collections.deque[Message] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def offer(self, message: Message) -> None:
+        """Hand a message to the subscriber; never blocks, never raises."""
+        if self.closed is not None:
+            return
+        if self.sink is not None:
+            taken = self.sink(message)
+        elif len(self._queue) < self.maxsize:
+            self._queue.append(message)
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            taken = True
+        else:
+            taken = False
+        if taken:
+            self.streak = 0
+            return
+        self.dropped += 1
+        self.streak += 1
+        if self.on_drop is not None:
+            self.on_drop()
+        if self.streak >= self.max_dropped:
+            self.close(f"subscriber too slow: {self.streak} messages dropped")
+
+    async def get(self) -> Message:
+        """The next message; raises :class:`SubscriptionClosed` once closed and drained."""
+        while not self._queue:
+            if self.closed is not None:
+                raise SubscriptionClosed(self.closed)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._queue.popleft()
+
+    def get_nowait(self) -> Message | None:
+        return self._queue.popleft() if self._queue else None
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.get()
+        except SubscriptionClosed:
+            raise StopAsyncIteration from None
+
+    def close(self, reason: str = "closed") -> None:
+        if self.closed is not None:
+            return
+        self.closed = reason
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self.on_close is not None:
+            self.on_close(self, reason)
+
+
+class Router:
+    """The subscriptions of this process, indexed by (domain, channel)."""
+
+    def __init__(self) -> None:
+        self._by_channel: dict[tuple[str, str], list[Subscription]] = {}
+        self._turn = itertools.count()
+
+    def add(self, sub: Subscription) -> bool:
+        """Index a subscription; True when it is the first on its channel."""
+        key = (sub.filter.domain, sub.filter.channel)
+        subs = self._by_channel.get(key)
+        if subs is None:
+            self._by_channel[key] = [sub]
+            return True
+        # Copy on write: route() may be iterating the old list.
+        self._by_channel[key] = [*subs, sub]
+        return False
+
+    def remove(self, sub: Subscription) -> bool:
+        """Drop a subscription; True when it was the last on its channel."""
+        key = (sub.filter.domain, sub.filter.channel)
+        subs = self._by_channel.get(key)
+        if not subs or sub not in subs:
+            return False
+        rest = [s for s in subs if s is not sub]
+        if rest:
+            self._by_channel[key] = rest
+            return False
+        del self._by_channel[key]
+        return True
+
+    def channels(self) -> list[tuple[str, str]]:
+        return list(self._by_channel)
+
+    def count(self) -> int:
+        return sum(len(v) for v in self._by_channel.values())
+
+    def route(self, message: Message) -> int:
+        """Offer a message to every matching subscription; returns how many were offered."""
+        subs = self._by_channel.get((message.domain, message.channel))
+        if not subs:
+            return 0
+        subtopic = message.subtopic
+        groups: dict[tuple[str, str], list[Subscription]] | None = None
+        n = 0
+        for sub in subs:
+            if not sub.filter.matches(subtopic):
+                continue
+            if sub.group is None:
+                sub.offer(message)
+                n += 1
+            else:
+                if groups is None:
+                    groups = {}
+                groups.setdefault((sub.group, sub.filter.subtopic), []).append(sub)
+        if groups:
+            turn = next(self._turn)
+            for members in groups.values():
+                members[turn % len(members)].offer(message)
+                n += 1
+        return n
+
+
+class Bus(Protocol):
+    """Carries published messages to every matching subscription, on any node."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``core.errors.UnavailableError`` if the bus cannot carry messages."""
+
+    async def publish(self, message: Message) -> None: ...
+
+    async def subscribe(self, sub: Subscription) -> None: ...
+
+    async def unsubscribe(self, sub: Subscription) -> None: ...

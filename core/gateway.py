@@ -1,0 +1,224 @@
+"""The gateway: the one way in for every adapter.
+
+Adapters turn their protocol into three calls, :meth:`Gateway.authenticate`,
+:meth:`Gateway.publish` and :meth:`Gateway.subscribe`, and map the :class:`ConduitError` they
+may raise to their protocol's idiom (``error.condition.answer``). Refusals are logged and counted
+once, through :meth:`Gateway.refused`.
+
+Nothing is published unless every check passed: topic grammar, authorization, size, rate, SenML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from core import senml
+from core.auth import Authenticator, Credentials, Identity
+from core.bus import Bus, Sink, Subscription
+from core.content import SENML
+from core.errors import ConduitError, TooLargeError, UnavailableError
+from core.limits import Limits, RateLimiter
+from core.message import Message
+from core.metrics import Metrics
+from core.provisioning import Provisioning
+from core.store import Store
+from core.topics import Topic, TopicFilter, parse_filter, parse_topic
+
+log = logging.getLogger("conduit.gateway")
+
+# Topics repeat: parse each once.
+_topic = functools.lru_cache(maxsize=8192)(parse_topic)
+_filter = functools.lru_cache(maxsize=4096)(parse_filter)
+
+
+class Gateway:
+    def __init__(
+        self,
+        store: Store,
+        bus: Bus,
+        *,
+        limits: Limits | None = None,
+        cache_ttl: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.limits = limits or Limits()
+        self.cache_ttl = cache_ttl
+        self.metrics = Metrics()
+        self.auth = Authenticator(store, ttl=cache_ttl)
+        self.provisioning = Provisioning(store, self._changed)
+        self._rate = RateLimiter(self.limits.rate, self.limits.burst)
+        self._subs: set[Subscription] = set()
+        self._recheck: asyncio.Task[None] | None = None
+        self.closing = False
+
+    # lifecycle
+    async def start(self) -> None:
+        await self.store.open()
+        await self.bus.start()
+        self._recheck = asyncio.create_task(self._recheck_loop(), name="conduit-recheck")
+
+    async def close(self) -> None:
+        self.closing = True
+        if self._recheck is not None:
+            self._recheck.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recheck
+        for sub in list(self._subs):
+            await self.unsubscribe(sub, "server shutting down")
+        await self.bus.close()
+        await self.store.close()
+
+    async def health(self) -> dict[str, Any]:
+        status: dict[str, Any] = {}
+        for name, part in (("store", self.store), ("bus", self.bus)):
+            try:
+                await part.ping()
+                status[name] = "ok"
+            except Exception as exc:
+                status[name] = f"unavailable: {exc}"
+        status["status"] = (
+            "ok" if all(v == "ok" for v in status.values()) and not self.closing else "unavailable"
+        )
+        return status
+
+    # the three calls
+    async def authenticate(self, credentials: Credentials) -> Identity:
+        try:
+            return await self.auth.authenticate(credentials)
+        except ConduitError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(f"cannot check credentials: {exc}") from exc
+
+    async def publish(
+        self,
+        identity: Identity,
+        topic: str | Topic,
+        payload: bytes,
+        content_type: str,
+        protocol: str,
+        metadata: dict[str, str] | None = None,
+    ) -> Message:
+        start = time.perf_counter()
+        if isinstance(topic, str):
+            topic = _topic(topic)
+        await self._authorize(identity, topic.domain, topic.channel, "publish")
+        if len(payload) > self.limits.max_payload:
+            raise TooLargeError(
+                f"payload of {len(payload)} bytes exceeds {self.limits.max_payload}"
+            )
+        self._rate.check(identity.client_id)
+        created = time.time_ns()
+        if content_type in SENML:
+            senml.validate(payload, content_type, created / 1e9)
+        message = Message(
+            topic.domain,
+            topic.channel,
+            topic.subtopic,
+            identity.client_id,
+            protocol,
+            content_type,
+            payload,
+            created,
+            metadata,
+        )
+        await self.bus.publish(message)
+        self.metrics.in_[protocol].inc()
+        self.metrics.latency[protocol].observe(time.perf_counter() - start)
+        return message
+
+    async def subscribe(
+        self,
+        identity: Identity,
+        topic: str | TopicFilter,
+        protocol: str,
+        *,
+        sink: Sink | None = None,
+        group: str | None = None,
+        on_close: Callable[[Subscription, str], None] | None = None,
+        maxsize: int | None = None,
+    ) -> Subscription:
+        flt = _filter(topic) if isinstance(topic, str) else topic
+        await self._authorize(identity, flt.domain, flt.channel, "subscribe")
+        if self.closing:
+            raise UnavailableError("server is shutting down")
+        sub = Subscription(
+            flt,
+            protocol=protocol,
+            identity=identity,
+            maxsize=maxsize or self.limits.queue_size,
+            max_dropped=self.limits.max_dropped,
+            sink=sink,
+            group=group,
+            on_close=on_close,
+            on_drop=self.metrics.drops[protocol].inc,
+        )
+        await self.bus.subscribe(sub)
+        self._subs.add(sub)
+        self.metrics.conns[protocol].inc()
+        return sub
+
+    async def unsubscribe(self, sub: Subscription, reason: str = "unsubscribed") -> None:
+        if sub not in self._subs:
+            return
+        self._subs.discard(sub)
+        self.metrics.conns[sub.protocol].dec()
+        with contextlib.suppress(Exception):
+            await self.bus.unsubscribe(sub)
+        sub.close(reason)
+
+    def delivered(self, protocol: str, n: int = 1) -> None:
+        """Count messages an adapter wrote to its subscribers."""
+        self.metrics.out[protocol].inc(n)
+
+    def refused(self, protocol: str, error: ConduitError, client_id: str | None = None) -> None:
+        """Log and count one refusal. Adapters call this once per refusal they answer."""
+        self.metrics.refusals.labels(protocol, error.reason).inc()
+        log.info(
+            "refused %s client=%s reason=%s: %s",
+            protocol,
+            client_id or "-",
+            error.reason,
+            error.detail,
+        )
+
+    # internals
+    async def _authorize(self, identity: Identity, domain: str, channel: str, action: str) -> None:
+        try:
+            await self.auth.authorize(identity, domain, channel, action)  # type: ignore[arg-type]
+        except ConduitError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(f"cannot check authorization: {exc}") from exc
+
+    async def _changed(self) -> None:
+        self.auth.invalidate()
+        await self.revalidate()
+
+    async def revalidate(self) -> None:
+        """Close subscriptions whose client lost the right to them."""
+        for sub in list(self._subs):
+            identity = sub.identity
+            assert isinstance(identity, Identity)
+            try:
+                await self.auth.authorize(
+                    identity, sub.filter.domain, sub.filter.channel, "subscribe"
+                )
+            except ConduitError:
+                await self.unsubscribe(sub, "authorization revoked")
+            except Exception:  # store unavailable: keep serving what was allowed
+                log.warning("cannot recheck subscriptions: store unavailable")
+                return
+
+    async def _recheck_loop(self) -> None:
+        # Another node's change reaches this one through the cache TTL: recheck as often.
+        while True:
+            await asyncio.sleep(self.cache_ttl)
+            await self.revalidate()

@@ -1,0 +1,49 @@
+"""Limits that protect the gateway: sizes, queues and per-client publish rates."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from core.errors import RateLimitError
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_payload: int = 256 * 1024  # bytes of one message
+    queue_size: int = 1024  # messages a subscriber may have waiting
+    max_dropped: int = 1000  # consecutive drops before a slow subscriber is cut off
+    rate: float = 0.0  # messages per second per client; 0 means unlimited
+    burst: int = 100  # messages a client may send at once above the rate
+
+
+class RateLimiter:
+    """A token bucket per client id."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, client_id: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        tokens, last = self._buckets.get(client_id, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[client_id] = (tokens, now)
+            raise RateLimitError(f"more than {self.rate:g} messages per second")
+        self._buckets[client_id] = (tokens - 1.0, now)
+        if len(self._buckets) > 100_000:
+            self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        # Buckets full again carry no state worth keeping.
+        full = [
+            k
+            for k, (t, last) in self._buckets.items()
+            if t + (now - last) * self.rate >= self.burst
+        ]
+        for k in full:
+            del self._buckets[k]

@@ -1,0 +1,83 @@
+"""The message envelope: one type, built once by the adapter that received the message.
+
+It crosses the bus in one compact binary encoding (MessagePack, fields as an array) and is never
+re-encoded on the way: ``payload`` stays the bytes the publisher sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import msgspec
+
+PROTOCOLS = ("http", "ws", "mqtt", "coap")
+
+
+class Message(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """One published message.
+
+    ``metadata`` is a small string map carried end to end where the receiving protocol can express
+    it (MQTT 5 user properties, response topic, correlation data). ``created`` is the receive time
+    in nanoseconds since the epoch.
+    """
+
+    domain: str
+    channel: str
+    subtopic: str
+    publisher: str
+    protocol: str
+    content_type: str
+    payload: bytes
+    created: int
+    metadata: dict[str, str] | None = None
+
+    @property
+    def topic(self) -> str:
+        base = f"m/{self.domain}/c/{self.channel}"
+        return f"{base}/{self.subtopic}" if self.subtopic else base
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    """The bus encoding of a message."""
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    """Inverse of :func:`encode`; raises ``msgspec.DecodeError`` on foreign bytes."""
+    return _decoder.decode(data)
+
+
+def envelope(message: Message) -> dict[str, object]:
+    """The message as a JSON-ready object, for subscribers that need to tell messages apart
+    (SSE events, WebSocket ``?format=envelope``). Text payloads stay text; anything that is not
+    UTF-8 travels as base64."""
+    try:
+        payload = message.payload.decode()
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        payload = base64.b64encode(message.payload).decode()
+        encoding = "base64"
+    out: dict[str, object] = {
+        "topic": message.topic,
+        "domain": message.domain,
+        "channel": message.channel,
+        "subtopic": message.subtopic,
+        "publisher": message.publisher,
+        "protocol": message.protocol,
+        "content_type": message.content_type,
+        "created": message.created,
+        "payload": payload,
+        "encoding": encoding,
+    }
+    if message.metadata:
+        out["metadata"] = message.metadata
+    return out

@@ -1,0 +1,123 @@
+"""State: domains, clients, channels and connections, behind one small interface.
+
+``Store`` is what the rest of the core sees; ``core.store.sqlite`` (the embedded default) and
+``core.store.postgres`` implement it. Secrets never reach the store: only their hash does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """A provisioning request that the state refuses."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    name: str  # also its route in topics: m/<name>/c/...
+    created: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    id: str
+    domain: str
+    name: str
+    enabled: bool
+    created: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    id: str
+    domain: str
+    name: str  # its route in topics: m/<domain>/c/<name>
+    created: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """A client's right on a channel: publish, subscribe, or both."""
+
+    domain: str
+    client_id: str
+    channel: str  # channel name
+    publish: bool
+    subscribe: bool
+
+
+class Store(Protocol):
+    """The state backend. All methods may raise ``core.errors.UnavailableError``."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise if the backend cannot answer."""
+
+    # domains
+    async def create_domain(self, name: str, metadata: dict[str, str]) -> Domain: ...
+
+    async def get_domain(self, name: str) -> Domain: ...
+
+    async def list_domains(self) -> list[Domain]: ...
+
+    async def delete_domain(self, name: str) -> None: ...
+
+    # clients
+    async def create_client(
+        self, domain: str, client_id: str, name: str, secret_hash: str, metadata: dict[str, str]
+    ) -> Client: ...
+
+    async def get_client(self, domain: str, ref: str) -> Client:
+        """A client by id, or by name when no id matches."""
+
+    async def list_clients(self, domain: str) -> list[Client]: ...
+
+    async def set_client_enabled(self, domain: str, client_id: str, enabled: bool) -> Client: ...
+
+    async def set_client_secret(self, domain: str, client_id: str, secret_hash: str) -> Client: ...
+
+    async def delete_client(self, domain: str, client_id: str) -> None: ...
+
+    async def client_by_secret(self, secret_hash: str) -> Client | None: ...
+
+    # channels
+    async def create_channel(
+        self, domain: str, channel_id: str, name: str, metadata: dict[str, str]
+    ) -> Channel: ...
+
+    async def get_channel(self, domain: str, ref: str) -> Channel:
+        """A channel by name, or by id when no name matches."""
+
+    async def list_channels(self, domain: str) -> list[Channel]: ...
+
+    async def delete_channel(self, domain: str, name: str) -> None: ...
+
+    # connections
+    async def connect(
+        self, domain: str, client_id: str, channel: str, publish: bool, subscribe: bool
+    ) -> Connection: ...
+
+    async def disconnect(self, domain: str, client_id: str, channel: str) -> None: ...
+
+    async def list_connections(
+        self, domain: str, client_id: str | None = None, channel: str | None = None
+    ) -> list[Connection]: ...
+
+    async def permissions(self, client_id: str, domain: str, channel: str) -> Connection | None:
+        """The connection of an enabled client to a channel, or None."""

@@ -1,0 +1,303 @@
+"""The embedded state backend: one SQLite file in WAL mode, schema migrations by user_version."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from core.errors import UnavailableError
+from core.store import Channel, Client, Conflict, Connection, Domain, NotFound
+
+# Each entry migrates the schema from version i to i + 1. Append only; never edit a shipped one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE domains (
+        name TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE TABLE clients (
+        id TEXT PRIMARY KEY,
+        domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        secret_hash TEXT NOT NULL UNIQUE,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created REAL NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX clients_domain ON clients(domain, name);
+    CREATE TABLE channels (
+        id TEXT PRIMARY KEY,
+        domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        created REAL NOT NULL,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (domain, name)
+    );
+    CREATE TABLE connections (
+        client_id TEXT NOT NULL REFERENCES clients(id) ON DELETE CASCADE,
+        channel_id TEXT NOT NULL REFERENCES channels(id) ON DELETE CASCADE,
+        publish INTEGER NOT NULL,
+        subscribe INTEGER NOT NULL,
+        PRIMARY KEY (client_id, channel_id)
+    );
+    CREATE INDEX connections_channel ON connections(channel_id);
+    """,
+]
+
+
+def _meta(text: str) -> dict[str, str]:
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}
+
+
+class SQLiteStore:
+    """``Store`` on one SQLite file. One connection; SQLite serializes writers anyway."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise UnavailableError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        self._db = db
+        await self._migrate()
+
+    async def _migrate(self) -> None:
+        async with self.db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        for i, script in enumerate(MIGRATIONS[version:], start=version):
+            await self.db.executescript(f"BEGIN; {script}; PRAGMA user_version = {i + 1}; COMMIT;")
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def ping(self) -> None:
+        try:
+            await self._one("SELECT 1", ())
+        except sqlite3.Error as exc:
+            raise UnavailableError(f"store: {exc}") from exc
+
+    async def _one(self, sql: str, args: Iterable[Any]) -> sqlite3.Row | None:
+        async with self.db.execute(sql, tuple(args)) as cur:
+            row: sqlite3.Row | None = await cur.fetchone()
+            return row
+
+    async def _all(self, sql: str, args: Iterable[Any]) -> list[sqlite3.Row]:
+        async with self.db.execute(sql, tuple(args)) as cur:
+            return list(await cur.fetchall())
+
+    async def _write(self, sql: str, args: Iterable[Any]) -> int:
+        try:
+            async with self.db.execute(sql, tuple(args)) as cur:
+                return cur.rowcount
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(str(exc)) from exc
+
+    # domains
+    async def create_domain(self, name: str, metadata: dict[str, str]) -> Domain:
+        domain = Domain(name, time.time(), metadata)
+        try:
+            await self._write(
+                "INSERT INTO domains (name, created, metadata) VALUES (?, ?, ?)",
+                (name, domain.created, json.dumps(metadata)),
+            )
+        except Conflict:
+            raise Conflict(f"domain {name!r} exists") from None
+        return domain
+
+    async def get_domain(self, name: str) -> Domain:
+        row = await self._one("SELECT * FROM domains WHERE name = ?", (name,))
+        if row is None:
+            raise NotFound(f"no domain {name!r}")
+        return Domain(row["name"], row["created"], _meta(row["metadata"]))
+
+    async def list_domains(self) -> list[Domain]:
+        rows = await self._all("SELECT * FROM domains ORDER BY name", ())
+        return [Domain(r["name"], r["created"], _meta(r["metadata"])) for r in rows]
+
+    async def delete_domain(self, name: str) -> None:
+        if not await self._write("DELETE FROM domains WHERE name = ?", (name,)):
+            raise NotFound(f"no domain {name!r}")
+
+    # clients
+    @staticmethod
+    def _client(row: sqlite3.Row) -> Client:
+        return Client(
+            row["id"],
+            row["domain"],
+            row["name"],
+            bool(row["enabled"]),
+            row["created"],
+            _meta(row["metadata"]),
+        )
+
+    async def create_client(
+        self, domain: str, client_id: str, name: str, secret_hash: str, metadata: dict[str, str]
+    ) -> Client:
+        await self.get_domain(domain)
+        client = Client(client_id, domain, name, True, time.time(), metadata)
+        try:
+            await self._write(
+                "INSERT INTO clients (id, domain, name, secret_hash, enabled, created, metadata)"
+                " VALUES (?, ?, ?, ?, 1, ?, ?)",
+                (client_id, domain, name, secret_hash, client.created, json.dumps(metadata)),
+            )
+        except Conflict:
+            raise Conflict(f"client {client_id!r} exists") from None
+        return client
+
+    async def get_client(self, domain: str, ref: str) -> Client:
+        row = await self._one(
+            "SELECT * FROM clients WHERE domain = ? AND (id = ? OR name = ?)"
+            " ORDER BY id = ? DESC LIMIT 1",
+            (domain, ref, ref, ref),
+        )
+        if row is None:
+            raise NotFound(f"no client {ref!r} in domain {domain!r}")
+        return self._client(row)
+
+    async def list_clients(self, domain: str) -> list[Client]:
+        await self.get_domain(domain)
+        rows = await self._all("SELECT * FROM clients WHERE domain = ? ORDER BY name", (domain,))
+        return [self._client(r) for r in rows]
+
+    async def set_client_enabled(self, domain: str, client_id: str, enabled: bool) -> Client:
+        client = await self.get_client(domain, client_id)
+        await self._write("UPDATE clients SET enabled = ? WHERE id = ?", (int(enabled), client.id))
+        return await self.get_client(domain, client.id)
+
+    async def set_client_secret(self, domain: str, client_id: str, secret_hash: str) -> Client:
+        client = await self.get_client(domain, client_id)
+        await self._write(
+            "UPDATE clients SET secret_hash = ? WHERE id = ?", (secret_hash, client.id)
+        )
+        return client
+
+    async def delete_client(self, domain: str, client_id: str) -> None:
+        client = await self.get_client(domain, client_id)
+        await self._write("DELETE FROM clients WHERE id = ?", (client.id,))
+
+    async def client_by_secret(self, secret_hash: str) -> Client | None:
+        row = await self._one("SELECT * FROM clients WHERE secret_hash = ?", (secret_hash,))
+        return self._client(row) if row else None
+
+    # channels
+    @staticmethod
+    def _channel(row: sqlite3.Row) -> Channel:
+        return Channel(
+            row["id"], row["domain"], row["name"], row["created"], _meta(row["metadata"])
+        )
+
+    async def create_channel(
+        self, domain: str, channel_id: str, name: str, metadata: dict[str, str]
+    ) -> Channel:
+        await self.get_domain(domain)
+        channel = Channel(channel_id, domain, name, time.time(), metadata)
+        try:
+            await self._write(
+                "INSERT INTO channels (id, domain, name, created, metadata) VALUES (?, ?, ?, ?, ?)",
+                (channel_id, domain, name, channel.created, json.dumps(metadata)),
+            )
+        except Conflict:
+            raise Conflict(f"channel {name!r} exists in domain {domain!r}") from None
+        return channel
+
+    async def get_channel(self, domain: str, ref: str) -> Channel:
+        row = await self._one(
+            "SELECT * FROM channels WHERE domain = ? AND (name = ? OR id = ?)"
+            " ORDER BY name = ? DESC LIMIT 1",
+            (domain, ref, ref, ref),
+        )
+        if row is None:
+            raise NotFound(f"no channel {ref!r} in domain {domain!r}")
+        return self._channel(row)
+
+    async def list_channels(self, domain: str) -> list[Channel]:
+        await self.get_domain(domain)
+        rows = await self._all("SELECT * FROM channels WHERE domain = ? ORDER BY name", (domain,))
+        return [self._channel(r) for r in rows]
+
+    async def delete_channel(self, domain: str, name: str) -> None:
+        channel = await self.get_channel(domain, name)
+        await self._write("DELETE FROM channels WHERE id = ?", (channel.id,))
+
+    # connections
+    async def connect(
+        self, domain: str, client_id: str, channel: str, publish: bool, subscribe: bool
+    ) -> Connection:
+        client = await self.get_client(domain, client_id)
+        ch = await self.get_channel(domain, channel)
+        await self._write(
+            "INSERT INTO connections (client_id, channel_id, publish, subscribe)"
+            " VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (client_id, channel_id) DO UPDATE"
+            " SET publish = excluded.publish, subscribe = excluded.subscribe",
+            (client.id, ch.id, int(publish), int(subscribe)),
+        )
+        return Connection(domain, client.id, ch.name, publish, subscribe)
+
+    async def disconnect(self, domain: str, client_id: str, channel: str) -> None:
+        client = await self.get_client(domain, client_id)
+        ch = await self.get_channel(domain, channel)
+        n = await self._write(
+            "DELETE FROM connections WHERE client_id = ? AND channel_id = ?", (client.id, ch.id)
+        )
+        if not n:
+            raise NotFound(f"client {client.id!r} is not connected to channel {ch.name!r}")
+
+    async def list_connections(
+        self, domain: str, client_id: str | None = None, channel: str | None = None
+    ) -> list[Connection]:
+        sql = (
+            "SELECT k.client_id, ch.name AS channel, k.publish, k.subscribe FROM connections k"
+            " JOIN channels ch ON ch.id = k.channel_id WHERE ch.domain = ?"
+        )
+        args: list[Any] = [domain]
+        if client_id is not None:
+            sql += " AND k.client_id = ?"
+            args.append((await self.get_client(domain, client_id)).id)
+        if channel is not None:
+            sql += " AND ch.id = ?"
+            args.append((await self.get_channel(domain, channel)).id)
+        rows = await self._all(sql + " ORDER BY ch.name, k.client_id", args)
+        return [
+            Connection(
+                domain, r["client_id"], r["channel"], bool(r["publish"]), bool(r["subscribe"])
+            )
+            for r in rows
+        ]
+
+    async def permissions(self, client_id: str, domain: str, channel: str) -> Connection | None:
+        row = await self._one(
+            "SELECT k.publish, k.subscribe FROM connections k"
+            " JOIN channels ch ON ch.id = k.channel_id"
+            " JOIN clients cl ON cl.id = k.client_id"
+            " WHERE k.client_id = ? AND ch.domain = ? AND ch.name = ? AND cl.enabled = 1",
+            (client_id, domain, channel),
+        )
+        if row is None:
+            return None
+        return Connection(domain, client_id, channel, bool(row["publish"]), bool(row["subscribe"]))
