@@ -13,7 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import click
 
@@ -26,15 +26,14 @@ def _setting_options(func: Any) -> Any:
     for name, field in reversed(list(Settings.model_fields.items())):
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
-        args = [a for a in get_args(kind) if a is not type(None)] or [kind]
-        base = args[0]
         help_text = f"{field.description} [CONDUIT_{name.upper()}]"
+        args = [a for a in get_args(kind) if a is not type(None)]
+        base = kind if get_origin(kind) is Literal else (args[0] if args else kind)
         if base is bool:
             option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
-        elif getattr(base, "__origin__", None) is not None or get_args(base):
-            option = click.option(
-                flag, name, type=click.Choice(get_args(base)), default=None, help=help_text
-            )
+        elif get_origin(base) is Literal:
+            choices = click.Choice([str(c) for c in get_args(base)])
+            option = click.option(flag, name, type=choices, default=None, help=help_text)
         else:
             ptype = {int: int, float: float, Path: click.Path(path_type=Path)}.get(base, str)
             option = click.option(flag, name, type=ptype, default=None, help=help_text)

@@ -165,6 +165,18 @@ class Gateway:
         self.metrics.conns[protocol].inc()
         return sub
 
+    async def last(self, identity: Identity, topic: str | Topic) -> Message | None:
+        """The latest message on exactly this topic (a subscriber's right), or None."""
+        if isinstance(topic, str):
+            topic = _topic(topic)
+        await self._authorize(identity, topic.domain, topic.channel, "subscribe")
+        try:
+            return await self.bus.last(topic.domain, topic.channel, topic.subtopic)
+        except ConduitError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(f"bus: {exc}") from exc
+
     async def unsubscribe(self, sub: Subscription, reason: str = "unsubscribed") -> None:
         if sub not in self._subs:
             return

@@ -221,3 +221,6 @@ class Bus(Protocol):
     async def subscribe(self, sub: Subscription) -> None: ...
 
     async def unsubscribe(self, sub: Subscription) -> None: ...
+
+    async def last(self, domain: str, channel: str, subtopic: str) -> Message | None:
+        """The latest message published on exactly this topic, if the bus still knows it."""

@@ -10,9 +10,12 @@ from core.message import Message
 class LocalBus:
     name = "local"
 
-    def __init__(self) -> None:
+    def __init__(self, keep_last: int = 10_000) -> None:
         self.router = Router()
         self._open = False
+        # The latest message of each topic, oldest topic forgotten first past keep_last.
+        self._last: dict[tuple[str, str, str], Message] = {}
+        self._keep_last = keep_last
 
     async def start(self) -> None:
         self._open = True
@@ -27,6 +30,11 @@ class LocalBus:
     async def publish(self, message: Message) -> None:
         if not self._open:
             raise UnavailableError("bus is closed")
+        key = (message.domain, message.channel, message.subtopic)
+        last = self._last
+        if last.pop(key, None) is None and len(last) >= self._keep_last:
+            del last[next(iter(last))]
+        last[key] = message
         self.router.route(message)
 
     async def subscribe(self, sub: Subscription) -> None:
@@ -36,3 +44,6 @@ class LocalBus:
 
     async def unsubscribe(self, sub: Subscription) -> None:
         self.router.remove(sub)
+
+    async def last(self, domain: str, channel: str, subtopic: str) -> Message | None:
+        return self._last.get((domain, channel, subtopic))

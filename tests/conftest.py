@@ -1,0 +1,111 @@
+"""Shared fixtures: a real gateway on a real SQLite file, provisioned with a domain, a channel
+and clients with each kind of right; adapters on ephemeral ports (never a fixed one)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from adapters.http import HTTPAdapter
+from core.bus.local import LocalBus
+from core.gateway import Gateway
+from core.limits import Limits
+from core.store.sqlite import SQLiteStore
+
+
+@dataclass
+class Party:
+    id: str
+    secret: str
+
+
+@dataclass
+class World:
+    """What the `world` fixture provisioned: domain `acme`, channel `temps` (and `other`)."""
+
+    gateway: Gateway
+    domain: str
+    channel: str
+    publisher: Party  # may publish on temps
+    subscriber: Party  # may subscribe on temps
+    both: Party  # may do both on temps
+    stranger: Party  # no connection at all
+
+    @property
+    def topic(self) -> str:
+        return f"m/{self.domain}/c/{self.channel}"
+
+
+async def make_gateway(tmp_path: Path, limits: Limits | None = None) -> Gateway:
+    gateway = Gateway(SQLiteStore(tmp_path / "conduit.db"), LocalBus(), limits=limits)
+    await gateway.start()
+    return gateway
+
+
+async def provision(gateway: Gateway) -> World:
+    prov = gateway.provisioning
+    await prov.create_domain("acme")
+    await prov.create_channel("acme", "temps")
+    await prov.create_channel("acme", "other")
+    parties = {}
+    for name, pub, sub in (
+        ("publisher", True, False),
+        ("subscriber", False, True),
+        ("both", True, True),
+        ("stranger", False, False),
+    ):
+        client, secret = await prov.create_client("acme", name)
+        if pub or sub:
+            await prov.connect("acme", client.id, "temps", pub, sub)
+        parties[name] = Party(client.id, secret)
+    return World(gateway, "acme", "temps", **parties)
+
+
+@pytest.fixture
+def limits() -> Limits:
+    """Override in a test module to run the gateway with other limits."""
+    return Limits()
+
+
+@pytest.fixture
+async def world(tmp_path: Path, limits: Limits) -> AsyncIterator[World]:
+    gateway = await make_gateway(tmp_path, limits)
+    try:
+        yield await provision(gateway)
+    finally:
+        await gateway.close()
+
+
+@pytest.fixture
+async def http(world: World) -> AsyncIterator[str]:
+    """The HTTP adapter on an ephemeral port; yields its base URL."""
+    adapter = HTTPAdapter(world.gateway, "127.0.0.1", 0)
+    await adapter.start()
+    try:
+        yield f"http://127.0.0.1:{adapter.port}"
+    finally:
+        await adapter.stop(timeout=2)
+
+
+def require_command(name: str, debian_package: str) -> str:
+    """The path of a command-line client a test needs; installs its Debian package when root
+    and allowed, else skips the test saying why (never silently)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    try:
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", debian_package],
+            check=True, capture_output=True, timeout=300,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"{name} (Debian {debian_package}) is not installed and could not be: {exc}")
+    path = shutil.which(name)
+    if not path:
+        pytest.skip(f"{name} not found after installing {debian_package}")
+    return path
