@@ -60,7 +60,8 @@ class _API:
 
     async def stop(self, timeout: float = 10.0) -> None:
         if self._runner is not None:
-            self._runner.shutdown_timeout = timeout
+            if self._runner.server is not None:
+                await self._runner.server.shutdown(timeout)
             await self._runner.cleanup()
             self._runner = None
 

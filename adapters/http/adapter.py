@@ -102,13 +102,11 @@ class HTTPAdapter:
         if self._runner is None:
             return
         if self._site is not None:
-            with contextlib.suppress(Exception):
-                server = self._site._server
-                if server is not None:
-                    server.close()  # stop accepting new connections
+            await self._site.stop()  # stop accepting new connections
         for sub in list(self._streams):
             await self.gateway.unsubscribe(sub, "server shutting down")
-        self._runner.shutdown_timeout = timeout
+        if self._runner.server is not None:
+            await self._runner.server.shutdown(timeout)  # in-flight requests finish
         await self._runner.cleanup()
         self._runner = None
 

@@ -1,0 +1,49 @@
+"""HTTP refusals that need tight limits: too large (413) and rate exceeded (429)."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from core.auth import Credentials
+from core.limits import Limits
+from tests.conftest import World
+
+
+@pytest.fixture
+def limits() -> Limits:
+    return Limits(max_payload=1000, rate=1.0, burst=3)
+
+
+async def test_too_large_and_rate_limited(world: World, http: str) -> None:
+    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
+    watch = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
+    headers = {"Authorization": f"Client {world.publisher.secret}", "Content-Type": "text/plain"}
+    url = f"{http}/m/acme/c/temps"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, data=b"x" * 1001, headers=headers) as r:
+            assert r.status == 413
+            assert (await r.json(content_type=None))["type"] == "urn:conduit:error:too_large"
+        assert watch.get_nowait() is None
+
+        # A chunked body has no Content-Length: the limit holds while reading.
+        async def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(3):
+                yield b"y" * 600
+
+        async with s.post(url, data=chunks(), headers=headers) as r:
+            assert r.status == 413
+        assert watch.get_nowait() is None
+
+        statuses = []
+        for _ in range(5):
+            async with s.post(url, data=b"ok", headers=headers) as r:
+                statuses.append(r.status)
+                if r.status == 429:
+                    body = await r.json(content_type=None)
+                    assert body["type"] == "urn:conduit:error:rate_limited"
+        assert statuses[:3] == [202, 202, 202] and 429 in statuses[3:]
+    delivered = 0
+    while watch.get_nowait() is not None:
+        delivered += 1
+    assert delivered == statuses.count(202)

@@ -1,0 +1,131 @@
+"""Credentials, the authenticator's cache and its invalidation, provisioning rules."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from core.auth import Credentials, parse_authorization
+from core.errors import AuthenticationError, AuthorizationError, Condition
+from core.provisioning import InvalidRequest
+from core.store import Conflict, NotFound
+from tests.conftest import World
+
+
+def test_parse_authorization_forms() -> None:
+    assert parse_authorization("Client s3cret") == Credentials("s3cret")
+    assert parse_authorization("client  s3cret ") == Credentials("s3cret")
+    basic = base64.b64encode(b"id-1:s3cret").decode()
+    assert parse_authorization(f"Basic {basic}") == Credentials("s3cret", "id-1")
+    assert parse_authorization("s3cret") == Credentials("s3cret")
+
+
+@pytest.mark.parametrize(
+    ("value", "condition", "text"),
+    [
+        (None, Condition.NO_CREDENTIALS, "no credentials"),
+        ("", Condition.NO_CREDENTIALS, "no credentials"),
+        ("Client ", Condition.NO_CREDENTIALS, "empty client secret"),
+        ("Basic !!!", Condition.BAD_CREDENTIALS, "malformed Basic"),
+        ("Basic " + base64.b64encode(b"nocolon").decode(), Condition.BAD_CREDENTIALS,
+         "client_id:secret"),
+        ("Digest x=y", Condition.BAD_CREDENTIALS, "unknown authorization scheme"),
+    ],
+)
+def test_parse_authorization_refusals(value: str | None, condition: Condition, text: str) -> None:
+    with pytest.raises(AuthenticationError, match=text) as err:
+        parse_authorization(value)
+    assert err.value.condition is condition
+
+
+async def test_secret_authenticates_and_secret_is_only_hashed(world: World) -> None:
+    gw = world.gateway
+    ident = await gw.authenticate(Credentials(world.publisher.secret))
+    assert (ident.client_id, ident.domain, ident.name) == (world.publisher.id, "acme", "publisher")
+    with pytest.raises(AuthenticationError):
+        await gw.authenticate(Credentials("wrong"))
+    with pytest.raises(AuthenticationError, match="does not match"):
+        await gw.authenticate(Credentials(world.publisher.secret, world.both.id))
+    # The secret is nowhere in the database file.
+    store_path = gw.store.path  # type: ignore[attr-defined]
+    with open(store_path, "rb") as f:
+        assert world.publisher.secret.encode() not in f.read()
+
+
+async def test_rights_follow_connections(world: World) -> None:
+    auth = world.gateway.auth
+    pub = await auth.authenticate(Credentials(world.publisher.secret))
+    await auth.authorize(pub, "acme", "temps", "publish")
+    with pytest.raises(AuthorizationError):
+        await auth.authorize(pub, "acme", "temps", "subscribe")
+    with pytest.raises(AuthorizationError):
+        await auth.authorize(pub, "acme", "other", "publish")
+    with pytest.raises(AuthorizationError, match="not in domain"):
+        await auth.authorize(pub, "beta", "temps", "publish")
+
+
+async def test_changes_through_provisioning_take_effect_at_once(world: World) -> None:
+    gw = world.gateway
+    prov = gw.provisioning
+    ident = await gw.authenticate(Credentials(world.publisher.secret))
+    await gw.auth.authorize(ident, "acme", "temps", "publish")  # now cached
+    await prov.disconnect("acme", world.publisher.id, "temps")
+    with pytest.raises(AuthorizationError):
+        await gw.auth.authorize(ident, "acme", "temps", "publish")
+    await prov.connect("acme", world.publisher.id, "temps", True, False)
+    await gw.auth.authorize(ident, "acme", "temps", "publish")
+    await prov.set_client_enabled("acme", world.publisher.id, False)
+    with pytest.raises(AuthenticationError):
+        await gw.authenticate(Credentials(world.publisher.secret))
+    with pytest.raises(AuthorizationError):  # an open connection loses its rights too
+        await gw.auth.authorize(ident, "acme", "temps", "publish")
+    await prov.set_client_enabled("acme", world.publisher.id, True)
+    _, new_secret = await prov.rotate_secret("acme", world.publisher.id)
+    with pytest.raises(AuthenticationError):
+        await gw.authenticate(Credentials(world.publisher.secret))
+    assert (await gw.authenticate(Credentials(new_secret))).client_id == world.publisher.id
+
+
+async def test_revoked_subscription_is_closed(world: World) -> None:
+    gw = world.gateway
+    ident = await gw.authenticate(Credentials(world.subscriber.secret))
+    sub = await gw.subscribe(ident, "m/acme/c/temps/#", "http")
+    await gw.provisioning.connect("acme", world.subscriber.id, "temps", True, False)
+    assert sub.closed == "authorization revoked"
+
+
+async def test_provisioning_refusals(world: World) -> None:
+    prov = world.gateway.provisioning
+    with pytest.raises(InvalidRequest, match="domain name"):
+        await prov.create_domain("bad name")
+    with pytest.raises(Conflict):
+        await prov.create_domain("acme")
+    with pytest.raises(Conflict):
+        await prov.create_channel("acme", "temps")
+    with pytest.raises(NotFound):
+        await prov.create_channel("nope", "temps")
+    with pytest.raises(NotFound):
+        await prov.connect("acme", "no-such-client", "temps", True, True)
+    with pytest.raises(InvalidRequest, match="publish, subscribe or both"):
+        await prov.connect("acme", world.stranger.id, "temps", False, False)
+    # clients are found by id or by name
+    assert (await prov.get_client("acme", "stranger")).id == world.stranger.id
+    await prov.delete_domain("acme")
+    with pytest.raises(NotFound):
+        await prov.get_client("acme", world.stranger.id)
+
+
+async def test_store_survives_reopen(world: World, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from core.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "conduit.db")
+    await store.open()
+    try:
+        assert [c.name for c in await store.list_channels("acme")] == ["other", "temps"]
+        conns = await store.list_connections("acme", channel="temps")
+        assert {c.client_id for c in conns} == {
+            world.publisher.id, world.subscriber.id, world.both.id
+        }
+    finally:
+        await store.close()

@@ -1,0 +1,139 @@
+"""The in-process bus: routing with MQTT wildcard semantics, bounded queues, overflow."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from core.bus import Subscription, SubscriptionClosed
+from core.bus.local import LocalBus
+from core.errors import UnavailableError
+from core.message import Message, decode, encode
+from core.topics import parse_filter
+
+
+def msg(subtopic: str = "", channel: str = "temps", payload: bytes = b"x") -> Message:
+    return Message("acme", channel, subtopic, "pub", "http", "text/plain", payload, 1)
+
+
+async def started() -> LocalBus:
+    bus = LocalBus()
+    await bus.start()
+    return bus
+
+
+async def test_routes_to_matching_subscriptions_only() -> None:
+    bus = await started()
+    subs = {f: Subscription(parse_filter(f)) for f in (
+        "m/acme/c/temps", "m/acme/c/temps/#", "m/acme/c/temps/+", "m/acme/c/temps/a/b",
+        "m/acme/c/other/#",
+    )}
+    for sub in subs.values():
+        await bus.subscribe(sub)
+    await bus.publish(msg("a/b"))
+    got = {f for f, s in subs.items() if s.get_nowait() is not None}
+    assert got == {"m/acme/c/temps/#", "m/acme/c/temps/a/b"}
+    await bus.publish(msg(""))
+    got = {f for f, s in subs.items() if s.get_nowait() is not None}
+    assert got == {"m/acme/c/temps", "m/acme/c/temps/#"}
+
+
+async def test_unsubscribe_stops_delivery() -> None:
+    bus = await started()
+    sub = Subscription(parse_filter("m/acme/c/temps/#"))
+    await bus.subscribe(sub)
+    await bus.unsubscribe(sub)
+    await bus.publish(msg("a"))
+    assert sub.get_nowait() is None
+
+
+async def test_full_queue_drops_counts_and_never_blocks_publisher() -> None:
+    bus = await started()
+    drops: list[int] = []
+    slow = Subscription(parse_filter("m/acme/c/temps/#"), maxsize=2, max_dropped=100,
+                        on_drop=lambda: drops.append(1))
+    fast = Subscription(parse_filter("m/acme/c/temps/#"), maxsize=100)
+    await bus.subscribe(slow)
+    await bus.subscribe(fast)
+    for i in range(5):
+        await bus.publish(msg(payload=str(i).encode()))
+    assert slow.dropped == 3 and len(drops) == 3
+    assert [slow.get_nowait().payload for _ in range(2)] == [b"0", b"1"]  # type: ignore[union-attr]
+    assert fast.dropped == 0
+    assert sum(1 for _ in range(5) if fast.get_nowait() is not None) == 5
+
+
+async def test_too_slow_subscriber_is_closed_with_reason() -> None:
+    bus = await started()
+    closed: list[str] = []
+    sub = Subscription(parse_filter("m/acme/c/temps"), maxsize=1, max_dropped=3,
+                       on_close=lambda s, reason: closed.append(reason))
+    await bus.subscribe(sub)
+    for _ in range(4):
+        await bus.publish(msg())
+    assert closed == ["subscriber too slow: 3 messages dropped"]
+    assert (await sub.get()).payload == b"x"  # what was queued is still delivered
+    with pytest.raises(SubscriptionClosed, match="too slow"):
+        await sub.get()
+
+
+async def test_sink_takes_messages_and_reports_full() -> None:
+    bus = await started()
+    taken: list[Message] = []
+    sub = Subscription(parse_filter("m/acme/c/temps"), max_dropped=10,
+                       sink=lambda m: (taken.append(m), len(taken) < 2)[1])
+    await bus.subscribe(sub)
+    for _ in range(3):
+        await bus.publish(msg())
+    assert len(taken) == 3 and sub.dropped == 2  # the sink said full twice
+
+
+async def test_get_waits_for_a_message() -> None:
+    bus = await started()
+    sub = Subscription(parse_filter("m/acme/c/temps"))
+    await bus.subscribe(sub)
+    waiter = asyncio.create_task(sub.get())
+    await asyncio.sleep(0)
+    await bus.publish(msg(payload=b"later"))
+    assert (await asyncio.wait_for(waiter, 2)).payload == b"later"
+
+
+async def test_shared_group_delivers_to_one_member_round_robin() -> None:
+    bus = await started()
+    members = [Subscription(parse_filter("m/acme/c/temps/#"), group="g") for _ in range(3)]
+    plain = Subscription(parse_filter("m/acme/c/temps/#"))
+    for s in [*members, plain]:
+        await bus.subscribe(s)
+    for _ in range(6):
+        await bus.publish(msg("a"))
+    counts = [sum(1 for _ in range(6) if s.get_nowait() is not None) for s in members]
+    assert counts == [2, 2, 2]
+    assert sum(1 for _ in range(6) if plain.get_nowait() is not None) == 6
+
+
+async def test_last_message_per_topic_is_bounded() -> None:
+    bus = LocalBus(keep_last=2)
+    await bus.start()
+    for sub in ("a", "b", "a", "c"):
+        await bus.publish(msg(sub, payload=sub.encode()))
+    assert await bus.last("acme", "temps", "b") is None  # oldest forgotten
+    assert (await bus.last("acme", "temps", "a")).payload == b"a"  # type: ignore[union-attr]
+    assert (await bus.last("acme", "temps", "c")).payload == b"c"  # type: ignore[union-attr]
+
+
+async def test_closed_bus_is_unavailable() -> None:
+    bus = await started()
+    await bus.close()
+    with pytest.raises(UnavailableError):
+        await bus.publish(msg())
+    with pytest.raises(UnavailableError):
+        await bus.ping()
+
+
+def test_envelope_round_trip_is_compact() -> None:
+    m = Message("acme", "temps", "a/b", "c1", "mqtt", "application/senml+json", b"[1]", 123,
+                {"k": "v"})
+    data = encode(m)
+    assert decode(data) == m
+    assert len(data) < 80

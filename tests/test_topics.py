@@ -1,0 +1,145 @@
+"""The topic grammar: every rule, pass and fail, with the part the error names."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import Condition, TopicError
+from core.topics import (
+    Topic,
+    TopicFilter,
+    filter_subject,
+    parse_filter,
+    parse_path,
+    parse_topic,
+    subject,
+    topic_from_subject,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("m/acme/c/temps", Topic("acme", "temps", "")),
+        ("m/acme/c/temps/room1", Topic("acme", "temps", "room1")),
+        ("m/acme/c/temps/a/b.c/d-e", Topic("acme", "temps", "a/b.c/d-e")),
+        ("m/a-b_c/c/9x/é", Topic("a-b_c", "9x", "é")),
+    ],
+)
+def test_publish_topics(text: str, expected: Topic) -> None:
+    assert parse_topic(text) == expected
+    assert str(expected) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "part", "condition"),
+    [
+        ("", "topic", Condition.BAD_TOPIC),
+        ("x/acme/c/temps", "topic", Condition.NOT_FOUND),
+        ("m/acme/temps", "topic", Condition.BAD_TOPIC),
+        ("m/acme/x/temps", "topic", Condition.BAD_TOPIC),
+        ("m//c/temps", "domain", Condition.BAD_TOPIC),
+        ("m/acme/c/", "channel", Condition.BAD_TOPIC),
+        ("m/ac me/c/temps", "domain", Condition.BAD_TOPIC),
+        ("m/-acme/c/temps", "domain", Condition.BAD_TOPIC),
+        ("m/acme/c/te.mps", "channel", Condition.BAD_TOPIC),
+        ("m/acme/c/temps/", "subtopic", Condition.BAD_TOPIC),
+        ("m/acme/c/temps/a//b", "subtopic", Condition.BAD_TOPIC),
+        ("m/acme/c/temps/+", "subtopic", Condition.BAD_TOPIC),
+        ("m/acme/c/temps/#", "subtopic", Condition.BAD_TOPIC),
+        ("m/acme/c/temps/a+b", "subtopic", Condition.BAD_TOPIC),
+        ("m/acme/c/temps/a b", "subtopic", Condition.BAD_TOPIC),
+        ("m/acme/c/temps/a\x00", "subtopic", Condition.BAD_TOPIC),
+        ("m/+/c/temps", "domain", Condition.BAD_TOPIC),
+        ("m/acme/c/" + "x" * 2000, "topic", Condition.BAD_TOPIC),
+    ],
+)
+def test_bad_publish_topics(text: str, part: str, condition: Condition) -> None:
+    with pytest.raises(TopicError) as err:
+        parse_topic(text)
+    assert err.value.part == part
+    assert err.value.condition is condition
+
+
+def test_wildcard_refusal_says_why() -> None:
+    with pytest.raises(TopicError, match="wildcards are not allowed when publishing"):
+        parse_topic("m/acme/c/temps/+")
+
+
+@pytest.mark.parametrize(
+    ("text", "levels"),
+    [
+        ("m/acme/c/temps", ()),
+        ("m/acme/c/temps/#", None),
+        ("m/acme/c/temps/+", ("+",)),
+        ("m/acme/c/temps/+/t", ("+", "t")),
+        ("m/acme/c/temps/a/#", ("a", "#")),
+    ],
+)
+def test_filters(text: str, levels: tuple[str, ...] | None) -> None:
+    flt = parse_filter(text)
+    assert flt == TopicFilter("acme", "temps", levels)
+    assert str(flt) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "part"),
+    [
+        ("m/+/c/temps", "domain"),
+        ("m/#", "domain"),
+        ("m/acme/c/+", "channel"),
+        ("m/acme/c/#", "channel"),
+        ("m/acme/c/temps/#/a", "subtopic"),
+        ("m/acme/c/temps/a#", "subtopic"),
+        ("m/acme/c/temps/+a", "subtopic"),
+        ("m/acme/c/temps//+", "subtopic"),
+    ],
+)
+def test_bad_filters(text: str, part: str) -> None:
+    with pytest.raises(TopicError) as err:
+        parse_filter(text)
+    assert err.value.part == part
+
+
+@pytest.mark.parametrize(
+    ("flt", "subtopic", "match"),
+    [
+        ("m/d/c/ch", "", True),
+        ("m/d/c/ch", "a", False),
+        ("m/d/c/ch/#", "", True),
+        ("m/d/c/ch/#", "a/b/c", True),
+        ("m/d/c/ch/a", "a", True),
+        ("m/d/c/ch/a", "a/b", False),
+        ("m/d/c/ch/+", "a", True),
+        ("m/d/c/ch/+", "", False),
+        ("m/d/c/ch/+", "a/b", False),
+        ("m/d/c/ch/+/b", "a/b", True),
+        ("m/d/c/ch/+/b", "a/c", False),
+        ("m/d/c/ch/a/#", "a", True),  # MQTT: "a/#" matches its parent "a"
+        ("m/d/c/ch/a/#", "a/b/c", True),
+        ("m/d/c/ch/a/#", "b", False),
+        ("m/d/c/ch/+/#", "x/y", True),
+    ],
+)
+def test_matching(flt: str, subtopic: str, match: bool) -> None:
+    assert parse_filter(flt).matches(subtopic) is match
+
+
+def test_paths() -> None:
+    assert parse_path("/m/acme/c/temps/") == "m/acme/c/temps"
+    assert parse_path("m/acme/c/temps") == "m/acme/c/temps"
+
+
+@pytest.mark.parametrize("subtopic", ["", "a", "a/b", "v1.2/x*y/>z/100%", "%2E"])
+def test_subjects_are_reversible(subtopic: str) -> None:
+    topic = Topic("acme", "temps", subtopic)
+    subj = subject(topic)
+    assert all(token for token in subj.split("."))
+    assert "*" not in subj and ">" not in subj
+    assert topic_from_subject(subj) == topic
+
+
+def test_filter_subjects() -> None:
+    assert filter_subject(parse_filter("m/a/c/b/#")) == "m.a.b.>"
+    assert filter_subject(parse_filter("m/a/c/b/+/x.y")) == "m.a.b.*.x%2Ey"
+    assert filter_subject(parse_filter("m/a/c/b")) == "m.a.b"
