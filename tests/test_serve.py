@@ -1,0 +1,186 @@
+"""`conduit serve` as a user runs it: a real process, the CLI against its management API,
+curl-like publishing and SSE, a clear error when a port is taken, graceful SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+CONDUIT = [sys.executable, "-m", "conduit.cli"]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[str]
+    ports: dict[str, int]
+    env: dict[str, str]
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CONDUIT, *args], env=self.env, capture_output=True, text=True, timeout=30,
+            check=check,
+        )
+
+    def cli_json(self, *args: str) -> object:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+
+def start(data_dir: Path, *extra: str) -> Server:
+    env = {**os.environ, "CONDUIT_DATA_DIR": str(data_dir), "CONDUIT_LOG_LEVEL": "info"}
+    env.pop("CONDUIT_ADMIN_KEY", None)
+    proc = subprocess.Popen(
+        [*CONDUIT, "serve", "--host", "127.0.0.1", "--http-port", "0", "--api-port", "0", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.match(r"conduit ready: (.*)", line)
+    if not match:
+        proc.kill()
+        raise AssertionError(f"no ready line: {line!r} {proc.stderr.read()}")  # type: ignore[union-attr]
+    ports = {k: int(v) for k, v in (p.split("=") for p in match.group(1).split())}
+    env["CONDUIT_API_URL"] = f"http://127.0.0.1:{ports['api']}"
+    return Server(proc, ports, env)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = start(tmp_path / "data")
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+        srv.proc.wait()
+
+
+def test_admin_key_file_is_private(server: Server, tmp_path: Path) -> None:
+    key = tmp_path / "data" / "admin.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert len(key.read_text().strip()) >= 40
+
+
+def test_cli_walkthrough_and_publish(server: Server) -> None:
+    assert server.cli_json("domains", "create", "acme") ["name"] == "acme"  # type: ignore[index]
+    dev = server.cli_json("clients", "create", "--domain", "acme", "sensor-1")
+    app = server.cli_json("clients", "create", "--domain", "acme", "dashboard")
+    assert set(dev) >= {"id", "secret", "name", "enabled"}  # type: ignore[arg-type]
+    server.cli("channels", "create", "--domain", "acme", "temps")
+    server.cli("connect", "--domain", "acme", "--client", "sensor-1", "--channel", "temps",
+               "--publish")
+    server.cli("connect", "--domain", "acme", "--client", "dashboard", "--channel", "temps",
+               "--subscribe")
+    conns = server.cli_json("connections", "--domain", "acme")
+    assert {(c["client_id"], c["publish"], c["subscribe"]) for c in conns} == {  # type: ignore[union-attr, index]
+        (dev["id"], True, False), (app["id"], False, True)  # type: ignore[index]
+    }
+    # human output shows the secret once, and warns
+    human = server.cli("clients", "create", "--domain", "acme", "other")
+    assert "secret=" in human.stdout and "cannot be shown again" in human.stderr
+    listing = server.cli("clients", "list", "--domain", "acme").stdout
+    assert "sensor-1" in listing and "secret" not in listing
+
+    async def flow() -> list[str]:
+        base = f"http://127.0.0.1:{server.ports['http']}"
+        async with aiohttp.ClientSession() as s:
+            sse = await s.get(f"{base}/m/acme/c/temps/%23", headers={
+                "Accept": "text/event-stream", "Authorization": f"Client {app['secret']}"})  # type: ignore[index]
+            await sse.content.readline()
+            r = await s.post(f"{base}/m/acme/c/temps/kitchen", data=b'[{"n":"t","v":21}]',
+                             headers={"Content-Type": "application/senml+json",
+                                      "Authorization": f"Client {dev['secret']}"})  # type: ignore[index]
+            assert r.status == 202
+            lines = []
+            while len(lines) < 2:
+                line = (await asyncio.wait_for(sse.content.readline(), 5)).decode().strip()
+                if line:
+                    lines.append(line)
+            sse.close()
+            return lines
+
+    event, data = asyncio.run(flow())
+    assert event == "event: message"
+    assert json.loads(data[6:])["subtopic"] == "kitchen"
+
+    # errors are said plainly, with a non-zero exit
+    bad = server.cli("channels", "create", "--domain", "nope", "x", check=False)
+    assert bad.returncode != 0 and "404" in bad.stderr and "no domain 'nope'" in bad.stderr
+    server.cli("clients", "disable", "--domain", "acme", "sensor-1")
+    assert server.cli_json("clients", "show", "--domain", "acme", "sensor-1")["enabled"] is False  # type: ignore[index]
+
+
+def test_cli_without_admin_key_or_server(tmp_path: Path) -> None:
+    env = {**os.environ, "CONDUIT_DATA_DIR": str(tmp_path)}
+    env.pop("CONDUIT_ADMIN_KEY", None)
+    r = subprocess.run([*CONDUIT, "domains", "list"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "no admin key" in r.stderr
+    env["CONDUIT_ADMIN_KEY"] = "k"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    env["CONDUIT_API_URL"] = f"http://127.0.0.1:{free}"
+    r = subprocess.run([*CONDUIT, "domains", "list"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "cannot reach the management API" in r.stderr
+
+
+def test_wrong_admin_key_is_refused(server: Server) -> None:
+    env = {**server.env, "CONDUIT_ADMIN_KEY": "wrong"}
+    r = subprocess.run([*CONDUIT, "domains", "list"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "401" in r.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "CONDUIT_DATA_DIR": str(tmp_path)}
+        r = subprocess.run(
+            [*CONDUIT, "serve", "--host", "127.0.0.1", "--api-port", "0", "--http-port", str(port)],
+            env=env, capture_output=True, text=True, timeout=30,
+        )
+    assert r.returncode == 1
+    assert f"http port {port} is already in use" in r.stderr
+    assert "CONDUIT_HTTP_PORT" in r.stderr
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "conduit.toml"
+    cfg.write_text("htp_port = 1\n")
+    r = subprocess.run([*CONDUIT, "serve", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode != 0 and "htp_port" in r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_and_exits(tmp_path: Path, sig: signal.Signals) -> None:
+    srv = start(tmp_path / "data")
+    srv.cli("domains", "create", "acme")
+    sub = srv.cli_json("clients", "create", "--domain", "acme", "s")
+    srv.cli("channels", "create", "--domain", "acme", "temps")
+    srv.cli("connect", "--domain", "acme", "--client", "s", "--channel", "temps")
+
+    async def watch_until_close() -> str:
+        base = f"http://127.0.0.1:{srv.ports['http']}"
+        async with aiohttp.ClientSession() as s:
+            sse = await s.get(f"{base}/m/acme/c/temps", headers={
+                "Accept": "text/event-stream", "Authorization": f"Client {sub['secret']}"})  # type: ignore[index]
+            await sse.content.readline()
+            srv.proc.send_signal(sig)
+            body = await asyncio.wait_for(sse.content.read(), 10)
+            return body.decode()
+
+    tail = asyncio.run(watch_until_close())
+    assert "event: close" in tail and "server shutting down" in tail
+    assert srv.proc.wait(timeout=15) == 0
+    assert "stopped" in srv.proc.stderr.read()  # type: ignore[union-attr]
