@@ -2,23 +2,21 @@
 
 It listens on its own address (127.0.0.1 by default) and every provisioning route requires the
 admin key as ``Authorization: Bearer <key>``. ``/health``, ``/metrics`` and ``/openapi.json``
-are open, for probes and scrapers on the same host. The routes are described in ``openapi.json``
-beside this module.
+are open, for probes and scrapers on the same host. The routes are described in ``conduit.openapi``.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import secrets
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from conduit.openapi import spec as openapi
 from conduit.settings import ADMIN_KEY_FILE as KEY_FILE
 from core.gateway import Gateway
 from core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -58,11 +56,6 @@ def _default(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
         return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
     raise TypeError
-
-
-def openapi() -> dict[str, Any]:
-    text = resources.files("conduit").joinpath("openapi.json").read_text()
-    return json.loads(text)  # type: ignore[no-any-return]
 
 
 class ManagementAPI:

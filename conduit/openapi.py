@@ -1,0 +1,226 @@
+"""The OpenAPI 3.1 description of the management API, served at ``GET /openapi.json``.
+
+Kept as data beside the routes; a test checks that the two name the same operations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_str = {"type": "string"}
+_meta = {"type": "object", "additionalProperties": _str}
+_named = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": _str, "metadata": _meta},
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details",
+        "properties": {
+            "type": _str,
+            "title": _str,
+            "status": {"type": "integer"},
+            "detail": _str,
+        },
+    },
+    "Named": _named,
+    "Domain": {
+        "type": "object",
+        "properties": {"name": _str, "created": {"type": "number"}, "metadata": _meta},
+    },
+    "Client": {
+        "type": "object",
+        "properties": {
+            "id": _str,
+            "domain": _str,
+            "name": _str,
+            "enabled": {"type": "boolean"},
+            "created": {"type": "number"},
+            "metadata": _meta,
+        },
+    },
+    "ClientWithSecret": {
+        "allOf": [
+            {"$ref": "#/components/schemas/Client"},
+            {
+                "type": "object",
+                "properties": {
+                    "secret": {
+                        "type": "string",
+                        "description": "Shown once; stored only as a hash",
+                    }
+                },
+            },
+        ],
+    },
+    "Channel": {
+        "type": "object",
+        "properties": {
+            "id": _str,
+            "domain": _str,
+            "name": _str,
+            "created": {"type": "number"},
+            "metadata": _meta,
+        },
+    },
+    "ConnectionRequest": {
+        "type": "object",
+        "required": ["client", "channel"],
+        "properties": {
+            "client": {"type": "string", "description": "client id or name"},
+            "channel": {"type": "string", "description": "channel name"},
+            "publish": {"type": "boolean", "default": True},
+            "subscribe": {"type": "boolean", "default": True},
+        },
+    },
+    "Connection": {
+        "type": "object",
+        "properties": {
+            "domain": _str,
+            "client_id": _str,
+            "channel": _str,
+            "publish": {"type": "boolean"},
+            "subscribe": {"type": "boolean"},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "properties": {"status": _str, "store": _str, "bus": _str},
+    },
+}
+
+# (method, path): (summary, request schema or None, success status, response schema or None)
+OPERATIONS: dict[tuple[str, str], tuple[str, str | None, int, str | None]] = {
+    ("get", "/health"): ("Liveness and readiness, with backend status", None, 200, "Health"),
+    ("get", "/metrics"): ("Prometheus metrics", None, 200, None),
+    ("get", "/openapi.json"): ("This description", None, 200, None),
+    ("post", "/domains"): ("Create a domain", "Named", 201, "Domain"),
+    ("get", "/domains"): ("List domains", None, 200, "Domain[]"),
+    ("get", "/domains/{domain}"): ("Show a domain", None, 200, "Domain"),
+    ("delete", "/domains/{domain}"): ("Delete a domain and all it holds", None, 204, None),
+    ("post", "/domains/{domain}/clients"): (
+        "Create a client; the answer holds its secret, shown this once",
+        "Named",
+        201,
+        "ClientWithSecret",
+    ),
+    ("get", "/domains/{domain}/clients"): ("List clients", None, 200, "Client[]"),
+    ("get", "/domains/{domain}/clients/{client}"): (
+        "Show a client (by id or name)",
+        None,
+        200,
+        "Client",
+    ),
+    ("delete", "/domains/{domain}/clients/{client}"): ("Delete a client", None, 204, None),
+    ("post", "/domains/{domain}/clients/{client}/enable"): (
+        "Enable a client",
+        None,
+        200,
+        "Client",
+    ),
+    ("post", "/domains/{domain}/clients/{client}/disable"): (
+        "Disable a client; refused from now on",
+        None,
+        200,
+        "Client",
+    ),
+    ("post", "/domains/{domain}/clients/{client}/secret"): (
+        "Give the client a new secret, shown this once",
+        None,
+        200,
+        "ClientWithSecret",
+    ),
+    ("post", "/domains/{domain}/channels"): ("Create a channel", "Named", 201, "Channel"),
+    ("get", "/domains/{domain}/channels"): ("List channels", None, 200, "Channel[]"),
+    ("get", "/domains/{domain}/channels/{channel}"): ("Show a channel", None, 200, "Channel"),
+    ("delete", "/domains/{domain}/channels/{channel}"): ("Delete a channel", None, 204, None),
+    ("post", "/domains/{domain}/connections"): (
+        "Connect a client to a channel (create or update its rights)",
+        "ConnectionRequest",
+        201,
+        "Connection",
+    ),
+    ("get", "/domains/{domain}/connections"): (
+        "List connections, optionally of one client or channel",
+        None,
+        200,
+        "Connection[]",
+    ),
+    ("delete", "/domains/{domain}/connections/{client}/{channel}"): (
+        "Disconnect a client from a channel",
+        None,
+        204,
+        None,
+    ),
+}
+
+_OPEN = {"/health", "/metrics", "/openapi.json"}
+
+
+def _schema(name: str) -> dict[str, Any]:
+    if name.endswith("[]"):
+        return {"type": "array", "items": _schema(name[:-2])}
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _schema("Problem")}},
+    }
+
+
+def spec() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for (method, path), (summary, request, status, response) in OPERATIONS.items():
+        op: dict[str, Any] = {"summary": summary, "responses": {}}
+        params = [p.strip("{}") for p in path.split("/") if p.startswith("{")]
+        if params:
+            op["parameters"] = [
+                {"name": p, "in": "path", "required": True, "schema": _str} for p in params
+            ]
+        if path == "/domains/{domain}/connections" and method == "get":
+            op["parameters"] += [
+                {"name": q, "in": "query", "required": False, "schema": _str}
+                for q in ("client", "channel")
+            ]
+        if request:
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _schema(request)}},
+            }
+        ok: dict[str, Any] = {"description": "Success"}
+        if response:
+            ok["content"] = {"application/json": {"schema": _schema(response)}}
+        op["responses"][str(status)] = ok
+        if path not in _OPEN:
+            op["security"] = [{"adminKey": []}]
+            op["responses"]["401"] = _problem("Missing or wrong admin key")
+            op["responses"]["404"] = _problem("No such domain, client, channel or connection")
+        if request:
+            op["responses"]["400"] = _problem("Invalid request body or name")
+        if method == "post" and status == 201:
+            op["responses"]["409"] = _problem("Already exists")
+        paths.setdefault(path, {})[method] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Conduit management API",
+            "version": "1",
+            "description": "Provisioning of domains, clients, channels and connections.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "adminKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The admin key: CONDUIT_ADMIN_KEY or <data_dir>/admin.key",
+                },
+            },
+        },
+    }

@@ -1,0 +1,104 @@
+"""The management API over a real socket: the admin key, problem answers, the OpenAPI spec."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from openapi_spec_validator import validate
+
+from conduit.api import ManagementAPI
+from conduit.app import _API
+from conduit.openapi import OPERATIONS, spec
+from tests.conftest import World
+
+KEY = "test-admin-key"
+
+
+@pytest.fixture
+async def api(world: World) -> AsyncIterator[str]:
+    listener = _API(ManagementAPI(world.gateway, KEY), "127.0.0.1", 0)
+    await listener.start()
+    yield f"http://127.0.0.1:{listener.port}"
+    await listener.stop(2)
+
+
+@pytest.fixture
+async def s() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as session:
+        yield session
+
+
+def test_spec_is_valid_and_matches_routes(world: World) -> None:
+    validate(spec())  # type: ignore[arg-type]
+    app = ManagementAPI(world.gateway, KEY).app
+    routes = {
+        (r.method.lower(), r.resource.canonical)  # type: ignore[union-attr]
+        for r in app.router.routes() if r.method != "HEAD"
+    }
+    assert routes == set(OPERATIONS)
+
+
+async def test_key_is_required(api: str) -> None:
+    async with aiohttp.ClientSession() as anon:
+        async with anon.get(f"{api}/domains") as r:
+            assert r.status == 401
+            assert r.headers["Content-Type"] == "application/problem+json"
+        async with anon.get(f"{api}/domains", headers={"Authorization": "Bearer nope"}) as r:
+            assert r.status == 401
+        for open_path in ("/health", "/metrics", "/openapi.json"):
+            async with anon.get(api + open_path) as r:
+                assert r.status == 200, open_path
+
+
+async def test_crud_and_problems(api: str, s: aiohttp.ClientSession, world: World) -> None:
+    async with s.post(f"{api}/domains", json={"name": "beta", "metadata": {"tier": "gold"}}) as r:
+        assert r.status == 201 and (await r.json())["metadata"] == {"tier": "gold"}
+    async with s.post(f"{api}/domains", json={"name": "beta"}) as r:
+        assert r.status == 409
+    async with s.post(f"{api}/domains", json={"name": "bad name"}) as r:
+        assert r.status == 400 and "domain name" in (await r.json())["detail"]
+    async with s.post(f"{api}/domains", data=b"{nope") as r:
+        assert r.status == 400 and "not valid JSON" in (await r.json())["detail"]
+    async with s.post(f"{api}/domains", json={"metadata": {"a": 1}}) as r:
+        assert r.status == 400
+    async with s.post(f"{api}/domains/beta/clients", json={"name": "dev"}) as r:
+        assert r.status == 201
+        client = await r.json()
+        assert len(client["secret"]) >= 40
+    async with s.get(f"{api}/domains/beta/clients/{client['id']}") as r:
+        assert "secret" not in await r.json()
+    async with s.post(f"{api}/domains/beta/channels", json={"name": "ch"}) as r:
+        assert r.status == 201
+    async with s.post(f"{api}/domains/beta/connections",
+                      json={"client": "dev", "channel": "ch", "subscribe": False}) as r:
+        assert r.status == 201
+        assert await r.json() == {"domain": "beta", "client_id": client["id"], "channel": "ch",
+                                  "publish": True, "subscribe": False}
+    async with s.post(f"{api}/domains/beta/connections",
+                      json={"client": "dev", "channel": "ch", "publish": "yes"}) as r:
+        assert r.status == 400
+    async with s.get(f"{api}/domains/beta/connections?client=dev") as r:
+        assert len(await r.json()) == 1
+    async with s.delete(f"{api}/domains/beta/connections/dev/ch") as r:
+        assert r.status == 204
+    async with s.delete(f"{api}/domains/beta/connections/dev/ch") as r:
+        assert r.status == 404
+    async with s.post(f"{api}/domains/beta/clients/dev/secret") as r:
+        assert (await r.json())["secret"] != client["secret"]
+    async with s.get(f"{api}/domains/nope/channels") as r:
+        assert r.status == 404 and (await r.json())["detail"] == "no domain 'nope'"
+    async with s.delete(f"{api}/domains/beta") as r:
+        assert r.status == 204
+    async with s.get(f"{api}/domains/beta") as r:
+        assert r.status == 404
+
+
+async def test_metrics_count_by_protocol(api: str, world: World) -> None:
+    async with aiohttp.ClientSession() as anon:
+        async with anon.get(f"{api}/metrics") as r:
+            text = await r.text()
+    for name in ("conduit_messages_in_total", "conduit_refusals_total",
+                 "conduit_publish_seconds_bucket", "conduit_connections"):
+        assert name in text
