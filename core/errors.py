@@ -54,7 +54,7 @@ class Condition(enum.Enum):
 
     @property
     def answer(self) -> Answer:
-        return self.value  # type: ignore[no-any-return]
+        return self.value
 
     @property
     def reason(self) -> str:

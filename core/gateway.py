@@ -109,7 +109,12 @@ class Gateway:
         start = time.perf_counter()
         if isinstance(topic, str):
             topic = _topic(topic)
-        await self._authorize(identity, topic.domain, topic.channel, "publish")
+        try:
+            await self.auth.authorize(identity, topic.domain, topic.channel, "publish")
+        except ConduitError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(f"cannot check authorization: {exc}") from exc
         if len(payload) > self.limits.max_payload:
             raise TooLargeError(
                 f"payload of {len(payload)} bytes exceeds {self.limits.max_payload}"

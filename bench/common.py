@@ -1,0 +1,98 @@
+"""What the benchmarks share: free ports, a provisioned Conduit process, waiting for a port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_BENCH = Path(os.environ.get("SHARED_BENCH", ROOT.parent / "shared" / "bench"))
+BENCH_BIN = Path(os.environ.get("BENCH_BIN", "/tmp/bench-bin"))
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+@dataclass
+class ConduitProcess:
+    """`conduit serve` in a temporary data directory, with one domain, channel and client."""
+
+    extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[str] | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    secret: str = ""
+    client_id: str = ""
+    topic: str = "m/bench/c/data"
+
+    def __enter__(self) -> ConduitProcess:
+        self._tmp = tempfile.TemporaryDirectory(prefix="conduit-bench-")
+        env = {**os.environ, "CONDUIT_DATA_DIR": self._tmp.name, "CONDUIT_LOG_LEVEL": "warning",
+               "CONDUIT_ADMIN_KEY": "bench", **self.env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "conduit.cli", "serve", "--host", "127.0.0.1",
+             "--api-port", "0", *self.extra],
+            env=env, stdout=subprocess.PIPE, text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        m = re.match(r"conduit ready: (.*)", line)
+        if not m:
+            raise RuntimeError(f"conduit did not start: {line!r}")
+        self.ports = {k: int(v) for k, v in (p.split("=") for p in m.group(1).split())}
+        self._api("POST", "/domains", {"name": "bench"})
+        client = self._api("POST", "/domains/bench/clients", {"name": "bench"})
+        self.secret, self.client_id = client["secret"], client["id"]
+        self._api("POST", "/domains/bench/channels", {"name": "data"})
+        self._api("POST", "/domains/bench/connections", {"client": "bench", "channel": "data"})
+        return self
+
+    def _api(self, method: str, path: str, body: dict[str, object]) -> dict[str, str]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports['api']}{path}", method=method,
+            data=json.dumps(body).encode(),
+            headers={"Authorization": "Bearer bench", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read())  # type: ignore[no-any-return]
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._tmp.cleanup()

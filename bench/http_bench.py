@@ -1,0 +1,105 @@
+"""HTTP POST of a SenML pack: Conduit beside the bare aiohttp ceiling, in the same run.
+
+Conduit authenticates the client secret, validates the SenML, and publishes to the in-process bus
+with one subscriber attached (an SSE stream read by ``curl -N``). The anchor is
+``../shared/bench/http_server.py``: aiohttp + orjson, no auth, no validation, no routing.
+
+    .venv/bin/python bench/http_bench.py [--rounds 3] [--duration 10] [--loop uvloop|asyncio]
+
+Needs ``wrk`` (Debian package). Prints one line per run and the medians with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from common import SHARED_BENCH, ConduitProcess, free_port, median, wait_port
+
+LUA = SHARED_BENCH / "post_senml.lua"
+
+
+def wrk(url: str, duration: int, auth: str | None = None) -> dict[str, float]:
+    env = {**os.environ}
+    if auth:
+        env["BENCH_AUTH"] = auth
+    out = subprocess.run(
+        ["wrk", "-t2", "-c50", f"-d{duration}s", "--latency", "-s", str(LUA), url],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    m = re.search(r"JSONSUMMARY (\{.*\})", out)
+    if not m:
+        raise RuntimeError(out)
+    s = json.loads(m.group(1))
+    if s["errors_status"] or s["errors_connect"]:
+        raise RuntimeError(f"wrk saw errors: {s}")
+    return {"rps": s["requests"] / (s["duration_us"] / 1e6), "p99_ms": s["lat_p99_us"] / 1000}
+
+
+def anchor(duration: int, loop: str) -> dict[str, float]:
+    port = free_port()
+    args = [sys.executable, str(SHARED_BENCH / "http_server.py"), "--port", str(port)]
+    if loop == "uvloop":
+        args.append("--uvloop")
+    proc = subprocess.Popen(args)
+    try:
+        wait_port(port)
+        return wrk(f"http://127.0.0.1:{port}/senml", duration)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def conduit(duration: int, loop: str) -> dict[str, float]:
+    port = free_port()
+    with ConduitProcess(extra=["--http-port", str(port), "--loop", loop]) as c:
+        base = f"http://127.0.0.1:{port}/{c.topic}"
+        sub = subprocess.Popen(
+            ["curl", "-sN", "-H", "Accept: text/event-stream", "-H",
+             f"Authorization: Client {c.secret}", base + "/%23"],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            result = wrk(base + "/room1", duration, f"Client {c.secret}")
+        finally:
+            sub.terminate()
+            sub.wait()
+        return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    runs: dict[str, list[dict[str, float]]] = {"anchor": [], "conduit": []}
+    for i in range(args.rounds):
+        for name, fn in (("anchor", anchor), ("conduit", conduit)):
+            r = fn(args.duration, args.loop)
+            runs[name].append(r)
+            print(f"round {i + 1} {name:8} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:.2f} ms",
+                  flush=True)
+    a_rps = median([r["rps"] for r in runs["anchor"]])
+    c_rps = median([r["rps"] for r in runs["conduit"]])
+    a_p99 = median([r["p99_ms"] for r in runs["anchor"]])
+    c_p99 = median([r["p99_ms"] for r in runs["conduit"]])
+    print(json.dumps({
+        "loop": args.loop, "rounds": args.rounds, "duration_s": args.duration,
+        "anchor_rps": round(a_rps), "conduit_rps": round(c_rps),
+        "rps_ratio": round(c_rps / a_rps, 3),
+        "anchor_p99_ms": a_p99, "conduit_p99_ms": c_p99,
+        "p99_ratio": round(c_p99 / a_p99, 3),
+        "targets": "rps_ratio >= 0.8, p99_ratio <= 2.0",
+    }))
+
+
+if __name__ == "__main__":
+    main()
