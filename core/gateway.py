@@ -25,6 +25,8 @@ from core.content import SENML
 from core.errors import ConduitError, TooLargeError, UnavailableError
 from core.limits import Limits, RateLimiter
 from core.message import Message
+from core.message import decode as decode_message
+from core.message import encode as encode_message
 from core.metrics import Metrics
 from core.provisioning import Provisioning
 from core.store import Store
@@ -105,7 +107,11 @@ class Gateway:
         content_type: str,
         protocol: str,
         metadata: dict[str, str] | None = None,
+        *,
+        retain: bool = False,
     ) -> Message:
+        """Check and publish a message. With ``retain`` it also becomes (or, with an empty
+        payload, stops being) the topic's retained message, kept in the store."""
         start = time.perf_counter()
         if isinstance(topic, str):
             topic = _topic(topic)
@@ -134,6 +140,14 @@ class Gateway:
             created,
             metadata,
         )
+        if retain:
+            try:
+                await self.store.put_retained(
+                    topic.domain, topic.channel, topic.subtopic,
+                    encode_message(message) if payload else b"",
+                )
+            except Exception as exc:
+                raise UnavailableError(f"cannot keep the retained message: {exc}") from exc
         await self.bus.publish(message)
         self.metrics.in_[protocol].inc()
         self.metrics.latency[protocol].observe(time.perf_counter() - start)
@@ -181,6 +195,17 @@ class Gateway:
             raise
         except Exception as exc:
             raise UnavailableError(f"bus: {exc}") from exc
+
+    async def retained(self, identity: Identity, topic: str | TopicFilter) -> list[Message]:
+        """The retained messages matching a filter (a subscriber's right), oldest topic first."""
+        flt = _filter(topic) if isinstance(topic, str) else topic
+        await self._authorize(identity, flt.domain, flt.channel, "subscribe")
+        try:
+            stored = await self.store.retained(flt.domain, flt.channel)
+        except Exception as exc:
+            raise UnavailableError(f"cannot read retained messages: {exc}") from exc
+        messages = (decode_message(data) for data in stored)
+        return [m for m in messages if flt.matches(m.subtopic)]
 
     async def unsubscribe(self, sub: Subscription, reason: str = "unsubscribed") -> None:
         if sub not in self._subs:

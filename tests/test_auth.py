@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from pathlib import Path
 
 import pytest
 
@@ -49,8 +51,8 @@ async def test_secret_authenticates_and_secret_is_only_hashed(world: World) -> N
         await gw.authenticate(Credentials(world.publisher.secret, world.both.id))
     # The secret is nowhere in the database file.
     store_path = gw.store.path  # type: ignore[attr-defined]
-    with open(store_path, "rb") as f:
-        assert world.publisher.secret.encode() not in f.read()
+    data = await asyncio.to_thread(Path(store_path).read_bytes)
+    assert world.publisher.secret.encode() not in data
 
 
 async def test_rights_follow_connections(world: World) -> None:
@@ -129,3 +131,27 @@ async def test_store_survives_reopen(world: World, tmp_path) -> None:  # type: i
         }
     finally:
         await store.close()
+
+
+async def test_retained_messages_survive_a_restart(world: World, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import make_gateway
+
+    gw = world.gateway
+    pub = await gw.authenticate(Credentials(world.both.secret))
+    await gw.publish(pub, "m/acme/c/temps/a", b"1", "text/plain", "mqtt", retain=True)
+    await gw.publish(pub, "m/acme/c/temps/b/c", b"2", "text/plain", "mqtt", retain=True)
+    await gw.publish(pub, "m/acme/c/temps/a", b"3", "text/plain", "mqtt", retain=True)
+    await gw.publish(pub, "m/acme/c/temps/d", b"4", "text/plain", "mqtt", retain=True)
+    await gw.publish(pub, "m/acme/c/temps/d", b"", "text/plain", "mqtt", retain=True)  # clears
+    await gw.close()
+    again = await make_gateway(tmp_path)
+    try:
+        sub = await again.authenticate(Credentials(world.subscriber.secret))
+        got = await again.retained(sub, "m/acme/c/temps/#")
+        assert [(m.subtopic, m.payload) for m in got] == [("a", b"3"), ("b/c", b"2")]
+        assert [m.payload for m in await again.retained(sub, "m/acme/c/temps/+")] == [b"3"]
+        with pytest.raises(AuthorizationError):
+            await again.retained(await again.authenticate(Credentials(world.publisher.secret)),
+                                 "m/acme/c/temps/#")
+    finally:
+        await again.close()

@@ -121,3 +121,10 @@ class Store(Protocol):
 
     async def permissions(self, client_id: str, domain: str, channel: str) -> Connection | None:
         """The connection of an enabled client to a channel, or None."""
+
+    # retained messages (MQTT): the bus encoding of the last retained message of each topic
+    async def put_retained(self, domain: str, channel: str, subtopic: str, data: bytes) -> None:
+        """Keep ``data`` as the topic's retained message; empty ``data`` removes it."""
+
+    async def retained(self, domain: str, channel: str) -> list[bytes]:
+        """Every retained message of a channel."""

@@ -49,6 +49,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX connections_channel ON connections(channel_id);
     """,
+    """
+    CREATE TABLE retained (
+        domain TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        subtopic TEXT NOT NULL,
+        message BLOB NOT NULL,
+        PRIMARY KEY (domain, channel, subtopic)
+    );
+    """,
 ]
 
 
@@ -301,3 +310,24 @@ class SQLiteStore:
         if row is None:
             return None
         return Connection(domain, client_id, channel, bool(row["publish"]), bool(row["subscribe"]))
+
+    # retained messages
+    async def put_retained(self, domain: str, channel: str, subtopic: str, data: bytes) -> None:
+        if data:
+            await self._write(
+                "INSERT INTO retained (domain, channel, subtopic, message) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (domain, channel, subtopic) DO UPDATE SET message = excluded.message",
+                (domain, channel, subtopic, data),
+            )
+        else:
+            await self._write(
+                "DELETE FROM retained WHERE domain = ? AND channel = ? AND subtopic = ?",
+                (domain, channel, subtopic),
+            )
+
+    async def retained(self, domain: str, channel: str) -> list[bytes]:
+        rows = await self._all(
+            "SELECT message FROM retained WHERE domain = ? AND channel = ? ORDER BY subtopic",
+            (domain, channel),
+        )
+        return [bytes(r["message"]) for r in rows]
