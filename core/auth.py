@@ -149,6 +149,20 @@ class Authenticator:
             raise AuthenticationError("client id does not match the secret")
         return found
 
+    def authorize_cached(
+        self, identity: Identity, domain: str, channel: str, action: Action
+    ) -> bool:
+        """True when the right is cached and granted; raises when it is cached and refused;
+        False when only :meth:`authorize` can tell (not cached)."""
+        if domain != identity.domain:
+            raise AuthorizationError(f"client is not in domain {domain!r}")
+        cached = self._rights.get((identity.client_id, domain, channel))
+        if cached is None:
+            return False
+        if not cached[0][0 if action == "publish" else 1]:
+            raise AuthorizationError(f"client may not {action} on channel {channel!r}")
+        return True
+
     async def authorize(
         self, identity: Identity, domain: str, channel: str, action: Action
     ) -> None:

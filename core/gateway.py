@@ -115,31 +115,8 @@ class Gateway:
         start = time.perf_counter()
         if isinstance(topic, str):
             topic = _topic(topic)
-        try:
-            await self.auth.authorize(identity, topic.domain, topic.channel, "publish")
-        except ConduitError:
-            raise
-        except Exception as exc:
-            raise UnavailableError(f"cannot check authorization: {exc}") from exc
-        if len(payload) > self.limits.max_payload:
-            raise TooLargeError(
-                f"payload of {len(payload)} bytes exceeds {self.limits.max_payload}"
-            )
-        self._rate.check(identity.client_id)
-        created = time.time_ns()
-        if content_type in SENML:
-            senml.validate(payload, content_type, created / 1e9)
-        message = Message(
-            topic.domain,
-            topic.channel,
-            topic.subtopic,
-            identity.client_id,
-            protocol,
-            content_type,
-            payload,
-            created,
-            metadata,
-        )
+        await self._authorize(identity, topic.domain, topic.channel, "publish")
+        message = self._message(identity, topic, payload, content_type, protocol, metadata)
         if retain:
             try:
                 await self.store.put_retained(
@@ -152,6 +129,62 @@ class Gateway:
         self.metrics.in_[protocol].inc()
         self.metrics.latency[protocol].observe(time.perf_counter() - start)
         return message
+
+    def publish_nowait(
+        self,
+        identity: Identity,
+        topic: str | Topic,
+        payload: bytes,
+        content_type: str,
+        protocol: str,
+        metadata: dict[str, str] | None = None,
+    ) -> Message | None:
+        """The synchronous fast path of :meth:`publish`, for adapters built on asyncio
+        Protocols: it publishes and returns the message when the client's rights are cached and
+        the bus takes the message without waiting. It returns None, having published nothing,
+        when the caller must ``await publish()`` instead (a cold cache, a bus that needs to
+        wait). It raises the same errors as :meth:`publish`. Not for retained messages."""
+        start = time.perf_counter()
+        if isinstance(topic, str):
+            topic = _topic(topic)
+        if not self.auth.authorize_cached(identity, topic.domain, topic.channel, "publish"):
+            return None
+        message = self._message(identity, topic, payload, content_type, protocol, metadata)
+        if not self.bus.publish_nowait(message):
+            return None
+        self.metrics.in_[protocol].inc()
+        self.metrics.latency[protocol].observe(time.perf_counter() - start)
+        return message
+
+    def _message(
+        self,
+        identity: Identity,
+        topic: Topic,
+        payload: bytes,
+        content_type: str,
+        protocol: str,
+        metadata: dict[str, str] | None,
+    ) -> Message:
+        """The checks after authorization (size, rate, SenML), then the one message."""
+        if len(payload) > self.limits.max_payload:
+            raise TooLargeError(
+                f"payload of {len(payload)} bytes exceeds {self.limits.max_payload}"
+            )
+        self._rate.check(identity.client_id)
+        created = time.time_ns()
+        if content_type in SENML:
+            senml.validate(payload, content_type, created / 1e9)
+        return Message(
+            topic.domain,
+            topic.channel,
+            topic.subtopic,
+            identity.client_id,
+            protocol,
+            content_type,
+            payload,
+            created,
+            metadata,
+        )
 
     async def subscribe(
         self,

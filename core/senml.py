@@ -80,7 +80,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from io import BytesIO
-from typing import Any, Final
+from typing import Annotated, Any, Final, NoReturn
 
 import cbor2
 import msgspec
@@ -126,8 +126,19 @@ class Record(msgspec.Struct, frozen=True, gc=False):
     """The pack's SenML version: its ``bver``, 10 when absent."""
 
 
-class _Raw(msgspec.Struct, gc=False):
-    """One record as sent: the fields this module understands, UNSET when absent."""
+# Sec 4.3 note to table 1: base64url (RFC 4648 sec 5) without padding; a length of 1 mod 4 is
+# impossible. `\Z`, not `$`, which would let a trailing newline through.
+_BASE64URL_PATTERN: Final = r"^(?:[A-Za-z0-9_-]{4})*(?:[A-Za-z0-9_-]{2,3})?\Z"
+_Base64url = Annotated[str, msgspec.Meta(pattern=_BASE64URL_PATTERN)]
+_Period = Annotated[float, msgspec.Meta(ge=0.0)]  # ut is a period in seconds
+
+
+class _Raw(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """One record as sent: the fields this module understands, UNSET when absent.
+
+    The JSON decoder checks types and the per-field rules (``vd`` base64url, ``ut`` not
+    negative) in C; :func:`_typed` applies the same ones on the slow path.
+    """
 
     bn: str | UnsetType = UNSET
     bt: float | UnsetType = UNSET
@@ -140,10 +151,10 @@ class _Raw(msgspec.Struct, gc=False):
     v: float | UnsetType = UNSET
     vs: str | UnsetType = UNSET
     vb: bool | UnsetType = UNSET
-    vd: str | UnsetType = UNSET
+    vd: _Base64url | UnsetType = UNSET
     s: float | UnsetType = UNSET
     t: float | UnsetType = UNSET
-    ut: float | UnsetType = UNSET
+    ut: _Period | UnsetType = UNSET
 
 
 _STR, _NUM, _BOOL, _INT = "a string", "a number", "a boolean", "an integer"
@@ -161,8 +172,6 @@ _VALUE_LABELS: Final = ("v", "vs", "vb", "vd")
 
 _JSON_PACK: Final = msgspec.json.Decoder(list[_Raw])
 _JSON_ANY: Final = msgspec.json.Decoder()
-# Without escapes, a label ending in "_" is the only way to get `_"` followed by a colon.
-_MUST_UNDERSTAND_KEY: Final = re.compile(rb'_"\s*:')
 _UPPER_EXPONENT: Final = re.compile(rb"[0-9]E")
 _JSON_TOKEN: Final = re.compile(
     rb'("(?:[^"\\]|\\.)*")(\s*:)?|[\[{]|[\]}]|-?[0-9][0-9.eE+\-]*|true|false|null'
@@ -174,7 +183,7 @@ _NAME_ALPHABET: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-:./_"
 )
 _NAME_FIRST: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
-_BASE64URL: Final = re.compile(r"[A-Za-z0-9_\-]*")
+_BASE64URL: Final = re.compile(_BASE64URL_PATTERN)
 
 # Name parts known to be in the alphabet, mapped to "starts with a letter or digit".
 # Devices repeat their names, so most records skip the regex. Bounded: cleared when full.
@@ -207,35 +216,29 @@ def validate(payload: bytes, content_type: str, now: float) -> None:
 
 
 def _raw_records(payload: bytes, content_type: str) -> Iterable[_Raw]:
-    if type(payload) is not bytes:  # a memoryview's `in` would compare ints, not bytes
+    """The records of a pack, decoded and type-checked, with the pack-level checks done."""
+    if type(payload) is not bytes:  # a bytearray or memoryview from a transport: copy once
         payload = bytes(payload)
-    if content_type == SENML_JSON:
-        return _json_records(payload)
-    if content_type == SENML_CBOR:
-        return _cbor_records(payload)
-    # Media types are case-insensitive and may carry parameters (RFC 9110 sec 8.3.1).
-    media = content_type.partition(";")[0].strip().lower()
-    if media == SENML_JSON:
-        return _json_records(payload)
-    if media == SENML_CBOR:
-        return _cbor_records(payload)
-    raise ContentTypeError(
-        f"content type {content_type!r} is not SenML: expected {SENML_JSON} or {SENML_CBOR}"
-    )
-
-
-def _json_records(payload: bytes) -> Iterable[_Raw]:
-    """The fast path: a typed decode, valid when no label can be a must-understand one."""
+    if content_type != SENML_JSON:
+        # Media types are case-insensitive and may carry parameters (RFC 9110 sec 8.3.1).
+        media = content_type.partition(";")[0].strip().lower()
+        if media == SENML_CBOR:
+            return _cbor_records(payload)
+        if media != SENML_JSON:
+            raise ContentTypeError(
+                f"content type {content_type!r} is not SenML: expected {SENML_JSON} or {SENML_CBOR}"
+            )
+    # The fast path: msgspec decodes and type-checks every record in C. It forbids unknown
+    # labels, so a pack with an extension field (and any must-understand one) takes the
+    # slow path, as does any error, which the slow path then describes precisely.
     try:
         raws = _JSON_PACK.decode(payload)
     except msgspec.MsgspecError:
         return _json_records_checked(payload)
-    if (b"_" in payload or b"\\" in payload) and (
-        b"\\" in payload or _MUST_UNDERSTAND_KEY.search(payload)
-    ):
-        return _json_records_checked(payload)
-    _check_json_exponents(payload)
-    _check_size(len(raws))
+    if 0x45 in payload:  # b"E"; an int is much cheaper to look for than a bytes
+        _check_json_exponents(payload)
+    if not 0 < len(raws) <= MAX_RECORDS:
+        _check_size(len(raws))
     return raws
 
 
@@ -249,7 +252,8 @@ def _json_records_checked(payload: bytes) -> Iterator[_Raw]:
         raise SenMLError(f"payload is not valid JSON: {exc}") from None
     if type(pack) is not list:
         raise SenMLError(f"a SenML pack is a JSON array of records, got {_kind(pack, False)}")
-    _check_json_exponents(payload)
+    if 0x45 in payload:
+        _check_json_exponents(payload)
     _check_size(len(pack))
     return (_raw_from_json(i, obj) for i, obj in enumerate(pack))
 
@@ -345,18 +349,31 @@ def _typed(value: object, kind: str, i: int, label: str, cbor: bool) -> Any:
         if t is float or t is int or (cbor and t is Decimal):
             try:
                 number = float(value)  # type: ignore[arg-type]
-            except OverflowError:
+            except (OverflowError, ValueError):  # a huge integer; a signalling NaN decimal
                 number = math.inf
             if math.isfinite(number):
+                if number < 0.0 and label == "ut":
+                    raise SenMLError(
+                        f"'ut' is a period in seconds and cannot be negative, got {number}",
+                        record=i,
+                        field="ut",
+                    )
                 return number
             raise SenMLError(
-                f"{label!r} must be a finite number within the range of a double, got {value}",
+                f"{label!r} must be a finite number within the range of a double, "
+                f"got {_number(value)}",
                 record=i,
                 field=label,
             )
-    elif (kind is _STR and t is str) or (kind is _BOOL and t is bool) or (
-        kind is _INT and t is int
-    ):
+    elif kind is _STR and t is str:
+        if label == "vd" and _BASE64URL.search(value) is None:  # type: ignore[call-overload]
+            raise SenMLError(
+                "'vd' must be base64url (RFC 4648 sec 5) without padding (RFC 8428 sec 4.3)",
+                record=i,
+                field="vd",
+            )
+        return value
+    elif (kind is _BOOL and t is bool) or (kind is _INT and t is int):
         return value
     raise SenMLError(f"{label!r} must be {kind}, got {_kind(value, cbor)}", record=i, field=label)
 
@@ -366,9 +383,9 @@ def _kind(value: object, cbor: bool) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "a boolean"
+        return "true" if value else "false"
     if isinstance(value, int | float | Decimal):
-        return f"the number {value}" if not cbor else f"the number {value!r}"
+        return f"the number {_number(value)}"
     if isinstance(value, str):
         return "a text string" if cbor else "a string"
     if isinstance(value, bytes):
@@ -378,6 +395,14 @@ def _kind(value: object, cbor: bool) -> str:
     if isinstance(value, Mapping):
         return "a map" if cbor else "an object"
     return type(value).__name__
+
+
+def _number(value: object) -> str:
+    """A number for a message; a huge integer is described, not printed (nor refused by
+    Python's limit on converting long integers to text)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return str(value)
 
 
 def _must_understand(label: str, i: int) -> SenMLError:
@@ -391,7 +416,7 @@ def _must_understand(label: str, i: int) -> SenMLError:
 
 def _check_json_exponents(payload: bytes) -> None:
     """Sec 5: "If the value has an exponent, the 'e' MUST be in lower case"."""
-    if b"E" not in payload or _UPPER_EXPONENT.search(payload) is None:
+    if _UPPER_EXPONENT.search(payload) is None:
         return
     found = _find_number(payload, lambda token: b"E" in token)
     if found is not None:
@@ -404,7 +429,7 @@ def _check_json_exponents(payload: bytes) -> None:
         )
 
 
-def _raise_out_of_range(payload: bytes, message: str) -> Any:
+def _raise_out_of_range(payload: bytes, message: str) -> NoReturn:
     def beyond_double(token: bytes) -> bool:
         return not math.isfinite(float(token))
 
@@ -412,8 +437,7 @@ def _raise_out_of_range(payload: bytes, message: str) -> Any:
     if found is not None:
         record, label, token = found
         raise SenMLError(
-            f"{label!r} must be a finite number within the range of a double, "
-            f"got {token.decode()}",
+            f"{label!r} must be a finite number within the range of a double, got {token.decode()}",
             record=record,
             field=label,
         )
@@ -424,9 +448,7 @@ def _raise_out_of_range(payload: bytes, message: str) -> Any:
     )
 
 
-def _find_number(
-    payload: bytes, wanted: Callable[[bytes], bool]
-) -> tuple[int, str, bytes] | None:
+def _find_number(payload: bytes, wanted: Callable[[bytes], bool]) -> tuple[int, str, bytes] | None:
     """The first number of a SenML field (record, label, token) for which ``wanted`` holds.
 
     A small tokenizer over JSON already known to be well-formed; only the rare error paths
@@ -447,9 +469,7 @@ def _find_number(
             if depth == 2 and match.group(2):
                 raw = match.group(1)
                 label = _JSON_ANY.decode(raw) if b"\\" in raw else raw[1:-1].decode()
-        elif (
-            depth == 2 and _KINDS.get(label) is _NUM and first not in b"tfn" and wanted(token)
-        ):
+        elif depth == 2 and _KINDS.get(label) is _NUM and first not in b"tfn" and wanted(token):
             return record, label, token
     return None
 
@@ -484,11 +504,11 @@ def _bad_name(name: str, part: str, i: int, field: str) -> SenMLError:
 def _check_version(version: int, current: int, i: int) -> None:
     if version < 1:
         raise SenMLError(
-            f"'bver' must be a positive integer, got {version}", record=i, field="bver"
+            f"'bver' must be a positive integer, got {_number(version)}", record=i, field="bver"
         )
     if version not in _UNDERSTOOD_VERSIONS:
         raise SenMLError(
-            f"SenML version {version} is not understood (understood: 1 to 10, and 26 with "
+            f"SenML version {_number(version)} is not understood (understood: 1 to 10, and 26 with "
             "secondary units), so the pack cannot be used (RFC 8428 sec 4.4, RFC 9100)",
             record=i,
             field="bver",
@@ -520,10 +540,11 @@ def _not_finite(what: str, i: int, field: str) -> SenMLError:
 def _resolve(raws: Iterable[_Raw], now: float, out: list[Record] | None) -> None:
     """Apply the rules to each record in order; append resolved records to ``out`` if given.
 
-    Written for speed: this loop is most of :func:`validate`. Base values live in locals,
-    and each field is read once.
+    This loop is most of the cost of :func:`validate`, so it is written for the interpreter:
+    base values live in locals, absent fields cost one attribute read and one identity test,
+    and what only :func:`parse` needs is read in its own branch.
     """
-    unset = UNSET
+    unset: Final = UNSET
     parts = _name_parts
     bn = ""
     has_bn = False
@@ -534,36 +555,30 @@ def _resolve(raws: Iterable[_Raw], now: float, out: list[Record] | None) -> None
     version = _VERSION
     for i, r in enumerate(raws):
         # Base fields (sec 4.1) apply to this record and every later one.
-        x_bn = r.bn
-        if x_bn is not unset:
-            starts = parts.get(x_bn)
-            if starts is None:
-                starts = _name_part(x_bn)
-                if starts is None:
-                    n_ = r.n
-                    raise _bad_name(x_bn + (n_ if n_ is not unset else ""), x_bn, i, "bn")
-            if x_bn and not starts:
-                raise _bad_name(x_bn, x_bn, i, "bn")
-            bn = x_bn
+        if r.bn is not unset:
+            bn = r.bn
             has_bn = True
-        x_bt = r.bt
-        if x_bt is not unset:
-            bt = x_bt
-        x_bu = r.bu
-        if x_bu is not unset:
-            bu = x_bu
-        x_bv = r.bv
-        if x_bv is not unset:
-            bv = x_bv
-        x_bs = r.bs
-        if x_bs is not unset:
-            bs = x_bs
-        x_bver = r.bver
-        if x_bver is not unset and x_bver != version:
-            _check_version(x_bver, version, i)
-            version = x_bver
+            starts = parts.get(bn)
+            if starts is None:
+                starts = _name_part(bn)
+                if starts is None:
+                    n = r.n
+                    raise _bad_name(bn + (n if n is not unset else ""), bn, i, "bn")
+            if bn and not starts:
+                raise _bad_name(bn, bn, i, "bn")
+        if r.bt is not unset:
+            bt = r.bt
+        if r.bu is not unset:
+            bu = r.bu
+        if r.bv is not unset:
+            bv = r.bv
+        if r.bs is not unset:
+            bs = r.bs
+        if r.bver is not unset and r.bver != version:
+            _check_version(r.bver, version, i)
+            version = r.bver
 
-        # Name (sec 4.5.1): bn + n, checked part by part.
+        # Name (sec 4.5.1): bn + n, checked part by part against the cache.
         n = r.n
         if n is unset:
             if not bn:
@@ -574,83 +589,70 @@ def _resolve(raws: Iterable[_Raw], now: float, out: list[Record] | None) -> None
                     record=i,
                     field="n",
                 )
+        elif bn:
+            if n not in parts and _name_part(n) is None:
+                raise _bad_name(bn + n, n, i, "n")
         else:
             starts = parts.get(n)
             if starts is None:
                 starts = _name_part(n)
                 if starts is None:
-                    raise _bad_name(bn + n, n, i, "n")
-            if not starts and not bn:
+                    raise _bad_name(n, n, i, "n")
+            if not starts:
                 raise _bad_name(n, n, i, "n")
 
         # Values (sec 4.2): exactly one of v, vs, vb, vd, or none if there is a sum.
-        v = r.v
-        vs = r.vs
-        vb = r.vb
-        vd = r.vd
-        s = r.s
-        if v is not unset:
-            if vs is not unset or vb is not unset or vd is not unset:
+        if r.v is not unset:
+            if r.vs is not unset or r.vb is not unset or r.vd is not unset:
                 raise _too_many_values(r, i)
-            if bv:
-                v += bv
-                if v - v:  # inf - inf is nan; a finite v - v is 0.0
-                    raise _not_finite("value bv + v", i, "v")
-        elif vs is not unset:
-            if vb is not unset or vd is not unset:
+            if bv and not _finite(r.v + bv):
+                raise _not_finite("value bv + v", i, "v")
+        elif r.vs is not unset:
+            if r.vb is not unset or r.vd is not unset:
                 raise _too_many_values(r, i)
-        elif vb is not unset:
-            if vd is not unset:
+        elif r.vb is not unset:
+            if r.vd is not unset:
                 raise _too_many_values(r, i)
-        elif vd is not unset:
-            if _BASE64URL.fullmatch(vd) is None or len(vd) % 4 == 1:
-                raise SenMLError(
-                    "'vd' must be base64url (RFC 4648 sec 5) without padding "
-                    "(RFC 8428 sec 4.3)",
-                    record=i,
-                    field="vd",
-                )
-        elif s is unset:
+        elif r.vd is unset and r.s is unset:
             raise SenMLError(
-                "record has no value: it needs one of v, vs, vb, vd, or a sum s "
-                "(RFC 8428 sec 4.2)",
+                "record has no value: it needs one of v, vs, vb, vd, or a sum s (RFC 8428 sec 4.2)",
                 record=i,
                 field="v",
             )
-        if s is not unset and bs:
-            s += bs
-            if s - s:
-                raise _not_finite("sum bs + s", i, "s")
+        if bs and r.s is not unset and not _finite(r.s + bs):
+            raise _not_finite("sum bs + s", i, "s")
 
-        # Time (sec 4.5.3).
-        t = r.t
-        if t is unset:
-            t = bt
-        elif bt:
-            t += bt
-            if t - t:
+        # Time (sec 4.5.3): bt + t must stay a double. Inlined: it runs for most records.
+        if bt and r.t is not unset:
+            t = r.t + bt
+            if t - t:  # inf - inf is nan; a finite t - t is 0.0
                 raise _not_finite("time bt + t", i, "t")
-        ut = r.ut
-        if ut is not unset and ut < 0.0:
-            raise SenMLError(
-                f"'ut' is a period in seconds and cannot be negative, got {ut}",
-                record=i,
-                field="ut",
-            )
 
         if out is not None:
             u = r.u
+            v = r.v
+            s = r.s
+            t_ = r.t
+            time = bt if t_ is unset else t_ + bt
+            vs = r.vs
+            vb = r.vb
+            vd = r.vd
+            ut = r.ut
             out.append(
                 Record(
                     bn if n is unset else bn + n,
                     bu if u is unset else u,
-                    None if v is unset else v,
+                    None if v is unset else v + bv,
                     None if vs is unset else vs,
                     None if vb is unset else vb,
                     None if vd is unset else vd,
-                    None if s is unset else s,
-                    now + t if t < _RELATIVE_LIMIT else t,
+                    None if s is unset else s + bs,
+                    now + time if time < _RELATIVE_LIMIT else time,
                     None if ut is unset else ut,
                     version,
                 )
             )
+
+
+def _finite(x: float) -> bool:
+    return x - x == 0.0  # inf - inf is nan; only overflowed sums get here, so this is rare

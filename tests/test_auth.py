@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.auth import Credentials, parse_authorization
-from core.errors import AuthenticationError, AuthorizationError, Condition
+from core.errors import AuthenticationError, AuthorizationError, Condition, SenMLError
 from core.provisioning import InvalidRequest
 from core.store import Conflict, NotFound
 from tests.conftest import World
@@ -155,3 +155,23 @@ async def test_retained_messages_survive_a_restart(world: World, tmp_path) -> No
                                  "m/acme/c/temps/#")
     finally:
         await again.close()
+
+
+async def test_publish_nowait_needs_a_warm_cache(world: World) -> None:
+    gw = world.gateway
+    ident = await gw.authenticate(Credentials(world.both.secret))
+    watch = await gw.subscribe(ident, "m/acme/c/temps/#", "mqtt")
+    gw.auth.invalidate()
+    assert gw.publish_nowait(ident, "m/acme/c/temps/a", b"x", "text/plain", "mqtt") is None
+    assert watch.get_nowait() is None  # nothing was published
+    await gw.publish(ident, "m/acme/c/temps/a", b"1", "text/plain", "mqtt")  # warms the cache
+    msg = gw.publish_nowait(ident, "m/acme/c/temps/a", b"2", "text/plain", "mqtt")
+    assert msg is not None and msg.payload == b"2"
+    assert [watch.get_nowait().payload, watch.get_nowait().payload] == [b"1", b"2"]  # type: ignore[union-attr]
+    stranger = await gw.authenticate(Credentials(world.subscriber.secret))
+    await gw.subscribe(stranger, "m/acme/c/temps", "mqtt")  # caches the subscriber's rights
+    with pytest.raises(AuthorizationError):
+        gw.publish_nowait(stranger, "m/acme/c/temps", b"x", "text/plain", "mqtt")
+    with pytest.raises(SenMLError):
+        gw.publish_nowait(ident, "m/acme/c/temps", b"[]", "application/senml+json", "mqtt")
+    assert watch.get_nowait() is None

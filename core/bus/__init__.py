@@ -218,6 +218,9 @@ class Bus(Protocol):
 
     async def publish(self, message: Message) -> None: ...
 
+    def publish_nowait(self, message: Message) -> bool:
+        """Publish without waiting if the bus can; False (nothing published) if it cannot."""
+
     async def subscribe(self, sub: Subscription) -> None: ...
 
     async def unsubscribe(self, sub: Subscription) -> None: ...

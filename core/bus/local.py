@@ -28,6 +28,9 @@ class LocalBus:
             raise UnavailableError("bus is closed")
 
     async def publish(self, message: Message) -> None:
+        self.publish_nowait(message)
+
+    def publish_nowait(self, message: Message) -> bool:
         if not self._open:
             raise UnavailableError("bus is closed")
         key = (message.domain, message.channel, message.subtopic)
@@ -36,6 +39,7 @@ class LocalBus:
             del last[next(iter(last))]
         last[key] = message
         self.router.route(message)
+        return True
 
     async def subscribe(self, sub: Subscription) -> None:
         if not self._open:
