@@ -137,3 +137,16 @@ def test_envelope_round_trip_is_compact() -> None:
     data = encode(m)
     assert decode(data) == m
     assert len(data) < 80
+
+
+async def test_next_times_out_then_delivers_then_reports_close() -> None:
+    bus = await started()
+    sub = Subscription(parse_filter("m/acme/c/temps"))
+    await bus.subscribe(sub)
+    assert await sub.next(0.01) is None
+    asyncio.get_running_loop().call_soon(lambda: sub.offer(msg(payload=b"soon")))
+    got = await sub.next(5)
+    assert got is not None and got.payload == b"soon"
+    asyncio.get_running_loop().call_soon(sub.close, "bye")
+    with pytest.raises(SubscriptionClosed, match="bye"):
+        await sub.next(5)

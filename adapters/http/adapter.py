@@ -6,7 +6,6 @@ Refusals follow the error table of ``core.errors`` as ``application/problem+json
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import ssl
@@ -186,13 +185,10 @@ class HTTPAdapter:
             await response.prepare(request)
             await response.write(b": subscribed to " + str(sub.filter).encode() + b"\n\n")
             while True:
-                message = sub.get_nowait()
+                message = sub.get_nowait() or await sub.next(SSE_KEEPALIVE)
                 if message is None:
-                    try:
-                        message = await asyncio.wait_for(sub.get(), SSE_KEEPALIVE)
-                    except TimeoutError:
-                        await response.write(b": keep-alive\n\n")
-                        continue
+                    await response.write(b": keep-alive\n\n")
+                    continue
                 # Write what has queued up meanwhile in one go.
                 events = [sse_event(message)]
                 while (message := sub.get_nowait()) is not None:

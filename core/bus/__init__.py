@@ -118,6 +118,30 @@ class Subscription:
                 self._waiter = None
         return self._queue.popleft()
 
+    async def next(self, timeout: float) -> Message | None:
+        """The next message, or None when ``timeout`` seconds pass with none (for keep-alives).
+
+        Cheaper than ``asyncio.wait_for(get())``, which makes a task per call: this waits on
+        the subscription's one future with a timer. Raises :class:`SubscriptionClosed` once
+        closed and drained.
+        """
+        if not self._queue:
+            if self.closed is not None:
+                raise SubscriptionClosed(self.closed)
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._queue:
+                if self.closed is not None:
+                    raise SubscriptionClosed(self.closed)
+                return None
+        return self._queue.popleft()
+
     def get_nowait(self) -> Message | None:
         return self._queue.popleft() if self._queue else None
 
@@ -139,6 +163,11 @@ class Subscription:
             waiter.set_result(None)
         if self.on_close is not None:
             self.on_close(self, reason)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Router:
