@@ -54,12 +54,33 @@ class ConduitProcess:
 
     def __enter__(self) -> ConduitProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="conduit-bench-")
-        env = {**os.environ, "CONDUIT_DATA_DIR": self._tmp.name, "CONDUIT_LOG_LEVEL": "warning",
-               "CONDUIT_ADMIN_KEY": "bench", **self.env}
+        env = {
+            **os.environ,
+            "CONDUIT_DATA_DIR": self._tmp.name,
+            "CONDUIT_LOG_LEVEL": "warning",
+            "CONDUIT_ADMIN_KEY": "bench",
+            **self.env,
+        }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "conduit.cli", "serve", "--host", "127.0.0.1",
-             "--api-port", "0", *self.extra],
-            env=env, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "conduit.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--api-port",
+                "0",
+                # every listener on a free port unless the caller names one (last flag wins)
+                "--http-port",
+                "0",
+                "--ws-port",
+                "0",
+                *self.extra,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -76,7 +97,8 @@ class ConduitProcess:
 
     def _api(self, method: str, path: str, body: dict[str, object]) -> dict[str, str]:
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.ports['api']}{path}", method=method,
+            f"http://127.0.0.1:{self.ports['api']}{path}",
+            method=method,
             data=json.dumps(body).encode(),
             headers={"Authorization": "Bearer bench", "Content-Type": "application/json"},
         )

@@ -30,7 +30,10 @@ def wrk(url: str, duration: int, auth: str | None = None) -> dict[str, float]:
         env["BENCH_AUTH"] = auth
     out = subprocess.run(
         ["wrk", "-t2", "-c50", f"-d{duration}s", "--latency", "-s", str(LUA), url],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     m = re.search(r"JSONSUMMARY (\{.*\})", out)
     if not m:
@@ -60,8 +63,15 @@ def conduit(duration: int, loop: str) -> dict[str, float]:
     with ConduitProcess(extra=["--http-port", str(port), "--loop", loop]) as c:
         base = f"http://127.0.0.1:{port}/{c.topic}"
         sub = subprocess.Popen(
-            ["curl", "-sN", "-H", "Accept: text/event-stream", "-H",
-             f"Authorization: Client {c.secret}", base + "/%23"],
+            [
+                "curl",
+                "-sN",
+                "-H",
+                "Accept: text/event-stream",
+                "-H",
+                f"Authorization: Client {c.secret}",
+                base + "/%23",
+            ],
             stdout=subprocess.DEVNULL,
         )
         try:
@@ -85,20 +95,30 @@ def main() -> None:
         for name, fn in (("anchor", anchor), ("conduit", conduit)):
             r = fn(args.duration, args.loop)
             runs[name].append(r)
-            print(f"round {i + 1} {name:8} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:.2f} ms",
-                  flush=True)
+            print(
+                f"round {i + 1} {name:8} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:.2f} ms",
+                flush=True,
+            )
     a_rps = median([r["rps"] for r in runs["anchor"]])
     c_rps = median([r["rps"] for r in runs["conduit"]])
     a_p99 = median([r["p99_ms"] for r in runs["anchor"]])
     c_p99 = median([r["p99_ms"] for r in runs["conduit"]])
-    print(json.dumps({
-        "loop": args.loop, "rounds": args.rounds, "duration_s": args.duration,
-        "anchor_rps": round(a_rps), "conduit_rps": round(c_rps),
-        "rps_ratio": round(c_rps / a_rps, 3),
-        "anchor_p99_ms": a_p99, "conduit_p99_ms": c_p99,
-        "p99_ratio": round(c_p99 / a_p99, 3),
-        "targets": "rps_ratio >= 0.8, p99_ratio <= 2.0",
-    }))
+    print(
+        json.dumps(
+            {
+                "loop": args.loop,
+                "rounds": args.rounds,
+                "duration_s": args.duration,
+                "anchor_rps": round(a_rps),
+                "conduit_rps": round(c_rps),
+                "rps_ratio": round(c_rps / a_rps, 3),
+                "anchor_p99_ms": a_p99,
+                "conduit_p99_ms": c_p99,
+                "p99_ratio": round(c_p99 / a_p99, 3),
+                "targets": "rps_ratio >= 0.8, p99_ratio <= 2.0",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

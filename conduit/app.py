@@ -17,6 +17,7 @@ from typing import Protocol
 from aiohttp import web
 
 from adapters.http import HTTPAdapter
+from adapters.ws import WSAdapter
 from conduit.api import ManagementAPI, admin_key
 from conduit.settings import Settings
 from core.bus.local import LocalBus
@@ -87,6 +88,10 @@ class Conduit:
         )
         factories: list[tuple[bool, Callable[[], Adapter]]] = [
             (s.http_enabled, lambda: HTTPAdapter(self.gateway, s.host, s.http_port)),
+            (
+                s.ws_enabled,
+                lambda: WSAdapter(self.gateway, s.host, s.ws_port, dashboard=s.ws_dashboard),
+            ),
         ]
         self.adapters: list[Adapter] = [make() for enabled, make in factories if enabled]
         self._started: list[Adapter] = []

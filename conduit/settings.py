@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address the protocol adapters bind to")
     http_enabled: bool = Field(True, description="Serve the HTTP adapter")
     http_port: int = Field(8008, ge=0, le=65535, description="HTTP adapter port")
+    ws_enabled: bool = Field(True, description="Serve the WebSocket adapter")
+    ws_port: int = Field(8186, ge=0, le=65535, description="WebSocket adapter port")
+    ws_dashboard: bool = Field(True, description="Serve the live dashboard page on GET / (WS port)")
     api_host: str = Field("127.0.0.1", description="Address of the management API")
     api_port: int = Field(9009, ge=0, le=65535, description="Management API port")
     admin_key: str | None = Field(

@@ -81,6 +81,33 @@ class ConduitError(Exception):
         return self.condition.reason
 
 
+PROBLEM_JSON = "application/problem+json"
+# The challenge sent with a 401 (HTTP, WebSocket upgrade): the schemes Conduit accepts.
+WWW_AUTHENTICATE = 'Client realm="conduit", Basic realm="conduit"'
+
+
+def problem(error: ConduitError, status: int) -> dict[str, object]:
+    """The RFC 9457 problem document for a refusal answered over HTTP (``status``)."""
+    cond = error.condition
+    body: dict[str, object] = {
+        "type": f"urn:conduit:error:{cond.reason}",
+        "title": cond.answer.title,
+        "status": status,
+        "detail": error.detail,
+    }
+    if isinstance(error, SenMLError):
+        body["record"] = error.record
+        body["field"] = error.field
+    if isinstance(error, TopicError):
+        body["part"] = error.part
+    return body
+
+
+def challenge(error: ConduitError) -> bool:
+    """Whether the answer to this refusal carries ``WWW-Authenticate``."""
+    return error.condition in (Condition.NO_CREDENTIALS, Condition.BAD_CREDENTIALS)
+
+
 class AuthenticationError(ConduitError):
     condition = Condition.BAD_CREDENTIALS
 

@@ -41,7 +41,8 @@ def start(data_dir: Path, *extra: str) -> Server:
     env = {**os.environ, "CONDUIT_DATA_DIR": str(data_dir), "CONDUIT_LOG_LEVEL": "info"}
     env.pop("CONDUIT_ADMIN_KEY", None)
     proc = subprocess.Popen(
-        [*CONDUIT, "serve", "--host", "127.0.0.1", "--http-port", "0", "--api-port", "0", *extra],
+        [*CONDUIT, "serve", "--host", "127.0.0.1", "--http-port", "0", "--ws-port", "0",
+         "--api-port", "0", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
@@ -146,7 +147,8 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         env = {**os.environ, "CONDUIT_DATA_DIR": str(tmp_path)}
         r = subprocess.run(
-            [*CONDUIT, "serve", "--host", "127.0.0.1", "--api-port", "0", "--http-port", str(port)],
+            [*CONDUIT, "serve", "--host", "127.0.0.1", "--api-port", "0", "--ws-port", "0",
+             "--http-port", str(port)],
             env=env, capture_output=True, text=True, timeout=30,
         )
     assert r.returncode == 1

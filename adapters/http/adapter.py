@@ -18,41 +18,34 @@ from core.auth import Credentials, Identity, parse_authorization
 from core.bus import Subscription, SubscriptionClosed
 from core.content import normalize
 from core.errors import (
+    PROBLEM_JSON,
+    WWW_AUTHENTICATE,
     Condition,
     ConduitError,
-    SenMLError,
     TooLargeError,
     TopicError,
+    challenge,
 )
+from core.errors import problem as problem_document
 from core.gateway import Gateway
 from core.message import Message, envelope
 from core.topics import parse_path
 
 log = logging.getLogger("conduit.http")
 
-PROBLEM = "application/problem+json"
 SSE_KEEPALIVE = 15.0
 
 
-def problem(error: ConduitError, status: int | None = None) -> web.Response:
+def problem(error: ConduitError) -> web.Response:
     """An RFC 9457 problem response for a refusal."""
-    cond = error.condition
-    code = status or cond.answer.http
-    body: dict[str, Any] = {
-        "type": f"urn:conduit:error:{cond.reason}",
-        "title": cond.answer.title,
-        "status": code,
-        "detail": error.detail,
-    }
-    if isinstance(error, SenMLError):
-        body["record"] = error.record
-        body["field"] = error.field
-    if isinstance(error, TopicError):
-        body["part"] = error.part
-    headers = {}
-    if cond in (Condition.NO_CREDENTIALS, Condition.BAD_CREDENTIALS):
-        headers["WWW-Authenticate"] = 'Client realm="conduit", Basic realm="conduit"'
-    return web.Response(status=code, body=orjson.dumps(body), content_type=PROBLEM, headers=headers)
+    status = error.condition.answer.http
+    headers = {"WWW-Authenticate": WWW_AUTHENTICATE} if challenge(error) else {}
+    return web.Response(
+        status=status,
+        body=orjson.dumps(problem_document(error, status)),
+        content_type=PROBLEM_JSON,
+        headers=headers,
+    )
 
 
 def sse_event(message: Message) -> bytes:
@@ -157,7 +150,7 @@ class HTTPAdapter:
         if "text/event-stream" not in request.headers.get("Accept", ""):
             return web.Response(
                 status=406,
-                content_type=PROBLEM,
+                content_type=PROBLEM_JSON,
                 body=orjson.dumps(
                     {
                         "type": "urn:conduit:error:not_acceptable",

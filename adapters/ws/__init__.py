@@ -1,0 +1,5 @@
+"""WebSocket adapter: the upgrade path is the topic; frames publish, messages are delivered."""
+
+from adapters.ws.adapter import WSAdapter
+
+__all__ = ["WSAdapter"]

@@ -1,0 +1,482 @@
+"""WebSocket adapter (``websockets``): the upgrade path is the topic.
+
+``GET /m/<domain>/c/<channel>[/<subtopic>...]`` with ``Upgrade: websocket`` opens a connection
+bound to that topic. Frames the client sends are published to it; every message published on it,
+by any protocol, is written to the client. A subtopic with ``+`` or ``#`` (``#`` sent as ``%23``)
+makes the connection a subscriber only.
+
+Rights, checked at the upgrade:
+
+- a concrete topic subscribes when the client has the subscribe right and accepts frames when it
+  has the publish right; with neither the upgrade is refused (403). ``?mode=publish`` or
+  ``?mode=subscribe`` asks for one role only, and is refused (403) without that right;
+- a wildcard topic needs the subscribe right; frames sent on it close the connection (1008).
+
+Query parameters: ``authorization`` (credentials, for browsers, which cannot set headers on a
+WebSocket; the ``Authorization`` header wins when both are sent), ``ct`` (content type of the
+frames the client sends; default ``application/json`` for text frames and
+``application/octet-stream`` for binary frames), ``format`` (``raw``, the default: each message
+as its payload; ``envelope``: a JSON object per message), ``mode`` (see above).
+
+Refusals at the upgrade are HTTP responses with an ``application/problem+json`` body (status
+from the error table: 401, 403, 400, 404, 415, 503); once open, a refused frame closes the
+connection with the table's close code (1007, 1008, 1009, 1011) and the refusal's detail as the
+reason. Nothing is published unless every check passed.
+
+Delivery writes pre-encoded frames through a bounded :class:`~adapters.ws.outbox.Outbox` per
+connection; keep-alive pings, the size limit (close 1009) and the closing handshake are
+``websockets``'. On :meth:`WSAdapter.stop` connections are closed with 1001.
+``GET /`` (no upgrade) serves a small live dashboard page (``live.html``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import http
+import importlib.resources
+import logging
+import re
+import ssl
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import OPEN
+
+from adapters.ws.frames import FORMATS, FrameCache
+from adapters.ws.outbox import Outbox
+from core.auth import Identity, parse_authorization
+from core.bus import Subscription
+from core.content import JSON, OCTETS, normalize
+from core.errors import (
+    PROBLEM_JSON,
+    WWW_AUTHENTICATE,
+    AuthenticationError,
+    AuthorizationError,
+    Condition,
+    ConduitError,
+    TooLargeError,
+    TopicError,
+    UnavailableError,
+    challenge,
+    problem,
+)
+from core.gateway import Gateway
+from core.topics import Topic, TopicFilter, parse_filter, parse_path
+
+log = logging.getLogger("conduit.ws")
+
+MODES = ("publish", "subscribe")
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
+MAX_REASON_BYTES = 123  # RFC 6455 5.5: a close frame's payload is at most 125 bytes
+
+
+@dataclass(slots=True)
+class Session:
+    """What the upgrade decided for one connection."""
+
+    identity: Identity
+    filter: TopicFilter
+    topic: Topic | None  # where frames are published; None when they are refused
+    refusal: ConduitError | None  # why frames are refused, when topic is None
+    subscribes: bool
+    content_type: str | None  # of published frames; None: by frame kind
+    envelope: bool
+
+
+class WSConnection(ServerConnection):
+    """A websockets server connection that carries its session and wakes its outbox when the
+    transport has room again."""
+
+    session: Session | None = None
+    outbox: Outbox | None = None
+    refused: bool = False  # Conduit closed it for a refusal (already counted)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        # asyncio's transports allow writing from resume_writing (it "may append to buffer").
+        if self.outbox is not None:
+            self.outbox.flush()
+
+
+def close_reason(text: str) -> str:
+    """A close reason within the 123 bytes a close frame allows, cut on a character boundary."""
+    data = text.encode()
+    if len(data) <= MAX_REASON_BYTES:
+        return text
+    return data[: MAX_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
+def refusal_response(error: ConduitError) -> Response:
+    """The HTTP answer refusing an upgrade: the error table's status, an RFC 9457 body."""
+    cond = error.condition
+    status = cond.answer.ws_upgrade or cond.answer.http
+    body = orjson.dumps(problem(error, status))
+    headers = Headers(
+        [
+            ("Connection", "close"),
+            ("Content-Type", PROBLEM_JSON),
+            ("Content-Length", str(len(body))),
+        ]
+    )
+    if challenge(error):
+        headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+def _first(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[0] if values else None
+
+
+class Dashboard:
+    """The live page served on ``GET /``, with a Content-Security-Policy that allows exactly its
+    own inline script and style, and WebSocket connections to this server."""
+
+    def __init__(self) -> None:
+        page = importlib.resources.files("adapters.ws").joinpath("live.html").read_bytes()
+        self.body = page
+
+        def digest(tag: str) -> str:
+            match = re.search(rb"<%s>(.*?)</%s>" % (tag.encode(), tag.encode()), page, re.S)
+            content = match.group(1) if match else b""
+            return "'sha256-" + base64.b64encode(hashlib.sha256(content).digest()).decode() + "'"
+
+        self.csp = (
+            "default-src 'none'; "
+            f"script-src {digest('script')}; style-src {digest('style')}; "
+            "connect-src 'self' ws: wss:; img-src data:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+
+    def response(self) -> Response:
+        headers = Headers(
+            [
+                ("Content-Type", "text/html; charset=utf-8"),
+                ("Content-Length", str(len(self.body))),
+                ("Cache-Control", "no-cache"),
+                ("X-Content-Type-Options", "nosniff"),
+                ("Content-Security-Policy", self.csp),
+                ("Connection", "close"),
+            ]
+        )
+        return Response(200, "OK", headers, self.body)
+
+
+class WSAdapter:
+    """The WebSocket listener. ``port`` is the bound port once started (when 0 was given)."""
+
+    protocol = "ws"
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        host: str = "0.0.0.0",
+        port: int = 8186,
+        ssl_context: ssl.SSLContext | None = None,
+        *,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        close_timeout: float = 10.0,
+        write_limit: int = 64 * 1024,
+        origins: list[str] | None = None,
+        dashboard: bool = True,
+    ) -> None:
+        """``ping_interval``/``ping_timeout``: keep-alive (None disables it); ``write_limit``:
+        bytes a connection's transport buffers before its outbox backlog takes over;
+        ``origins``: the browser origins allowed (None: any, since credentials are never
+        ambient cookies; clients that send no ``Origin`` header, devices, are not browsers and
+        are always allowed); ``dashboard``: serve the live page on ``GET /``."""
+        self.gateway = gateway
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
+        self.write_limit = write_limit
+        self.origins = origins
+        self.dashboard = Dashboard() if dashboard else None
+        self._server: Server | None = None
+        self._frames = FrameCache()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._uncounted = 0
+        self._count_scheduled = False
+
+    # lifecycle
+    async def start(self) -> None:
+        self._server = await serve(
+            self._serve,
+            self.host,
+            self.port,
+            process_request=self._upgrade,
+            create_connection=WSConnection,
+            compression=None,  # frames are encoded once for every subscriber
+            max_size=self.gateway.limits.max_payload,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            close_timeout=self.close_timeout,
+            write_limit=self.write_limit,
+            ssl=self.ssl_context,
+            server_header=None,
+            reuse_address=True,
+        )
+        if self.port == 0:
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, close every connection with 1001, wait up to ``timeout``."""
+        server = self._server
+        if server is None:
+            return
+        self._stopping = True
+        server.close(close_connections=True, code=GOING_AWAY, reason="server shutting down")
+        try:
+            async with asyncio.timeout(timeout):
+                await server.wait_closed()
+        except TimeoutError:
+            # Peers that do not read cannot complete the closing handshake.
+            for connection in server.connections:
+                connection.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await server.wait_closed()
+        self._server = None
+        self._flush_count()
+
+    @property
+    def connections(self) -> list[ServerConnection]:
+        """The open WebSocket connections."""
+        return list(self._server.connections) if self._server is not None else []
+
+    # upgrade
+    async def _upgrade(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Authenticate and authorize before the 101: refusals are plain HTTP answers."""
+        gateway = self.gateway
+        gateway.metrics.reqs[self.protocol].inc()
+        url = urlsplit(request.path)
+        path = unquote(url.path)
+        if self.dashboard is not None and path == "/" and "Upgrade" not in request.headers:
+            return self.dashboard.response()
+        identity: Identity | None = None
+        try:
+            if not path.startswith("/m/"):
+                raise TopicError(f"{path} is not a messaging path", "path", Condition.NOT_FOUND)
+            if self.origins is not None:
+                origin = request.headers.get_all("Origin")
+                if len(origin) > 1 or (origin and origin[0] not in self.origins):
+                    raise AuthorizationError(f"origin {', '.join(origin)!r} is not allowed")
+            query = parse_qs(url.query, keep_blank_values=True)
+            headers = request.headers.get_all("Authorization")
+            if len(headers) > 1:
+                raise AuthenticationError("more than one Authorization header")
+            value = headers[0] if headers else _first(query, "authorization")
+            identity = await gateway.authenticate(parse_authorization(value))
+            session = await self._session(identity, parse_path(path), query)
+        except ConduitError as exc:
+            gateway.refused(self.protocol, exc, identity.client_id if identity else None)
+            return refusal_response(exc)
+        assert isinstance(connection, WSConnection)
+        connection.session = session
+        return None
+
+    async def _session(
+        self, identity: Identity, topic: str, query: dict[str, list[str]]
+    ) -> Session:
+        flt = parse_filter(topic)
+        ct = _first(query, "ct")
+        content_type = normalize(ct) if ct else None
+        fmt = _first(query, "format") or "raw"
+        if fmt not in FORMATS:
+            raise ConduitError(
+                f"format {fmt!r} is not one of {', '.join(FORMATS)}", Condition.BAD_TOPIC
+            )
+        mode = _first(query, "mode")
+        if mode is not None and mode not in MODES:
+            raise ConduitError(
+                f"mode {mode!r} is not one of {', '.join(MODES)}", Condition.BAD_TOPIC
+            )
+        envelope = fmt == "envelope"
+        if flt.wildcard:
+            if mode == "publish":
+                raise TopicError("wildcards are not allowed when publishing", "subtopic")
+            denied = await self._check(identity, flt, "subscribe")
+            if denied is not None:
+                raise denied
+            wildcard = TopicError(
+                f"{flt} has wildcards: this connection subscribes only", "subtopic"
+            )
+            return Session(identity, flt, None, wildcard, True, content_type, envelope)
+
+        pub_denied = await self._check(identity, flt, "publish") if mode != "subscribe" else None
+        sub_denied = await self._check(identity, flt, "subscribe") if mode != "publish" else None
+        if mode == "publish" and pub_denied is not None:
+            raise pub_denied
+        if mode == "subscribe" and sub_denied is not None:
+            raise sub_denied
+        if pub_denied is not None and sub_denied is not None:
+            if identity.domain != flt.domain:
+                raise pub_denied
+            raise AuthorizationError(
+                f"client may neither publish nor subscribe on channel {flt.channel!r}"
+            )
+        no_publish: ConduitError | None = pub_denied
+        if mode == "subscribe":
+            no_publish = AuthorizationError(
+                "connection opened with mode=subscribe: it cannot publish"
+            )
+        return Session(
+            identity,
+            flt,
+            Topic(flt.domain, flt.channel, flt.subtopic) if no_publish is None else None,
+            no_publish,
+            mode != "publish" and sub_denied is None,
+            content_type,
+            envelope,
+        )
+
+    async def _check(
+        self, identity: Identity, flt: TopicFilter, action: Literal["publish", "subscribe"]
+    ) -> AuthorizationError | None:
+        """The refusal of ``action`` on the filter's channel, or None when allowed."""
+        try:
+            await self.gateway.auth.authorize(identity, flt.domain, flt.channel, action)
+        except AuthorizationError as exc:
+            return exc
+        except ConduitError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(f"cannot check authorization: {exc}") from exc
+        return None
+
+    # connection
+    async def _serve(self, connection: ServerConnection) -> None:
+        assert isinstance(connection, WSConnection) and connection.session is not None
+        session = connection.session
+        gateway = self.gateway
+        client_id = session.identity.client_id
+        sub: Subscription | None = None
+        counted = False
+        try:
+            if session.subscribes:
+                outbox = Outbox(
+                    connection,
+                    self._frames.envelope if session.envelope else self._frames.raw,
+                    gateway.limits.queue_size,
+                    self._count,
+                )
+                try:
+                    sub = await gateway.subscribe(
+                        session.identity,
+                        session.filter,
+                        self.protocol,
+                        sink=outbox.offer,
+                        on_close=functools.partial(self._subscription_closed, connection),
+                    )
+                except ConduitError as exc:
+                    gateway.refused(self.protocol, exc, client_id)
+                    await self._close(connection, exc)
+                    return
+                connection.outbox = outbox
+            else:
+                gateway.metrics.conns[self.protocol].inc()
+                counted = True
+            publish = gateway.publish
+            topic = session.topic
+            async for data in connection:
+                if topic is None:
+                    error = session.refusal
+                    assert error is not None
+                else:
+                    if isinstance(data, str):
+                        payload = data.encode()
+                        content_type = session.content_type or JSON
+                    else:
+                        payload = data
+                        content_type = session.content_type or OCTETS
+                    try:
+                        await publish(session.identity, topic, payload, content_type, self.protocol)
+                        continue
+                    except ConduitError as exc:
+                        error = exc
+                gateway.refused(self.protocol, error, client_id)
+                await self._close(connection, error)
+                break
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("ws connection of client %s failed", client_id)
+            await self._close(connection, UnavailableError("internal error"))
+        finally:
+            connection.outbox = None
+            if sub is not None:
+                await gateway.unsubscribe(sub, "connection closed")
+            if counted:
+                gateway.metrics.conns[self.protocol].dec()
+            self._closed_by_websockets(connection, client_id)
+
+    async def _close(self, connection: WSConnection, error: ConduitError) -> None:
+        connection.refused = True
+        code = error.condition.answer.ws_close or INTERNAL_ERROR
+        await self._close_with(connection, code, error.detail)
+
+    async def _close_with(self, connection: ServerConnection, code: int, reason: str) -> None:
+        # close() waits for the transport to drain: a peer that stopped reading would hold it
+        # forever, so the closing handshake gets close_timeout, then the TCP connection goes.
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await connection.close(code, close_reason(reason))
+        except TimeoutError:
+            connection.transport.abort()
+
+    def _subscription_closed(
+        self, connection: WSConnection, sub: Subscription, reason: str
+    ) -> None:
+        """The bus closed the subscription (too slow, right revoked, shutdown): so goes the
+        connection, with the reason."""
+        if connection.protocol.state is not OPEN or connection.refused:
+            return
+        connection.refused = True
+        if connection.outbox is not None:
+            connection.outbox.clear()
+        code = GOING_AWAY if self._stopping or self.gateway.closing else POLICY_VIOLATION
+        client_id = connection.session.identity.client_id if connection.session else "-"
+        log.info("closing ws client=%s code=%d: %s", client_id, code, reason)
+        task = asyncio.get_running_loop().create_task(self._close_with(connection, code, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _closed_by_websockets(self, connection: WSConnection, client_id: str) -> None:
+        """Count what websockets itself refused: a message over the size limit (1009)."""
+        sent = connection.protocol.close_sent
+        if sent is None or connection.refused:
+            return
+        if sent.code == TooLargeError.condition.answer.ws_close:
+            self.gateway.refused(self.protocol, TooLargeError(sent.reason), client_id)
+        elif sent.code not in (1000, GOING_AWAY):
+            log.info("ws client=%s closed with %d: %s", client_id, sent.code, sent.reason)
+
+    # delivery count: one metrics update per event-loop turn, not one per frame
+    def _count(self, n: int) -> None:
+        self._uncounted += n
+        if not self._count_scheduled:
+            self._count_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_count)
+
+    def _flush_count(self) -> None:
+        self._count_scheduled = False
+        if self._uncounted:
+            self.gateway.delivered(self.protocol, self._uncounted)
+            self._uncounted = 0

@@ -1,0 +1,79 @@
+"""Keep-alive pings and graceful shutdown of the WebSocket adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from adapters.ws import WSAdapter
+from tests.conftest import World
+
+
+async def test_shutdown_closes_with_1001(world: World) -> None:
+    adapter = WSAdapter(world.gateway, "127.0.0.1", 0)
+    await adapter.start()
+    url = f"ws://127.0.0.1:{adapter.port}/m/acme/c/temps"
+    headers = {"Authorization": f"Client {world.both.secret}"}
+    async with (
+        connect(url, additional_headers=headers) as sub,
+        connect(url + "?mode=publish", additional_headers=headers) as pub,
+    ):
+        await adapter.stop(timeout=5)
+        for conn in (sub, pub):
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(conn.recv(), 5)
+            assert (conn.close_code, conn.close_reason) == (1001, "server shutting down")
+    with pytest.raises(OSError):
+        async with connect(url, additional_headers=headers):
+            pass
+    assert world.gateway.metrics.conns["ws"]._value.get() == 0
+
+
+async def test_keepalive_pings_are_answered(world: World) -> None:
+    adapter = WSAdapter(world.gateway, "127.0.0.1", 0, ping_interval=0.05, ping_timeout=5)
+    await adapter.start()
+    try:
+        url = f"ws://127.0.0.1:{adapter.port}/m/acme/c/temps"
+        async with connect(
+            url, additional_headers={"Authorization": f"Client {world.subscriber.secret}"}
+        ):
+            (server_side,) = adapter.connections
+            for _ in range(500):  # until the server has seen a pong
+                if server_side.latency > 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert server_side.latency > 0
+    finally:
+        await adapter.stop(timeout=2)
+
+
+async def test_peer_that_never_answers_pings_is_closed_with_1011(world: World) -> None:
+    adapter = WSAdapter(world.gateway, "127.0.0.1", 0, ping_interval=0.05, ping_timeout=0.2)
+    await adapter.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", adapter.port)
+        writer.write(
+            b"GET /m/acme/c/temps HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nAuthorization: Client "
+            + world.subscriber.secret.encode()
+            + b"\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        opcodes, close = [], None
+        while close is None:  # read frames, answer nothing
+            first, second = await asyncio.wait_for(reader.readexactly(2), 5)
+            data = await reader.readexactly(second & 0x7F)
+            opcodes.append(first & 0x0F)
+            if first & 0x0F == 0x8:
+                close = (struct.unpack("!H", data[:2])[0], data[2:].decode())
+        assert 0x9 in opcodes  # a ping came first
+        assert close == (1011, "keepalive ping timeout")
+        writer.close()
+    finally:
+        await adapter.stop(timeout=2)

@@ -1,0 +1,80 @@
+"""Adapter options: WSS with a TLS context, and the browser origins allowed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from adapters.ws import WSAdapter
+from tests.conftest import World, require_command
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1: (key, cert)."""
+    openssl = require_command("openssl", "openssl")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext",
+         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return key, cert
+
+
+async def test_wss(world: World, certificate: tuple[Path, Path]) -> None:
+    key, cert = certificate
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    adapter = WSAdapter(world.gateway, "127.0.0.1", 0, server_ctx)
+    await adapter.start()
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        url = f"wss://127.0.0.1:{adapter.port}/m/acme/c/temps"
+        headers = {"Authorization": f"Client {world.both.secret}"}
+        async with connect(url, ssl=client_ctx, additional_headers=headers) as conn:
+            await conn.send("over tls")
+            assert await asyncio.wait_for(conn.recv(), 5) == "over tls"
+    finally:
+        await adapter.stop(timeout=2)
+
+
+async def test_origins(world: World) -> None:
+    adapter = WSAdapter(world.gateway, "127.0.0.1", 0, origins=["https://dash.example"])
+    await adapter.start()
+    try:
+        url = f"ws://127.0.0.1:{adapter.port}/m/acme/c/temps"
+        auth = {"Authorization": f"Client {world.subscriber.secret}"}
+        async with connect(url, additional_headers=auth, origin="https://dash.example"):
+            pass
+        async with connect(url, additional_headers=auth):  # no Origin: not a browser
+            pass
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url, additional_headers=auth, origin="https://evil.example"):
+                pass
+        response = info.value.response
+        assert response.status_code == 403
+        assert json.loads(response.body)["detail"] == "origin 'https://evil.example' is not allowed"
+    finally:
+        await adapter.stop(timeout=2)
+
+
+async def test_dashboard_can_be_turned_off(world: World) -> None:
+    adapter = WSAdapter(world.gateway, "127.0.0.1", 0, dashboard=False)
+    await adapter.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", adapter.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 404")
+        writer.close()
+    finally:
+        await adapter.stop(timeout=2)
