@@ -6,7 +6,7 @@ This module owns the MQTT wire format and nothing else: bytes in, packet objects
 the MQTT connection class moves bytes and owns the protocol state.
 
 Packets are ``msgspec.Struct`` types (:class:`Connect` ... :class:`Auth`): construction is
-implemented in C, about 2.5x cheaper than a slotted dataclass on this machine (120 ns vs 300 ns for
+implemented in C, about 2x cheaper than a slotted dataclass on this machine (150 ns vs 330 ns for
 a seven-field PUBLISH), which matters on the decode hot path. MQTT 5 properties are one frozen,
 typed :class:`Properties` struct; a packet without properties holds the shared
 :data:`EMPTY_PROPERTIES`, so the common PUBLISH (no properties) costs one byte compare and no
@@ -61,28 +61,35 @@ id with clean session 0 at level 4 is CONNACK 2); AUTH method consistency; paylo
 
 Speed
 -----
-Measured on this machine (AMD EPYC, 2 vCPUs, CPython 3.11.7), one core, with the commands below
-(each prints the best of 5 runs):
+Measured on this machine (AMD EPYC, 2 vCPUs shared with other work, load average 2.7-4.5 during
+the runs, CPython 3.11.7) with the commands below: ``timeit -p`` (process CPU time, one core),
+best of 7, repeated 3 to 6 times; ranges are the spread between repetitions.
 
-- decode, QoS 0 PUBLISH (20-byte topic, 100-byte payload, 125 bytes on the wire), fed in 64 KiB
-  chunks, level 4: about 690k packets/s; level 5 (empty properties): about 660k packets/s;
-  QoS 1: about 650k packets/s.
-- ``encode_publish`` QoS 0, level 4, str topic: about 1.45M/s; bytes topic: about 1.6M/s;
-  level 5: about 1.3M/s; ``PublishTemplate.packet(packet_id)`` (QoS 1 fan-out): about 3.5M/s.
+- decode, PUBLISH with a 20-byte topic and a 100-byte payload (124-127 bytes on the wire), fed in
+  64 KiB chunks, 100,000 packets per loop: level 4 QoS 0 91-134 ms (750k-1.10M packets/s);
+  level 5 QoS 0 (empty properties) 95-146 ms (690k-1.06M/s); level 4 QoS 1 85-151 ms
+  (660k-1.18M/s). Target 500k/s. Inlining the PUBLISH path into the iterator measured only
+  about 10% faster, so the decoder keeps a single PUBLISH decoder.
+- encode, same packet (6 runs): ``encode_publish`` QoS 0 level 4 260-430 ns (2.3M-3.8M/s; a
+  bytes topic 257-415 ns); level 5 346-578 ns (1.7M-2.9M/s); QoS 1 416-755 ns (1.3M-2.4M/s);
+  ``encode(Publish(...), 4)`` 396-671 ns (1.5M-2.5M/s); ``PublishTemplate.packet(packet_id)``
+  161-287 ns (3.5M-6.2M/s). Target 1M/s.
 
-Commands (from the repository root)::
+Commands (from the repository root; for the other rows change ``qos``/``packet_id`` to 1 and
+``protocol_level`` to 5)::
 
-    .venv/bin/python -m timeit -s "from adapters.mqtt.codec import Decoder, encode_publish" \\
-      -s "s = encode_publish('m/domain/c/chan/temp', b'x' * 100) * 100_000" \\
+    .venv/bin/python -m timeit -p -r 7 \\
+      -s "from adapters.mqtt.codec import Decoder, encode_publish" \\
+      -s "s = encode_publish('m/domain/c/chan/temp', b'x' * 100, qos=0, packet_id=0, \\
+                             protocol_level=4) * 100_000" \\
       -s "cs = [s[i:i + 65536] for i in range(0, len(s), 65536)]" \\
-      "d = Decoder(protocol_level=4)" "for c in cs: d.feed(c); n = sum(1 for _ in d)"
-    # 100,000 packets per loop: packets/s = 100_000 / (seconds per loop)
+      "d = Decoder(protocol_level=4)" "for c in cs: d.feed(c); list(d)"
 
-    .venv/bin/python -m timeit -s "from adapters.mqtt.codec import encode_publish" \\
-      -s "p = b'x' * 100" "encode_publish('m/domain/c/chan/temp', p)"
-
-    .venv/bin/python -m timeit -s "from adapters.mqtt.codec import prepare_publish" \\
-      -s "t = prepare_publish('m/domain/c/chan/temp', b'x' * 100, qos=1)" "t.packet(4711)"
+    .venv/bin/python -m timeit -p -r 7 \\
+      -s "from adapters.mqtt.codec import encode_publish, prepare_publish, encode, Publish" \\
+      -s "p = b'x' * 100" -s "t = prepare_publish('m/domain/c/chan/temp', p, qos=1)" \\
+      -s "pk = Publish('m/domain/c/chan/temp', p)" \\
+      "encode_publish('m/domain/c/chan/temp', p)"   # or: "t.packet(4711)", "encode(pk, 4)", ...
 """
 
 from __future__ import annotations
@@ -142,18 +149,7 @@ PAYLOAD_FORMAT_INVALID: Final = 0x99
 MAX_PACKET_SIZE: Final = 1 + 4 + 268_435_455
 _MAX_REMAINING_LENGTH: Final = 268_435_455
 
-# Control packet types (fixed header, high nibble).
-CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
-SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH = (
-    8,
-    9,
-    10,
-    11,
-    12,
-    13,
-    14,
-    15,
-)
+_CONNECT: Final = 1  # packet type of CONNECT (fixed header, high nibble)
 
 
 class MQTTProtocolError(Exception):
@@ -287,7 +283,6 @@ _FLAG_PROPERTIES: Final = frozenset(
 _NONZERO_PROPERTIES: Final = ("receive_maximum", "maximum_packet_size")
 
 # Which properties each packet type (and the will) may carry (MQTT 5 section 2.2.2.2).
-_USER: Final = 0x26
 _CONNECT_PROPS: Final = frozenset({0x11, 0x15, 0x16, 0x17, 0x19, 0x21, 0x22, 0x26, 0x27})
 _CONNACK_PROPS: Final = frozenset(
     {0x11, 0x12, 0x13, 0x15, 0x16, 0x1A, 0x1C, 0x1F, 0x21, 0x22, 0x24, 0x25, 0x26, 0x27, 0x28}
@@ -1098,7 +1093,7 @@ class Decoder:
             first = buf[pos]
             level = self.protocol_level
             if level is None:
-                if first >> 4 != CONNECT:
+                if first >> 4 != _CONNECT:
                     raise _protocol_error("the first packet must be CONNECT")
                 connect = _decode_connect(buf, end - length, end, first & 0x0F, 4)
                 self.protocol_level = connect.protocol_level
@@ -1460,9 +1455,11 @@ def encode_publish(
 class PublishTemplate:
     """A PUBLISH encoded once for a fan-out; only the packet identifier (and DUP) vary.
 
-    ``prefix`` is everything before the packet identifier, ``suffix`` everything after it; for
-    QoS 0 there is no identifier and ``data`` is the whole packet. ``packet(packet_id)`` joins
-    the three (a writer may also hand ``(prefix, id, suffix)`` to ``writelines``).
+    ``prefix`` is everything before the packet identifier, ``suffix`` everything after it. For
+    QoS 0 there is no identifier and ``data`` is the whole packet; for QoS 1/2 ``data`` is the
+    packet with identifier 1, useful for its length (checking a client's maximum packet size).
+    ``packet(packet_id)`` joins the three (a writer may also hand ``(prefix, id, suffix)`` to
+    ``writelines``).
     """
 
     __slots__ = ("_dup_prefix", "data", "prefix", "qos", "suffix")
