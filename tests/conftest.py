@@ -3,6 +3,7 @@ and clients with each kind of right; adapters on ephemeral ports (never a fixed 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -93,19 +94,24 @@ async def http(world: World) -> AsyncIterator[str]:
 
 
 def require_command(name: str, debian_package: str) -> str:
-    """The path of a command-line client a test needs; installs its Debian package when root
-    and allowed, else skips the test saying why (never silently)."""
+    """The path of a command-line client a test needs. When it is missing and we are root,
+    installs its Debian package (refreshing the package lists once if the first try fails);
+    otherwise skips the test saying why, never silently."""
     path = shutil.which(name)
     if path:
         return path
+    if os.geteuid() != 0:
+        pytest.skip(f"{name} (Debian {debian_package}) is not installed and we are not root")
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", debian_package]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", debian_package],
-            check=True, capture_output=True, timeout=300,
-        )
+        if subprocess.run(install, capture_output=True, timeout=600, env=env).returncode:
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300,
+                           env=env)
+            subprocess.run(install, check=True, capture_output=True, timeout=600, env=env)
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"{name} (Debian {debian_package}) is not installed and could not be: {exc}")
     path = shutil.which(name)
     if not path:
-        pytest.skip(f"{name} not found after installing {debian_package}")
+        pytest.skip(f"{name} not found after installing Debian {debian_package}")
     return path

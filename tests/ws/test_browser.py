@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from adapters.ws import WSAdapter
-from tests.conftest import World
+from tests.conftest import World, require_command
 
 HERE = Path(__file__).resolve().parent / "browser"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -26,9 +26,7 @@ SENML = '[{"bn":"urn:dev:kitchen:","n":"temp","u":"Cel","v":21.5}]'
 
 
 def browser_tools() -> tuple[str, str]:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    chromium = require_command("chromium", "chromium")
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed (needed to drive Chromium with playwright-core)")
