@@ -1,75 +1,74 @@
 """SenML (RFC 8428): the one place where Conduit's SenML rules live.
 
-This module owns the strict validation and the resolution of SenML packs in their JSON
+This module owns the strict validation and the resolution of SenML packs in JSON
 (``application/senml+json``, CoAP content-format 110) and CBOR (``application/senml+cbor``,
-CoAP content-format 112) representations. :func:`validate` is the hot-path check the gateway
-runs on every publish; :func:`parse` runs the same checks and also returns the resolved records.
-Both raise :class:`~core.errors.SenMLError` naming the 0-based record index and the field
-(always by its JSON label, also for CBOR), or :class:`~core.errors.ContentTypeError` for a
-content type that is not SenML.
+112). :func:`validate` is the check the gateway runs on every publish; :func:`parse` runs the
+very same checks (one shared loop) and also returns the resolved :class:`Record` list. Both
+raise :class:`~core.errors.SenMLError` with the 0-based record index and the field, named by
+its JSON label also for CBOR (record ``None`` for pack-level faults), or
+:class:`~core.errors.ContentTypeError` for a content type that is not SenML JSON or CBOR.
 
-Rules, with the choices made where RFC 8428 leaves room
---------------------------------------------------------
-- A pack is a non-empty array (at most :data:`MAX_RECORDS`) of JSON objects / CBOR maps.
-- Labels (sec 4.3, sec 6 table 4). Unknown labels are ignored unless they end in ``_``
-  ("must understand", sec 4.4), which is refused. In CBOR the integer table is closed
-  ("any extensions will use string map keys", sec 6), so an integer label outside it is
-  refused, and so is a text label that is a SenML JSON label (``"v"`` instead of ``2``): it
-  is an encoder bug, and ignoring it would only produce a more confusing error later.
-- Types are strict: JSON ``true`` is not a number, ``10.0`` is not an integer ``bver``, numbers
-  must be finite doubles. CBOR numbers may be integers, floats or decimal fractions (tag 4,
-  sec 6); CBOR ``vd`` is a byte string and is reported as base64url without padding.
-  JSON ``vd`` must be base64url without padding (sec 4.3, note to table 1).
-- JSON exponents must use a lower-case ``e`` (sec 5, a MUST). This is checked for SenML
-  fields only; extension fields are ignored as sec 4.4 requires.
-- CBOR: indefinite-length items and duplicate map keys are refused. Sec 6 requires definite
-  lengths for the pack array, ``vs`` and ``vd``; refusing them everywhere keeps the rule
-  simple and costs no real encoder anything. RFC 8949 sec 5.6 makes duplicate keys invalid.
-  A leading self-described CBOR tag (55799) is accepted. JSON repeated labels in one object
-  cannot be seen through the decoder: the last one counts (RFC 8259 sec 4 leaves it open).
-- Base fields ``bn bt bu bv bs bver`` apply to their record and every later one until
-  overridden (sec 4).
-- Name (sec 4.5.1): ``bn + n`` is 1+ characters of ``A-Z a-z 0-9 - : . / _`` starting with a
-  letter or digit. The error names the field holding the offending character (``bn`` or
-  ``n``); an empty or missing name names ``n``, or ``bn`` when the record has no ``n`` and an
-  explicitly empty base name applies.
-- Values (sec 4.2): exactly one of ``v vs vb vd``, except that a record with a sum ``s`` may
-  have none. ``bv`` and ``bs`` never create a value or a sum on their own: they are added to a
-  ``v`` / ``s`` present in the record (sec 4.1 "added to the value found in an entry";
-  sec 4.2 requires the Value field itself). So a record carrying only base fields, like the
-  first record of the sec 5.1.7 actuator example, is refused: sec 4.2's MUST wins over the
-  example. The resolved sum of a record without ``s`` is ``None`` even when ``bs`` applies.
-- Version (sec 4.4, RFC 9100): ``bver`` is a positive integer. The pack has one version: the
-  first record fixes it (10 when it has no ``bver``), and any later ``bver`` must repeat it.
-  Versions 1 to 10 are understood, and 26 (10 plus RFC 9100 feature 4, "Secondary Units",
-  which changes nothing this module checks since unit names are not checked); any other
-  version is refused because sec 4.4 says a reader MUST NOT use a pack of a version it does
-  not understand. :attr:`Record.base_version` is the pack's version, 10 by default.
-- Time (sec 4.5.3): ``bt + t`` (missing ones count 0); below 2**28 it is relative to ``now``
-  and resolved as ``now + (bt + t)``. ``ut`` is a period, so it must not be negative.
-- Sums ``v + bv``, ``s + bs``, ``bt + t`` must stay finite.
+Rules, and the choices made where RFC 8428 leaves room
+------------------------------------------------------
+- A pack is an array of 1 to :data:`MAX_RECORDS` JSON objects / CBOR maps.
+- Labels (sec 4.3): an unknown label is ignored unless it ends in ``_`` ("must understand",
+  sec 4.4: refused). The CBOR integer labels are a closed table (sec 6: "any extensions will
+  use string map keys"), so another integer label is refused, and so is a JSON label sent as
+  CBOR text (``"v"`` for ``2``): an encoder bug that would otherwise surface as a confusing
+  "no value" error.
+- Types are strict: ``true`` is not a number, ``10.0`` is not an integer ``bver``, numbers are
+  finite doubles (a JSON number beyond a double is refused even in an extension field, as it
+  cannot be decoded). CBOR numbers may be integers, floats or decimal fractions (sec 6).
+  ``vd`` is base64url without padding in JSON (sec 4.3) and a byte string in CBOR, which
+  :attr:`Record.data_value` reports as base64url. A JSON exponent must be a lower-case ``e``
+  (sec 5, a MUST; checked in SenML fields only, extension fields being ignored).
+- CBOR: indefinite-length items anywhere and duplicate map keys are refused (sec 6 requires
+  definite lengths for the array, ``vs`` and ``vd``; RFC 8949 sec 5.6 makes duplicate keys
+  invalid); a self-described CBOR tag (55799) in front is accepted. A JSON label repeated in
+  one object is invisible through the decoder: the last one counts (RFC 8259 sec 4).
+- Base fields ``bn bt bu bv bs bver`` apply to their record and later ones until overridden.
+- Name (sec 4.5.1): ``bn + n``, 1+ characters of ``A-Z a-z 0-9 - : . / _``, starting with a
+  letter or digit. The error names the field holding the fault: ``bn`` or ``n``; for a
+  missing name, ``n`` (or ``bn`` when an explicitly empty ``bn`` is all there is).
+- Values (sec 4.2): exactly one of ``v vs vb vd``, or none when the record has a sum ``s``.
+  ``bv``/``bs`` are added to a ``v``/``s`` found in the record and never create one (sec 4.1,
+  "added to the value found in an entry"); so a record of base fields only, like the first
+  one of the sec 5.1.7 example, is refused: sec 4.2's MUST wins over the example. A record
+  without ``s`` has no sum even when ``bs`` applies.
+- Version (sec 4.4): ``bver`` is a positive integer, and one per pack: the first record sets
+  it (10 when it has no ``bver``), a later ``bver`` must repeat it. 1 to 10 are understood,
+  and 26 (RFC 9100: 10 plus "Secondary Units", which changes nothing checked here); others
+  are refused, as sec 4.4 forbids using a pack of a version not understood.
+  :attr:`Record.base_version` is the pack's version, 10 by default.
+- Time (sec 4.5.3): ``bt + t``, a missing one counting 0; below 2**28 it is relative and
+  resolves to ``now + bt + t``. ``ut`` is a period, so it may not be negative. The resolved
+  ``bv + v``, ``bs + s`` and ``bt + t`` must stay finite.
 
 Speed
 -----
-JSON takes a fast path: one ``msgspec`` decode into a typed struct (unknown labels skipped in
-C), a byte scan proving that no label can end in ``_`` (no ``_"`` before a ``:``, no escape),
-then one Python loop over the records. Anything unusual (a type error, a must-understand
-label, an escape) falls back to an untyped decode checked field by field in Python, which
-produces the precise error; both paths end in the same loop, and the tests check that they
-agree. Name parts seen before are looked up in a small cache instead of a regex.
+JSON takes a fast path: one msgspec decode into a typed struct that also checks the types,
+the ``vd`` alphabet and ``ut >= 0`` in C and refuses unknown labels, then one Python loop
+over the records, with a small cache of name parts instead of a regex per name. A pack with an
+extension label, or with any fault, takes the checked path instead: an untyped decode with
+each field checked in Python, giving the precise error. Both paths feed the same loop, and the
+tests check that they agree. CBOR always takes the checked path, after cbor2.
 
-Measured on the 2-core development machine (Python 3.11.7, msgspec 0.22), PACK10 of
-``/work/shared/bench/senml_samples.py`` (10 records, 343 bytes), best of 7 repeats::
+Figures for PACK10 of ``/work/shared/bench/senml_samples.py`` (10 records, 343 bytes; CBOR:
+the same records with integer labels), Python 3.11.7, msgspec 0.22.0, cbor2 6.3.0, on the
+shared 2-core development machine: CPU time, best of many interleaved rounds, beside the
+anchor measured in the same run, ``msgspec.json.decode(p)`` (untyped, no checks). Absolute
+figures move by up to 2x with the neighbours' load; the ratios much less. To reproduce one::
 
-    .venv/bin/python -m timeit -r 7 -n 100000 \\
+    .venv/bin/python -m timeit -p -r 9 -n 20000 \\
       -s 'import sys; sys.path.insert(0, "/work/shared/bench")' \\
-      -s 'from senml_samples import PACK10_BYTES as p; from core.senml import validate' \\
-      'validate(p, "application/senml+json", 1.7e9)'
+      -s 'import msgspec; from senml_samples import PACK10_BYTES as p' \\
+      -s 'from core.senml import validate' 'validate(p, "application/senml+json", 1.7e9)'
 
-    validate() JSON   3.2 us per pack   (anchors: msgspec typed 4.8 us, orjson + checks 7.2 us)
-    parse()    JSON   4.6 us per pack
-    validate() CBOR   8.9 us per pack   (same pack, integer labels; cbor2 decode is ~5 us)
-    slow JSON path    9.1 us per pack   (what a pack with a must-understand label costs)
+    msgspec.json.decode (anchor)    1.6 us
+    validate, JSON                  4.5 us   2.8x  (target <= 6 us; README anchors 4.8 / 7.2)
+    parse, JSON                     7.2 us   4.5x
+    validate, JSON, checked path   16.7 us  10.5x  (what a pack with an extension label costs)
+    validate, CBOR                 19.9 us  12.5x  (cbor2 decoding alone: about 5 us)
 """
 
 from __future__ import annotations
@@ -77,25 +76,28 @@ from __future__ import annotations
 import base64
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from io import BytesIO
-from typing import Annotated, Any, Final, NoReturn
+from typing import Annotated, Any, Final, NoReturn, cast
 
 import cbor2
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from core.content import SENML_CBOR, SENML_JSON  # CoAP content-formats 110 and 112
 from core.errors import ContentTypeError, SenMLError
 
-__all__ = ["MAX_RECORDS", "SENML_CBOR", "SENML_JSON", "Record", "parse", "validate"]
+__all__ = ["MAX_RECORDS", "SENML_CBOR", "SENML_JSON", "Payload", "Record", "parse", "validate"]
 
-SENML_JSON: Final = "application/senml+json"  # CoAP content-format 110
-SENML_CBOR: Final = "application/senml+cbor"  # CoAP content-format 112
 
 MAX_RECORDS: Final = 10_000
 """Largest pack accepted, in records."""
 
+Payload = bytes | bytearray | memoryview  # what transports hand over; copied once if not bytes
+
+_DBL_MAX: Final = sys.float_info.max
 _RELATIVE_LIMIT: Final = float(2**28)  # sec 4.5.3: smaller resolved times are relative to now
 _UNDERSTOOD_VERSIONS: Final = frozenset(range(1, 11)) | {10 + (1 << 4)}  # RFC 9100 sec 4
 _VERSION: Final = 10  # sec 4.1: the version when no record has bver
@@ -195,7 +197,7 @@ _NAME_CACHE_MAX_LEN: Final = 256
 # --- public API -------------------------------------------------------------------------------
 
 
-def parse(payload: bytes, content_type: str, now: float) -> list[Record]:
+def parse(payload: Payload, content_type: str, now: float) -> list[Record]:
     """Validate a SenML pack and return its resolved records.
 
     ``now`` (seconds since the epoch) resolves relative times. Raises :class:`SenMLError`
@@ -207,7 +209,7 @@ def parse(payload: bytes, content_type: str, now: float) -> list[Record]:
     return records
 
 
-def validate(payload: bytes, content_type: str, now: float) -> None:
+def validate(payload: Payload, content_type: str, now: float) -> None:
     """Run exactly the checks of :func:`parse` without building the records (the hot path)."""
     _resolve(_raw_records(payload, content_type), now, None)
 
@@ -215,7 +217,7 @@ def validate(payload: bytes, content_type: str, now: float) -> None:
 # --- decoding ---------------------------------------------------------------------------------
 
 
-def _raw_records(payload: bytes, content_type: str) -> Iterable[_Raw]:
+def _raw_records(payload: Payload, content_type: str) -> Iterable[_Raw]:
     """The records of a pack, decoded and type-checked, with the pack-level checks done."""
     if type(payload) is not bytes:  # a bytearray or memoryview from a transport: copy once
         payload = bytes(payload)
@@ -235,10 +237,10 @@ def _raw_records(payload: bytes, content_type: str) -> Iterable[_Raw]:
         raws = _JSON_PACK.decode(payload)
     except msgspec.MsgspecError:
         return _json_records_checked(payload)
-    if 0x45 in payload:  # b"E"; an int is much cheaper to look for than a bytes
-        _check_json_exponents(payload)
     if not 0 < len(raws) <= MAX_RECORDS:
         _check_size(len(raws))
+    if 0x45 in payload:  # b"E"; an int is much cheaper to look for than a bytes
+        _check_json_exponents(payload)
     return raws
 
 
@@ -252,10 +254,10 @@ def _json_records_checked(payload: bytes) -> Iterator[_Raw]:
         raise SenMLError(f"payload is not valid JSON: {exc}") from None
     if type(pack) is not list:
         raise SenMLError(f"a SenML pack is a JSON array of records, got {_kind(pack, False)}")
+    _check_size(len(pack))
     if 0x45 in payload:
         _check_json_exponents(payload)
-    _check_size(len(pack))
-    return (_raw_from_json(i, obj) for i, obj in enumerate(pack))
+    return (_checked_raw(i, obj, False) for i, obj in enumerate(pack))
 
 
 def _cbor_records(payload: bytes) -> Iterator[_Raw]:
@@ -276,7 +278,7 @@ def _cbor_records(payload: bytes) -> Iterator[_Raw]:
     if type(pack) is not list:
         raise SenMLError(f"a SenML pack is a CBOR array of records, got {_kind(pack, True)}")
     _check_size(len(pack))
-    return (_raw_from_cbor(i, obj) for i, obj in enumerate(pack))
+    return (_checked_raw(i, obj, True) for i, obj in enumerate(pack))
 
 
 def _check_size(count: int) -> None:
@@ -286,94 +288,111 @@ def _check_size(count: int) -> None:
         raise SenMLError(f"the pack has {count} records; at most {MAX_RECORDS} are allowed")
 
 
-def _raw_from_json(i: int, obj: object) -> _Raw:
-    if type(obj) is not dict:
-        raise SenMLError(f"a record is a JSON object, got {_kind(obj, False)}", record=i)
-    fields: dict[str, Any] = {}
-    for label, value in obj.items():
-        kind = _KINDS.get(label)
-        if kind is None:
-            if label.endswith("_"):
-                raise _must_understand(label, i)
-            continue  # an extension field (sec 4.4)
-        fields[label] = _typed(value, kind, i, label, False)
-    return _Raw(**fields)
+def _checked_raw(i: int, obj: object, cbor: bool) -> _Raw:
+    """Record ``i`` of a decoded pack, every label and type checked here in Python.
 
-
-def _raw_from_cbor(i: int, obj: object) -> _Raw:
-    if not isinstance(obj, Mapping):
-        raise SenMLError(f"a record is a CBOR map, got {_kind(obj, True)}", record=i)
+    The common cases (a finite number, a plain string) are tested inline; anything else goes
+    through :func:`_typed`, which converts it or says precisely what is wrong.
+    """
+    if type(obj) is not dict and not (cbor and isinstance(obj, Mapping)):
+        raise SenMLError(
+            f"a record is a {'CBOR map' if cbor else 'JSON object'}, got {_kind(obj, cbor)}",
+            record=i,
+        )
     fields: dict[str, Any] = {}
     for key, value in obj.items():
-        if type(key) is int:
-            label = _CBOR_LABELS.get(key)
-            if label is None:
-                raise SenMLError(
-                    f"integer label {key} is not a SenML label; CBOR extensions use text "
-                    "labels (RFC 8428 sec 6)",
-                    record=i,
-                    field=str(key),
-                )
-        elif type(key) is str:
-            if key.endswith("_"):
-                raise _must_understand(key, i)
-            if key in _KINDS:
-                raise SenMLError(
-                    f"label {key!r} is the JSON label; SenML CBOR uses the integer label "
-                    f"{_CBOR_KEY_OF[key]} (RFC 8428 sec 6)",
-                    record=i,
-                    field=key,
-                )
-            continue  # an extension field (sec 4.4)
+        if cbor:
+            label = _CBOR_LABELS.get(key) if type(key) is int else None
         else:
-            raise SenMLError(
-                f"a label is an integer or a text string, got {_kind(key, True)}", record=i
-            )
-        if label == "vd":
-            if type(value) is not bytes:
-                raise SenMLError(
-                    f"'vd' is a byte string in SenML CBOR, got {_kind(value, True)}",
-                    record=i,
-                    field="vd",
-                )
-            fields["vd"] = base64.urlsafe_b64encode(value).rstrip(b"=").decode("ascii")
-        else:
-            fields[label] = _typed(value, _KINDS[label], i, label, True)
+            label = key if key in _KINDS else None
+        if label is None:
+            _unknown_label(key, i, cbor)  # raises unless it is an extension to ignore
+            continue
+        kind = _KINDS[label]
+        t = type(value)
+        if kind is _NUM:
+            if (
+                (t is float or t is int)
+                and -_DBL_MAX <= value <= _DBL_MAX  # false for nan
+                and (value >= 0 or label != "ut")
+            ):
+                fields[label] = float(value)
+                continue
+        elif kind is _STR and t is str and label != "vd":
+            fields[label] = value
+            continue
+        fields[label] = _typed(value, kind, i, label, cbor)
     return _Raw(**fields)
+
+
+def _unknown_label(key: object, i: int, cbor: bool) -> None:
+    """Return if ``key`` is an extension label to ignore (sec 4.4), else raise."""
+    if type(key) is str:
+        if key.endswith("_"):
+            raise SenMLError(
+                f"unknown field {key!r} must be understood (its label ends in '_'), "
+                "so the pack cannot be used (RFC 8428 sec 4.4)",
+                record=i,
+                field=key,
+            )
+        if cbor and key in _KINDS:
+            raise SenMLError(
+                f"label {key!r} is the JSON label; SenML CBOR uses the integer label "
+                f"{_CBOR_KEY_OF[key]} (RFC 8428 sec 6)",
+                record=i,
+                field=key,
+            )
+        return
+    if type(key) is int:
+        raise SenMLError(
+            f"integer label {_number(key)} is not a SenML label; CBOR extensions use text "
+            "labels (RFC 8428 sec 6)",
+            record=i,
+            field=_number(key),
+        )
+    raise SenMLError(f"a label is an integer or a text string, got {_kind(key, cbor)}", record=i)
 
 
 def _typed(value: object, kind: str, i: int, label: str, cbor: bool) -> Any:
-    """``value`` if it has the type the label needs (numbers as finite floats), else raise."""
-    t = type(value)
+    """``value`` as the type the label needs (numbers as finite floats, CBOR ``vd`` as
+    base64url), or raise saying what is wrong."""
     if kind is _NUM:
-        if t is float or t is int or (cbor and t is Decimal):
+        if type(value) is float or type(value) is int or (cbor and type(value) is Decimal):
             try:
-                number = float(value)  # type: ignore[arg-type]
+                number = float(cast(float, value))
             except (OverflowError, ValueError):  # a huge integer; a signalling NaN decimal
                 number = math.inf
-            if math.isfinite(number):
-                if number < 0.0 and label == "ut":
-                    raise SenMLError(
-                        f"'ut' is a period in seconds and cannot be negative, got {number}",
-                        record=i,
-                        field="ut",
-                    )
-                return number
-            raise SenMLError(
-                f"{label!r} must be a finite number within the range of a double, "
-                f"got {_number(value)}",
-                record=i,
-                field=label,
-            )
-    elif kind is _STR and t is str:
-        if label == "vd" and _BASE64URL.search(value) is None:  # type: ignore[call-overload]
+            if not math.isfinite(number):
+                raise SenMLError(
+                    f"{label!r} must be a finite number within the range of a double, "
+                    f"got {_number(value)}",
+                    record=i,
+                    field=label,
+                )
+            if number < 0.0 and label == "ut":
+                raise SenMLError(
+                    f"'ut' is a period in seconds and cannot be negative, got {number}",
+                    record=i,
+                    field="ut",
+                )
+            return number
+    elif label == "vd" and cbor:
+        if type(value) is bytes:
+            return base64.urlsafe_b64encode(value).rstrip(b"=").decode("ascii")
+        raise SenMLError(
+            f"'vd' is a byte string in SenML CBOR, got {_kind(value, cbor)}",
+            record=i,
+            field="vd",
+        )
+    elif kind is _STR and type(value) is str:
+        if label == "vd" and _BASE64URL.search(value) is None:
             raise SenMLError(
                 "'vd' must be base64url (RFC 4648 sec 5) without padding (RFC 8428 sec 4.3)",
                 record=i,
                 field="vd",
             )
         return value
-    elif (kind is _BOOL and t is bool) or (kind is _INT and t is int):
+    elif (kind is _BOOL and type(value) is bool) or (kind is _INT and type(value) is int):
         return value
     raise SenMLError(f"{label!r} must be {kind}, got {_kind(value, cbor)}", record=i, field=label)
 
@@ -403,15 +422,6 @@ def _number(value: object) -> str:
     if isinstance(value, int) and value.bit_length() > 64:
         return f"an integer of {value.bit_length()} bits"
     return str(value)
-
-
-def _must_understand(label: str, i: int) -> SenMLError:
-    return SenMLError(
-        f"unknown field {label!r} must be understood (its label ends in '_'), "
-        "so the pack cannot be used (RFC 8428 sec 4.4)",
-        record=i,
-        field=label,
-    )
 
 
 def _check_json_exponents(payload: bytes) -> None:
@@ -515,9 +525,9 @@ def _check_version(version: int, current: int, i: int) -> None:
         )
     if i:
         raise SenMLError(
-            f"'bver' {version} changes the pack's version {current}"
-            f"{' (the default)' if current == _VERSION else ''}; all records of a pack have "
-            "the same version (RFC 8428 sec 4.4)",
+            f"'bver' {version} changes the pack's version {current}, which its first record "
+            "sets (10 when it has no bver); all records of a pack have the same version "
+            "(RFC 8428 sec 4.4)",
             record=i,
             field="bver",
         )
@@ -561,11 +571,9 @@ def _resolve(raws: Iterable[_Raw], now: float, out: list[Record] | None) -> None
             starts = parts.get(bn)
             if starts is None:
                 starts = _name_part(bn)
-                if starts is None:
-                    n = r.n
-                    raise _bad_name(bn + (n if n is not unset else ""), bn, i, "bn")
-            if bn and not starts:
-                raise _bad_name(bn, bn, i, "bn")
+            if starts is None or (bn and not starts):
+                n = r.n
+                raise _bad_name(bn + (n if n is not unset else ""), bn, i, "bn")
         if r.bt is not unset:
             bt = r.bt
         if r.bu is not unset:
