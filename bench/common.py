@@ -76,6 +76,8 @@ class ConduitProcess:
                 "0",
                 "--ws-port",
                 "0",
+                "--coap-port",
+                "0",
                 *self.extra,
             ],
             env=env,

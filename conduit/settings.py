@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     ws_enabled: bool = Field(True, description="Serve the WebSocket adapter")
     ws_port: int = Field(8186, ge=0, le=65535, description="WebSocket adapter port")
     ws_dashboard: bool = Field(True, description="Serve the live dashboard page on GET / (WS port)")
+    coap_enabled: bool = Field(True, description="Serve the CoAP adapter (UDP)")
+    coap_port: int = Field(5683, ge=0, le=65535, description="CoAP adapter UDP port")
     api_host: str = Field("127.0.0.1", description="Address of the management API")
     api_port: int = Field(9009, ge=0, le=65535, description="Management API port")
     admin_key: str | None = Field(
@@ -59,7 +61,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
     log_format: Literal["text", "json"] = Field("text", description="Log line format")
     loop: Literal["auto", "asyncio", "uvloop"] = Field(
-        "auto", description="Event loop: auto uses uvloop when installed"
+        "auto",
+        description="Event loop: auto uses uvloop when installed, unless CoAP is enabled",
     )
     shutdown_timeout: float = Field(
         10.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM/SIGINT"

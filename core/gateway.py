@@ -34,6 +34,9 @@ from core.topics import Topic, TopicFilter, parse_filter, parse_topic
 
 log = logging.getLogger("conduit.gateway")
 
+# The reason a subscription is closed with when its client loses the right to it.
+REVOKED = "authorization revoked"
+
 # Topics repeat: parse each once.
 _topic = functools.lru_cache(maxsize=8192)(parse_topic)
 _filter = functools.lru_cache(maxsize=4096)(parse_filter)
@@ -287,7 +290,7 @@ class Gateway:
                     identity, sub.filter.domain, sub.filter.channel, "subscribe"
                 )
             except ConduitError:
-                await self.unsubscribe(sub, "authorization revoked")
+                await self.unsubscribe(sub, REVOKED)
             except Exception:  # store unavailable: keep serving what was allowed
                 log.warning("cannot recheck subscriptions: store unavailable")
                 return
