@@ -113,7 +113,7 @@ async def test_both_rights_receive_own_messages_unless_mode_publish(world: World
         await both.send("last")
         assert await recv(both) == "last"
     # the publish-only connection never had a subscription: nothing was queued for it
-    assert world.gateway.metrics.drops["ws"]._value.get() == 0
+    assert world.gateway.metrics.drops["ws"].value == 0
 
 
 async def test_envelope_on_a_wildcard(world: World, ws: str, http: str) -> None:
@@ -212,17 +212,17 @@ async def test_aiohttp_client(world: World, ws: str, watch: Subscription) -> Non
 
 async def test_connections_are_counted(world: World, ws: str) -> None:
     conns = world.gateway.metrics.conns["ws"]
-    base = conns._value.get()
+    base = conns.value
     async with (
         connect(f"{ws}/m/acme/c/temps", additional_headers=client(world.publisher.secret)),
         connect(f"{ws}/m/acme/c/temps", additional_headers=client(world.subscriber.secret)),
     ):
-        assert conns._value.get() == base + 2  # one publish-only, one subscription
+        assert conns.value == base + 2  # one publish-only, one subscription
     for _ in range(100):
-        if conns._value.get() == base:
+        if conns.value == base:
             break
         await asyncio.sleep(0.01)
-    assert conns._value.get() == base
+    assert conns.value == base
 
 
 async def test_deliveries_are_counted(world: World, ws: str) -> None:
@@ -232,8 +232,8 @@ async def test_deliveries_are_counted(world: World, ws: str) -> None:
         for _ in range(3):
             await recv(c)
         await asyncio.sleep(0)  # counts are flushed once per event-loop turn
-    assert world.gateway.metrics.out["ws"]._value.get() == 3
-    assert world.gateway.metrics.in_["ws"]._value.get() == 3
+    assert world.gateway.metrics.out["ws"].value == 3
+    assert world.gateway.metrics.in_["ws"].value == 3
 
 
 async def test_dashboard_page(ws: str) -> None:

@@ -30,7 +30,7 @@ async def test_shutdown_closes_with_1001(world: World) -> None:
     with pytest.raises(OSError):
         async with connect(url, additional_headers=headers):
             pass
-    assert world.gateway.metrics.conns["ws"]._value.get() == 0
+    assert world.gateway.metrics.conns["ws"].value == 0
 
 
 async def test_keepalive_pings_are_answered(world: World) -> None:
