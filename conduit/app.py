@@ -18,6 +18,7 @@ from aiohttp import web
 
 from adapters.coap import CoAPAdapter
 from adapters.http import HTTPAdapter
+from adapters.mqtt import MQTTAdapter
 from adapters.ws import WSAdapter
 from conduit.api import ManagementAPI, admin_key
 from conduit.settings import Settings
@@ -94,13 +95,34 @@ class Conduit:
                 lambda: WSAdapter(self.gateway, s.host, s.ws_port, dashboard=s.ws_dashboard),
             ),
             (s.coap_enabled, lambda: CoAPAdapter(self.gateway, s.host, s.coap_port)),
+            (
+                s.mqtt_enabled,
+                lambda: MQTTAdapter(
+                    self.gateway,
+                    s.host,
+                    s.mqtt_port,
+                    s.mqtt_ws_port if s.mqtt_ws_enabled else None,
+                    content_type=s.mqtt_content_type,
+                    max_inflight=s.mqtt_max_inflight,
+                    max_queued=s.mqtt_max_queued,
+                    max_session_expiry=s.mqtt_max_session_expiry,
+                    connect_timeout=s.mqtt_connect_timeout,
+                    max_keep_alive=s.mqtt_max_keep_alive,
+                ),
+            ),
         ]
         self.adapters: list[Adapter] = [make() for enabled, make in factories if enabled]
         self._started: list[Adapter] = []
 
     @property
     def endpoints(self) -> dict[str, int]:
-        return {a.protocol: a.port for a in [self.api, *self.adapters]}
+        ports = {}
+        for a in [self.api, *self.adapters]:
+            ports[a.protocol] = a.port
+            ws_port = getattr(a, "ws_port", None)  # MQTT over WebSocket
+            if ws_port is not None:
+                ports[f"{a.protocol}-ws"] = ws_port
+        return ports
 
     async def start(self) -> None:
         await self.gateway.start()
@@ -110,10 +132,15 @@ class Conduit:
                     await listener.start()
                 except OSError as exc:
                     if exc.errno == errno.EADDRINUSE:
-                        setting = f"CONDUIT_{listener.protocol.upper()}_PORT"
+                        name, port = listener.protocol, str(listener.port)
+                        settings = [f"CONDUIT_{name.upper()}_PORT"]
+                        ws_port = getattr(listener, "ws_port", None)
+                        if ws_port is not None:
+                            port += f" or {ws_port} (WebSocket)"
+                            settings.append(f"CONDUIT_{name.upper()}_WS_PORT")
                         raise StartupError(
-                            f"{listener.protocol} port {listener.port} is already in use;"
-                            f" stop what holds it or choose another port ({setting})"
+                            f"{name} port {port} is already in use;"
+                            f" stop what holds it or choose another port ({', '.join(settings)})"
                         ) from None
                     raise StartupError(
                         f"cannot listen for {listener.protocol} on port {listener.port}: {exc}"

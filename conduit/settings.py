@@ -39,6 +39,30 @@ class Settings(BaseSettings):
     ws_dashboard: bool = Field(True, description="Serve the live dashboard page on GET / (WS port)")
     coap_enabled: bool = Field(True, description="Serve the CoAP adapter (UDP)")
     coap_port: int = Field(5683, ge=0, le=65535, description="CoAP adapter UDP port")
+    mqtt_enabled: bool = Field(True, description="Serve the MQTT adapter (TCP)")
+    mqtt_port: int = Field(1883, ge=0, le=65535, description="MQTT port")
+    mqtt_ws_enabled: bool = Field(True, description="Serve MQTT over WebSocket (path /mqtt)")
+    mqtt_ws_port: int = Field(8083, ge=0, le=65535, description="MQTT over WebSocket port")
+    mqtt_content_type: str = Field(
+        "application/octet-stream",
+        description="Content type of MQTT publishes without an MQTT 5 Content Type property"
+        " (application/senml+json makes them validated as SenML)",
+    )
+    mqtt_max_inflight: int = Field(
+        100, gt=0, lt=65535, description="Unacknowledged QoS 1/2 messages per direction"
+    )
+    mqtt_max_queued: int = Field(
+        1000, ge=0, description="QoS 1/2 messages kept per session while offline or slow"
+    )
+    mqtt_max_session_expiry: int = Field(
+        604800, ge=0, description="Seconds a persistent session outlives its connection, at most"
+    )
+    mqtt_connect_timeout: float = Field(
+        10.0, gt=0, description="Seconds a new connection has to send CONNECT"
+    )
+    mqtt_max_keep_alive: int = Field(
+        0, ge=0, le=65535, description="Largest keep-alive granted, seconds; 0 = any"
+    )
     api_host: str = Field("127.0.0.1", description="Address of the management API")
     api_port: int = Field(9009, ge=0, le=65535, description="Management API port")
     admin_key: str | None = Field(

@@ -130,19 +130,28 @@ class Authenticator:
         self._identities.clear()
         self._rights.clear()
 
+    def authenticate_cached(self, credentials: Credentials) -> Identity | None:
+        """The identity when the answer is cached (raising when it is a cached refusal);
+        None when only :meth:`authenticate` can tell."""
+        cached = self._identities.get(hash_secret(credentials.secret))
+        return None if cached is None else self._check(credentials, cached[0])
+
     async def authenticate(self, credentials: Credentials) -> Identity:
         key = hash_secret(credentials.secret)
         cached = self._identities.get(key)
-        if cached is None:
-            client = await self.store.client_by_secret(key)
-            found = (
-                Identity(client.id, client.domain, client.name)
-                if client is not None and client.enabled
-                else None
-            )
-            self._identities.put(key, found)
-        else:
-            found = cached[0]
+        if cached is not None:
+            return self._check(credentials, cached[0])
+        client = await self.store.client_by_secret(key)
+        found = (
+            Identity(client.id, client.domain, client.name)
+            if client is not None and client.enabled
+            else None
+        )
+        self._identities.put(key, found)
+        return self._check(credentials, found)
+
+    @staticmethod
+    def _check(credentials: Credentials, found: Identity | None) -> Identity:
         if found is None:
             raise AuthenticationError("unknown or disabled client")
         if credentials.client_id is not None and credentials.client_id != found.client_id:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from core import senml
-from core.auth import Authenticator, Credentials, Identity
+from core.auth import Action, Authenticator, Credentials, Identity
 from core.bus import Bus, Sink, Subscription
 from core.content import SENML
 from core.errors import ConduitError, TooLargeError, UnavailableError
@@ -94,6 +94,17 @@ class Gateway:
         return status
 
     # the three calls
+    async def authorize(self, identity: Identity, topic: str | Topic, action: Action) -> None:
+        """Check a right without publishing or subscribing (e.g. an MQTT will at CONNECT)."""
+        if isinstance(topic, str):
+            topic = _topic(topic)
+        await self._authorize(identity, topic.domain, topic.channel, action)
+
+    def authenticate_nowait(self, credentials: Credentials) -> Identity | None:
+        """The synchronous fast path of :meth:`authenticate`: the identity when the answer is
+        cached, None when the caller must ``await authenticate()``."""
+        return self.auth.authenticate_cached(credentials)
+
     async def authenticate(self, credentials: Credentials) -> Identity:
         try:
             return await self.auth.authenticate(credentials)

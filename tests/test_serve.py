@@ -42,7 +42,7 @@ def start(data_dir: Path, *extra: str) -> Server:
     env.pop("CONDUIT_ADMIN_KEY", None)
     proc = subprocess.Popen(
         [*CONDUIT, "serve", "--host", "127.0.0.1", "--http-port", "0", "--ws-port", "0",
-         "--coap-port", "0", "--api-port", "0", *extra],
+         "--coap-port", "0", "--mqtt-port", "0", "--mqtt-ws-port", "0", "--api-port", "0", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
@@ -148,7 +148,8 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         env = {**os.environ, "CONDUIT_DATA_DIR": str(tmp_path)}
         r = subprocess.run(
             [*CONDUIT, "serve", "--host", "127.0.0.1", "--api-port", "0", "--ws-port", "0",
-             "--coap-port", "0", "--http-port", str(port)],
+             "--coap-port", "0", "--mqtt-port", "0", "--mqtt-ws-port", "0",
+             "--http-port", str(port)],
             env=env, capture_output=True, text=True, timeout=30,
         )
     assert r.returncode == 1

@@ -196,9 +196,9 @@ class HTTPAdapter:
         return problem(error)
 
     async def _identity(self, request: web.BaseRequest) -> Identity:
-        return await self.gateway.authenticate(
-            parse_authorization(request.headers.get("Authorization"))
-        )
+        credentials = parse_authorization(request.headers.get("Authorization"))
+        identity = self.gateway.authenticate_nowait(credentials)
+        return identity or await self.gateway.authenticate(credentials)
 
     async def health(self, request: web.BaseRequest) -> web.Response:
         status = await self.gateway.health()
@@ -222,9 +222,9 @@ class HTTPAdapter:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise TooLargeError(f"body exceeds {limit} bytes") from None
-            await self.gateway.publish(
-                identity, parse_path(request.path), body, content_type, self.protocol
-            )
+            topic = parse_path(request.path)
+            if not self.gateway.publish_nowait(identity, topic, body, content_type, self.protocol):
+                await self.gateway.publish(identity, topic, body, content_type, self.protocol)
         except ConduitError as exc:
             return self._refuse(exc, identity.client_id if identity else None)
         return web.Response(status=202)

@@ -1,0 +1,344 @@
+"""MQTT session state, sans I/O: what outlives a connection and what decides each delivery.
+
+A :class:`Session` is the server side of one MQTT client identifier (scoped to the
+authenticated Conduit client): its subscriptions (:class:`Sub`), the QoS 1/2 messages in flight
+to the client with their packet identifiers, the messages queued while the client is offline or
+its receive window is full, the QoS 2 packet identifiers received and awaiting PUBREL, the will,
+and the expiry. Sessions live in memory (a single node's state; they do not survive a restart).
+
+The session writes nothing itself: it hands packet bytes to its :class:`Outlet` (the connection
+currently attached, or None while the client is offline). Tests drive it with a fake outlet.
+
+Delivery rules (MQTT 3.1.1 section 4.3, MQTT 5 sections 3.3 and 4.9):
+
+- the QoS of a delivery is the minimum of the publisher's QoS and the subscription's;
+- QoS 0 goes only to an attached client whose connection is not congested (else it is dropped
+  and the drop counted); QoS 1 and 2 wait in the queue while the client is offline, its receive
+  window (``window``: the smaller of its Receive Maximum and the server's maximum in-flight) is
+  full, or its connection is congested;
+- the queue holds at most ``max_queued`` messages; past that a message is dropped and counted;
+- on resume, messages in flight are sent again with DUP set (PUBREL again for those already
+  acknowledged by PUBREC), then the queue drains as the window allows.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from adapters.mqtt.publish import MessageInfo, PublishCache
+from core.auth import Identity
+from core.message import Message
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from adapters.mqtt.codec import Will
+    from core.bus import Subscription
+
+log = logging.getLogger("conduit.mqtt")
+
+MAX_PACKET_ID = 0xFFFF
+_tokens = itertools.count(1)
+
+
+class Outlet(Protocol):
+    """What a session needs of the connection it is attached to."""
+
+    level: int  # 4 or 5
+    congested: bool  # the connection's write buffer is over its limit
+    max_packet_size: int  # the largest packet the client accepts
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the client (a control packet)."""
+
+    def deliver(self, data: bytes) -> None:
+        """Queue a PUBLISH for the client (counted as a delivery)."""
+
+
+class Sub:
+    """One MQTT subscription of a session. It is the bus subscription's sink."""
+
+    __slots__ = (
+        "active",
+        "bus",
+        "filter",
+        "group",
+        "no_local",
+        "qos",
+        "retain_as_published",
+        "retain_handling",
+        "session",
+        "subscription_id",
+        "topic_filter",
+    )
+
+    def __init__(
+        self,
+        session: Session,
+        filter: str,
+        topic_filter: str,
+        group: str | None,
+        qos: int,
+        no_local: bool = False,
+        retain_as_published: bool = False,
+        retain_handling: int = 0,
+        subscription_id: int = 0,
+    ) -> None:
+        self.session = session
+        self.filter = filter  # as the client wrote it, "$share/<group>/" included
+        self.topic_filter = topic_filter  # the gateway's filter
+        self.group = group
+        self.qos = qos
+        self.no_local = no_local
+        self.retain_as_published = retain_as_published
+        self.retain_handling = retain_handling
+        self.subscription_id = subscription_id
+        self.bus: Subscription | None = None
+        self.active = True
+
+    def __call__(self, message: Message) -> bool:
+        if not self.active:  # ended here, not yet removed from the bus
+            return True
+        try:
+            return self.session.offer(self, message, False)
+        except Exception:  # never let one subscriber break the publisher's path
+            log.exception("mqtt: delivery failed client=%s", self.session.identity.client_id)
+            return True
+
+
+class Outgoing:
+    """A QoS 1 or 2 message on its way to the client (queued or in flight)."""
+
+    __slots__ = ("message", "qos", "released", "retain", "sub")
+
+    def __init__(self, message: Message, qos: int, retain: bool, sub: Sub) -> None:
+        self.message = message
+        self.qos = qos
+        self.retain = retain
+        self.sub = sub
+        self.released = False  # QoS 2: PUBREC received, PUBREL sent
+
+
+class Session:
+    """The state of one client identifier, attached to at most one connection at a time."""
+
+    __slots__ = (
+        "_next_id",
+        "awaiting_rel",
+        "cache",
+        "client_id",
+        "dropped",
+        "expiry",
+        "expiry_handle",
+        "identity",
+        "inflight",
+        "key",
+        "max_inflight",
+        "max_queued",
+        "no_local",
+        "outlet",
+        "queue",
+        "subs",
+        "token",
+        "will",
+        "will_handle",
+        "window",
+    )
+
+    def __init__(
+        self,
+        identity: Identity,
+        client_id: str,
+        cache: PublishCache,
+        *,
+        expiry: int = 0,
+        max_inflight: int = 100,
+        max_queued: int = 1000,
+    ) -> None:
+        self.identity = identity
+        self.client_id = client_id
+        self.key = (identity.client_id, client_id)
+        self.token = str(next(_tokens))  # tells this session's own messages apart (No Local)
+        self.cache = cache
+        self.expiry = expiry  # seconds the session outlives its connection
+        self.max_inflight = max_inflight
+        self.max_queued = max_queued
+        self.window = max_inflight
+        self.subs: dict[str, Sub] = {}
+        self.inflight: dict[int, Outgoing] = {}
+        self.queue: collections.deque[Outgoing] | None = None
+        self.awaiting_rel: set[int] | None = None
+        self.outlet: Outlet | None = None
+        self.no_local = 0  # subscriptions with No Local set
+        self.dropped = 0
+        self.will: Will | None = None
+        self.will_handle: asyncio.TimerHandle | None = None
+        self.expiry_handle: asyncio.TimerHandle | None = None
+        self._next_id = 1
+
+    # attaching
+    def attach(self, outlet: Outlet, receive_maximum: int = MAX_PACKET_ID) -> None:
+        """A connection takes the session: resend what is in flight (DUP), then drain the queue."""
+        self.outlet = outlet
+        self.window = max(1, min(receive_maximum, self.max_inflight))
+        cache = self.cache
+        for packet_id, out in list(self.inflight.items()):
+            if out.released:
+                outlet.send(b"\x62\x02" + packet_id.to_bytes(2, "big"))
+                continue
+            template = cache.template(
+                cache.info(out.message),
+                outlet.level,
+                out.qos,
+                out.retain,
+                out.sub.subscription_id,
+            )
+            if template is None:  # expired while the client was away
+                del self.inflight[packet_id]
+                continue
+            outlet.deliver(template.packet(packet_id, dup=True))
+        self.pump()
+
+    def detach(self) -> None:
+        self.outlet = None
+
+    # delivering
+    def offer(self, sub: Sub, message: Message, retained: bool) -> bool:
+        """Deliver a message matching ``sub`` (``retained``: sent because of a new subscription).
+
+        Returns False when the message is dropped because the attached client cannot keep up
+        (the bus counts it and, past its limit, closes the subscription).
+        """
+        cache = self.cache
+        info = cache.info(message)
+        if sub.no_local and info.client == self.token:
+            return True
+        qos = sub.qos if sub.qos < info.qos else info.qos
+        retain = retained or (sub.retain_as_published and info.retain)
+        outlet = self.outlet
+        if qos == 0:
+            if outlet is None:
+                return True  # QoS 0 is not kept for an offline client
+            if outlet.congested:
+                return False
+            template = cache.template(info, outlet.level, 0, retain, sub.subscription_id)
+            if template is not None and len(template.data) <= outlet.max_packet_size:
+                outlet.deliver(template.data)
+            return True
+        if (
+            outlet is not None
+            and not self.queue
+            and len(self.inflight) < self.window
+            and not outlet.congested
+        ):
+            self._send(Outgoing(message, qos, retain, sub), info, outlet)
+            return True
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = collections.deque()
+        if len(queue) < self.max_queued:
+            queue.append(Outgoing(message, qos, retain, sub))
+            return True
+        self.dropped += 1
+        if outlet is not None:
+            return False
+        # Offline: count the loss, but an absent client is not a slow one to cut off.
+        bus = sub.bus
+        if bus is not None:
+            bus.dropped += 1
+            if bus.on_drop is not None:
+                bus.on_drop()
+        return True
+
+    def _send(self, out: Outgoing, info: MessageInfo, outlet: Outlet) -> None:
+        template = self.cache.template(
+            info, outlet.level, out.qos, out.retain, out.sub.subscription_id
+        )
+        if template is None or len(template.data) > outlet.max_packet_size:
+            return  # expired, or more than the client accepts: discarded (MQTT 5 3.1.2.25)
+        packet_id = self._packet_id()
+        self.inflight[packet_id] = out
+        outlet.deliver(template.packet(packet_id))
+
+    def pump(self) -> None:
+        """Send queued messages while the window allows."""
+        queue = self.queue
+        outlet = self.outlet
+        if not queue or outlet is None:
+            return
+        inflight = self.inflight
+        window = self.window
+        cache = self.cache
+        while queue and len(inflight) < window and not outlet.congested:
+            out = queue.popleft()
+            self._send(out, cache.info(out.message), outlet)
+
+    def _packet_id(self) -> int:
+        packet_id = self._next_id
+        inflight = self.inflight
+        while packet_id in inflight:
+            packet_id = packet_id % MAX_PACKET_ID + 1
+        self._next_id = packet_id % MAX_PACKET_ID + 1
+        return packet_id
+
+    # acknowledgements from the client
+    def puback(self, packet_id: int) -> bool:
+        """QoS 1 delivery acknowledged; True if it was in flight."""
+        out = self.inflight.get(packet_id)
+        if out is None or out.qos != 1:
+            return False
+        del self.inflight[packet_id]
+        return True
+
+    def pubrec(self, packet_id: int) -> bool:
+        """QoS 2 delivery received by the client; True if in flight (answer PUBREL)."""
+        out = self.inflight.get(packet_id)
+        if out is None or out.qos != 2:
+            return False
+        out.released = True
+        return True
+
+    def pubcomp(self, packet_id: int) -> bool:
+        out = self.inflight.get(packet_id)
+        if out is None or out.qos != 2:
+            return False
+        del self.inflight[packet_id]
+        return True
+
+    def discard(self, packet_id: int) -> None:
+        """The client refused a delivery (PUBACK/PUBREC reason code 0x80 or above)."""
+        self.inflight.pop(packet_id, None)
+
+    # QoS 2 from the client
+    def received(self, packet_id: int) -> bool:
+        """Remember an incoming QoS 2 packet id until PUBREL; False if it is a duplicate."""
+        rel = self.awaiting_rel
+        if rel is None:
+            rel = self.awaiting_rel = set()
+        elif packet_id in rel:
+            return False
+        rel.add(packet_id)
+        return True
+
+    def is_duplicate(self, packet_id: int) -> bool:
+        rel = self.awaiting_rel
+        return rel is not None and packet_id in rel
+
+    def released(self, packet_id: int) -> bool:
+        """PUBREL from the client; True if the packet id was awaiting it."""
+        rel = self.awaiting_rel
+        if rel is None or packet_id not in rel:
+            return False
+        rel.discard(packet_id)
+        return True
+
+    @property
+    def awaiting(self) -> int:
+        return len(self.awaiting_rel) if self.awaiting_rel else 0
+
+    @property
+    def queued(self) -> int:
+        return len(self.queue) if self.queue else 0
