@@ -58,27 +58,23 @@ def anchor(duration: int, loop: str) -> dict[str, float]:
         proc.wait()
 
 
-def conduit(duration: int, loop: str) -> dict[str, float]:
+def conduit(duration: int, loop: str, subscriber: str) -> dict[str, float]:
     port = free_port()
     with ConduitProcess(extra=["--http-port", str(port), "--loop", loop]) as c:
         base = f"http://127.0.0.1:{port}/{c.topic}"
-        sub = subprocess.Popen(
-            [
-                "curl",
-                "-sN",
-                "-H",
-                "Accept: text/event-stream",
-                "-H",
-                f"Authorization: Client {c.secret}",
-                base + "/%23",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        sub = None
+        if subscriber == "sse":
+            sub = subprocess.Popen(
+                ["curl", "-sN", "-H", "Accept: text/event-stream",
+                 "-H", f"Authorization: Client {c.secret}", base + "/%23"],
+                stdout=subprocess.DEVNULL,
+            )
         try:
             result = wrk(base + "/room1", duration, f"Client {c.secret}")
         finally:
-            sub.terminate()
-            sub.wait()
+            if sub is not None:
+                sub.terminate()
+                sub.wait()
         return result
 
 
@@ -87,13 +83,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    ap.add_argument(
+        "--subscriber", choices=["sse", "none"], default="sse",
+        help="sse: an SSE stream on the channel, read by curl -N (default); none: no subscriber",
+    )
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
     runs: dict[str, list[dict[str, float]]] = {"anchor": [], "conduit": []}
     for i in range(args.rounds):
-        for name, fn in (("anchor", anchor), ("conduit", conduit)):
-            r = fn(args.duration, args.loop)
+        for name in ("anchor", "conduit"):
+            if name == "anchor":
+                r = anchor(args.duration, args.loop)
+            else:
+                r = conduit(args.duration, args.loop, args.subscriber)
             runs[name].append(r)
             print(
                 f"round {i + 1} {name:8} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:.2f} ms",
@@ -107,6 +110,7 @@ def main() -> None:
         json.dumps(
             {
                 "loop": args.loop,
+        "subscriber": args.subscriber,
                 "rounds": args.rounds,
                 "duration_s": args.duration,
                 "anchor_rps": round(a_rps),

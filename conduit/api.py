@@ -18,6 +18,7 @@ from aiohttp import web
 
 from conduit.openapi import spec as openapi
 from conduit.settings import ADMIN_KEY_FILE as KEY_FILE
+from core.errors import ConduitError
 from core.gateway import Gateway
 from core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from core.provisioning import InvalidRequest
@@ -108,6 +109,8 @@ class ManagementAPI:
             return _problem(409, "Conflict", str(exc))
         except (InvalidRequest, StoreError) as exc:
             return _problem(400, "Invalid request", str(exc))
+        except ConduitError as exc:  # the store or the bus is unavailable
+            return _problem(exc.condition.answer.http, exc.condition.answer.title, exc.detail)
         except web.HTTPException as exc:
             if exc.status >= 400:
                 return _problem(exc.status, exc.reason, exc.text or exc.reason)

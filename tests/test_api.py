@@ -102,3 +102,10 @@ async def test_metrics_count_by_protocol(api: str, world: World) -> None:
     for name in ("conduit_messages_in_total", "conduit_refusals_total",
                  "conduit_publish_seconds_bucket", "conduit_connections"):
         assert name in text
+
+
+async def test_store_down_is_503(api: str, s: aiohttp.ClientSession, world: World) -> None:
+    await world.gateway.store.close()
+    async with s.get(f"{api}/domains") as r:
+        assert r.status == 503
+        assert (await r.json())["detail"] == "store is not open"
