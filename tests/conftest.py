@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from adapters.http import HTTPAdapter
+from core.auth import Credentials
+from core.bus import Subscription
 from core.bus.local import LocalBus
 from core.gateway import Gateway
 from core.limits import Limits
+from core.message import Message
 from core.store.sqlite import SQLiteStore
 
 
@@ -83,6 +86,23 @@ async def world(tmp_path: Path, limits: Limits) -> AsyncIterator[World]:
 
 
 @pytest.fixture
+async def watch(world: World) -> AsyncIterator[Subscription]:
+    """A subscriber on the whole channel, outside any adapter: what it sees was published."""
+    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
+    sub = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
+    yield sub
+    await world.gateway.unsubscribe(sub)
+
+
+def drain(sub: Subscription) -> list[Message]:
+    """Everything a watcher holds now."""
+    out = []
+    while (msg := sub.get_nowait()) is not None:
+        out.append(msg)
+    return out
+
+
+@pytest.fixture
 async def http(world: World) -> AsyncIterator[str]:
     """The HTTP adapter on an ephemeral port; yields its base URL."""
     adapter = HTTPAdapter(world.gateway, "127.0.0.1", 0)
@@ -106,8 +126,7 @@ def require_command(name: str, debian_package: str) -> str:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         if subprocess.run(install, capture_output=True, timeout=600, env=env).returncode:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300,
-                           env=env)
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300, env=env)
             subprocess.run(install, check=True, capture_output=True, timeout=600, env=env)
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"{name} (Debian {debian_package}) is not installed and could not be: {exc}")

@@ -14,10 +14,8 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from adapters.coap import CoAPAdapter
-from core.auth import Credentials
-from core.bus import Subscription
-from core.message import Message
 from tests.conftest import World
+from tests.conftest import drain as drain  # re-exported for this package's tests
 
 TIMEOUT = 10.0  # seconds any single exchange may take before a test fails
 
@@ -50,23 +48,6 @@ async def client() -> AsyncIterator[aiocoap.Context]:
         yield ctx
     finally:
         await ctx.shutdown()
-
-
-@pytest.fixture
-async def watch(world: World) -> AsyncIterator[Subscription]:
-    """A subscriber on the whole channel, outside any adapter: what it sees was published."""
-    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
-    sub = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
-    yield sub
-    await world.gateway.unsubscribe(sub)
-
-
-def drain(sub: Subscription) -> list[Message]:
-    """Everything a watcher holds now."""
-    out = []
-    while (msg := sub.get_nowait()) is not None:
-        out.append(msg)
-    return out
 
 
 async def request(

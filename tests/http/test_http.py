@@ -11,20 +11,9 @@ import aiohttp
 import cbor2
 import pytest
 
-from core.auth import Credentials
-from core.bus import Subscription
 from tests.conftest import World
 
 SENML = [{"bn": "urn:dev:1:", "n": "temp", "u": "Cel", "v": 21.5}, {"n": "hum", "v": 40}]
-
-
-@pytest.fixture
-async def watch(world: World) -> AsyncIterator[Subscription]:
-    """A subscriber on the whole channel: what it sees is what was published."""
-    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
-    sub = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
-    yield sub
-    await world.gateway.unsubscribe(sub)
 
 
 @pytest.fixture

@@ -33,10 +33,8 @@ from adapters.mqtt.codec import (
     Will,
     encode,
 )
-from core.auth import Credentials
-from core.bus import Subscription as BusSubscription
-from core.message import Message
 from tests.conftest import Party, World
+from tests.conftest import drain as drain  # re-exported for this package's tests
 
 HOST = "127.0.0.1"
 
@@ -62,23 +60,6 @@ async def mqtt_adapter(world: World, mqtt_options: dict[str, Any]) -> AsyncItera
 @pytest.fixture
 def port(mqtt_adapter: MQTTAdapter) -> int:
     return mqtt_adapter.port
-
-
-@pytest.fixture
-async def watch(world: World) -> AsyncIterator[BusSubscription]:
-    """A subscriber on the whole channel, outside any adapter: what it sees was published."""
-    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
-    sub = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
-    yield sub
-    await world.gateway.unsubscribe(sub)
-
-
-def drain(sub: BusSubscription) -> list[Message]:
-    """Everything a watcher holds now."""
-    out = []
-    while (msg := sub.get_nowait()) is not None:
-        out.append(msg)
-    return out
 
 
 def refusals(world: World, reason: str) -> float:

@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from adapters.ws import WSAdapter
-from core.auth import Credentials
-from core.bus import Subscription
 from tests.conftest import World
+from tests.conftest import drain as drain  # re-exported for this package's tests
 
 
 @pytest.fixture
@@ -30,20 +29,3 @@ async def ws_adapter(world: World) -> AsyncIterator[WSAdapter]:
 def ws(ws_adapter: WSAdapter) -> str:
     """Base URL of the WebSocket adapter."""
     return f"ws://127.0.0.1:{ws_adapter.port}"
-
-
-@pytest.fixture
-async def watch(world: World) -> AsyncIterator[Subscription]:
-    """A subscriber on the whole channel, outside any adapter: what it sees was published."""
-    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
-    sub = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
-    yield sub
-    await world.gateway.unsubscribe(sub)
-
-
-def drain(sub: Subscription) -> list[object]:
-    """Everything a watcher holds now."""
-    out = []
-    while (msg := sub.get_nowait()) is not None:
-        out.append(msg)
-    return out
