@@ -135,7 +135,7 @@ class HTTPAdapter:
 
     # lifecycle
     async def start(self) -> None:
-        server = web.Server(self.handle, request_factory=self._request)
+        server = web.Server(self.handle, request_factory=self._request, access_log=None)
         self._runner = web.ServerRunner(server, access_log=None, handle_signals=False)
         await self._runner.setup()
         self._site = web.TCPSite(
