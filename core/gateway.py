@@ -29,13 +29,15 @@ from core.message import decode as decode_message
 from core.message import encode as encode_message
 from core.metrics import Metrics
 from core.provisioning import Provisioning
-from core.store import Store
+from core.store import NotFound, Store
 from core.topics import Topic, TopicFilter, parse_filter, parse_topic
 
 log = logging.getLogger("conduit.gateway")
 
 # The reason a subscription is closed with when its client loses the right to it.
 REVOKED = "authorization revoked"
+# The reason an open connection is ended with when its client is disabled or deleted.
+CLIENT_REVOKED = "client disabled or deleted"
 
 # Topics repeat: parse each once.
 _topic = functools.lru_cache(maxsize=8192)(parse_topic)
@@ -60,6 +62,8 @@ class Gateway:
         self.provisioning = Provisioning(store, self._changed)
         self._rate = RateLimiter(self.limits.rate, self.limits.burst)
         self._subs: set[Subscription] = set()
+        # Open connections (MQTT, WebSocket) by their identity, told when their client goes.
+        self._connections: dict[object, tuple[Identity, Callable[[str], None]]] = {}
         self._recheck: asyncio.Task[None] | None = None
         self.closing = False
 
@@ -134,7 +138,9 @@ class Gateway:
         if retain:
             try:
                 await self.store.put_retained(
-                    topic.domain, topic.channel, topic.subtopic,
+                    topic.domain,
+                    topic.channel,
+                    topic.subtopic,
                     encode_message(message) if payload else b"",
                 )
             except Exception as exc:
@@ -263,6 +269,21 @@ class Gateway:
             await self.bus.unsubscribe(sub)
         sub.close(reason)
 
+    def connected(
+        self, identity: Identity, on_revoked: Callable[[str], None]
+    ) -> Callable[[], None]:
+        """Register an open connection authenticated as ``identity``. ``on_revoked(reason)`` is
+        called once its client is disabled or deleted (at once for a change through this node's
+        API, within ``cache_ttl`` for one made elsewhere). Returns the function that unregisters
+        the connection when it ends."""
+        token = object()
+        self._connections[token] = (identity, on_revoked)
+
+        def unregister() -> None:
+            self._connections.pop(token, None)
+
+        return unregister
+
     def delivered(self, protocol: str, n: int = 1) -> None:
         """Count messages an adapter wrote to its subscribers."""
         self.metrics.out[protocol].inc(n)
@@ -279,9 +300,11 @@ class Gateway:
         )
 
     # internals
-    async def _authorize(self, identity: Identity, domain: str, channel: str, action: str) -> None:
+    async def _authorize(
+        self, identity: Identity, domain: str, channel: str, action: Action
+    ) -> None:
         try:
-            await self.auth.authorize(identity, domain, channel, action)  # type: ignore[arg-type]
+            await self.auth.authorize(identity, domain, channel, action)
         except ConduitError:
             raise
         except Exception as exc:
@@ -292,19 +315,37 @@ class Gateway:
         await self.revalidate()
 
     async def revalidate(self) -> None:
-        """Close subscriptions whose client lost the right to them."""
-        for sub in list(self._subs):
-            identity = sub.identity
-            assert isinstance(identity, Identity)
-            try:
-                await self.auth.authorize(
-                    identity, sub.filter.domain, sub.filter.channel, "subscribe"
-                )
-            except ConduitError:
-                await self.unsubscribe(sub, REVOKED)
-            except Exception:  # store unavailable: keep serving what was allowed
-                log.warning("cannot recheck subscriptions: store unavailable")
-                return
+        """Close subscriptions whose client lost the right to them, and tell open connections
+        whose client was disabled or deleted."""
+        try:
+            for sub in list(self._subs):
+                identity = sub.identity
+                assert isinstance(identity, Identity)
+                try:
+                    await self._authorize(
+                        identity, sub.filter.domain, sub.filter.channel, "subscribe"
+                    )
+                except UnavailableError:
+                    raise
+                except ConduitError:
+                    await self.unsubscribe(sub, REVOKED)
+            gone: dict[str, bool] = {}
+            for token, (identity, on_revoked) in list(self._connections.items()):
+                if identity.client_id not in gone:
+                    gone[identity.client_id] = not await self._client_enabled(identity)
+                if gone[identity.client_id] and self._connections.pop(token, None) is not None:
+                    on_revoked(CLIENT_REVOKED)
+        except UnavailableError:  # the store is down: keep serving what was allowed
+            log.warning("cannot recheck subscriptions and connections: store unavailable")
+
+    async def _client_enabled(self, identity: Identity) -> bool:
+        try:
+            client = await self.store.get_client(identity.domain, identity.client_id)
+        except NotFound:
+            return False
+        except Exception as exc:
+            raise UnavailableError(f"store: {exc}") from exc
+        return client.enabled and client.id == identity.client_id
 
     async def _recheck_loop(self) -> None:
         # Another node's change reaches this one through the cache TTL: recheck as often.

@@ -175,3 +175,32 @@ async def test_publish_nowait_needs_a_warm_cache(world: World) -> None:
     with pytest.raises(SenMLError):
         gw.publish_nowait(ident, "m/acme/c/temps", b"[]", "application/senml+json", "mqtt")
     assert watch.get_nowait() is None
+
+
+async def test_open_connections_are_told_when_their_client_goes(world: World) -> None:
+    gw = world.gateway
+    told: list[tuple[str, str]] = []
+    ident = {name: await gw.authenticate(Credentials(getattr(world, name).secret))
+             for name in ("publisher", "both", "stranger")}
+    unregister = {name: gw.connected(i, lambda reason, n=name: told.append((n, reason)))
+                  for name, i in ident.items()}
+    unregister["stranger"]()  # an ended connection is not told
+    await gw.provisioning.disconnect("acme", world.both.id, "temps")  # rights, not the client
+    assert told == []
+    await gw.provisioning.set_client_enabled("acme", world.publisher.id, False)
+    await gw.provisioning.delete_client("acme", world.stranger.id)
+    await gw.provisioning.delete_client("acme", world.both.id)
+    assert told == [("publisher", "client disabled or deleted"),
+                    ("both", "client disabled or deleted")]
+
+
+async def test_store_outage_revokes_nothing(world: World) -> None:
+    gw = world.gateway
+    told: list[str] = []
+    ident = await gw.authenticate(Credentials(world.subscriber.secret))
+    sub = await gw.subscribe(ident, "m/acme/c/temps", "http")
+    gw.connected(ident, told.append)
+    await gw.store.close()
+    gw.auth.invalidate()
+    await gw.revalidate()
+    assert told == [] and sub.closed is None

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from adapters.mqtt import codec
@@ -140,6 +140,7 @@ class MQTTConnection(asyncio.Protocol):
 
     __slots__ = (
         "_first",
+        "_unregister",
         "adapter",
         "aliases",
         "born",
@@ -170,6 +171,7 @@ class MQTTConnection(asyncio.Protocol):
         self.state = WAITING
         self.level = 0
         self.identity: Identity | None = None
+        self._unregister: Callable[[], None] | None = None
         self.session: Session | None = None
         self.busy = False
         self.out: list[bytes] = []
@@ -280,6 +282,9 @@ class MQTTConnection(asyncio.Protocol):
             return
         self.state = CLOSED
         self.born = _monotonic()  # from now on: when the close began (see timed_out)
+        if self._unregister is not None:
+            self._unregister()
+            self._unregister = None
         self._detach(will)
         self.flush()
         self.close_transport()
@@ -497,6 +502,7 @@ class MQTTConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         self.identity = identity
+        self._unregister = self.gateway.connected(identity, self.revoked)
         will = p.will
         if will is not None:
             try:
@@ -575,6 +581,10 @@ class MQTTConnection(asyncio.Protocol):
         if session is not None and session.outlet is self:
             session.detach()
             self.adapter.session_detached(session, will)
+
+    def revoked(self, reason: str) -> None:
+        """The client was disabled or deleted: DISCONNECT 0x87 (MQTT 5), close."""
+        self.disconnect(NOT_AUTHORIZED, reason)
 
     def take_over(self) -> None:
         """Another connection takes this one's session: DISCONNECT 0x8E (MQTT 5), close."""

@@ -369,6 +369,9 @@ class WSAdapter:
         client_id = session.identity.client_id
         sub: Subscription | None = None
         counted = False
+        unregister = gateway.connected(
+            session.identity, functools.partial(self._end, connection)
+        )
         try:
             if session.subscribes:
                 outbox = Outbox(
@@ -420,6 +423,7 @@ class WSAdapter:
             log.exception("ws connection of client %s failed", client_id)
             await self._close(connection, UnavailableError("internal error"))
         finally:
+            unregister()
             connection.outbox = None
             if sub is not None:
                 await gateway.unsubscribe(sub, "connection closed")
@@ -446,6 +450,11 @@ class WSAdapter:
     ) -> None:
         """The bus closed the subscription (too slow, right revoked, shutdown): so goes the
         connection, with the reason."""
+        self._end(connection, reason)
+
+    def _end(self, connection: WSConnection, reason: str) -> None:
+        """Close an open connection from outside its task (its subscription ended, its client
+        was disabled or deleted), with the reason."""
         if connection.protocol.state is not OPEN or connection.refused:
             return
         connection.refused = True
