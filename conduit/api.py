@@ -18,13 +18,11 @@ from aiohttp import web
 
 from conduit.openapi import spec as openapi
 from conduit.settings import ADMIN_KEY_FILE as KEY_FILE
-from core.errors import ConduitError
+from core.errors import PROBLEM_JSON, ConduitError, plain_problem
 from core.gateway import Gateway
 from core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from core.provisioning import InvalidRequest
 from core.store import Conflict, NotFound, StoreError
-
-PROBLEM = "application/problem+json"
 
 
 def admin_key(data_dir: Path, configured: str | None) -> str:
@@ -43,8 +41,8 @@ def admin_key(data_dir: Path, configured: str | None) -> str:
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    return web.Response(status=status, body=orjson.dumps(body), content_type=PROBLEM)
+    body = orjson.dumps(plain_problem(status, title, detail))
+    return web.Response(status=status, body=body, content_type=PROBLEM_JSON)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -57,9 +57,8 @@ class _API:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
-        server = site._server
-        if server is not None and self.port == 0:
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if self.port == 0:
+            self.port = self._runner.addresses[0][1]
 
     async def stop(self, timeout: float = 10.0) -> None:
         if self._runner is not None:
@@ -213,6 +212,7 @@ def run(settings: Settings) -> None:
             import uvloop
 
             use_uvloop = True
+    runner: Callable[..., None]
     if use_uvloop:
         import uvloop
 

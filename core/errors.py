@@ -103,6 +103,11 @@ def problem(error: ConduitError, status: int) -> dict[str, object]:
     return body
 
 
+def plain_problem(status: int, title: str, detail: str) -> dict[str, object]:
+    """An RFC 9457 problem document for an answer outside the error table (405, 406, 409...)."""
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail}
+
+
 def challenge(error: ConduitError) -> bool:
     """Whether the answer to this refusal carries ``WWW-Authenticate``."""
     return error.condition in (Condition.NO_CREDENTIALS, Condition.BAD_CREDENTIALS)

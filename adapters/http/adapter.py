@@ -32,6 +32,7 @@ from core.errors import (
     TooLargeError,
     TopicError,
     challenge,
+    plain_problem,
 )
 from core.errors import problem as problem_document
 from core.gateway import Gateway
@@ -293,5 +294,5 @@ class HTTPAdapter:
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    return web.Response(status=status, body=orjson.dumps(body), content_type=PROBLEM_JSON)
+    body = orjson.dumps(plain_problem(status, title, detail))
+    return web.Response(status=status, body=body, content_type=PROBLEM_JSON)

@@ -145,15 +145,6 @@ class Subscription:
     def get_nowait(self) -> Message | None:
         return self._queue.popleft() if self._queue else None
 
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Message:
-        try:
-            return await self.get()
-        except SubscriptionClosed:
-            raise StopAsyncIteration from None
-
     def close(self, reason: str = "closed") -> None:
         if self.closed is not None:
             return
@@ -200,12 +191,6 @@ class Router:
             return False
         del self._by_channel[key]
         return True
-
-    def channels(self) -> list[tuple[str, str]]:
-        return list(self._by_channel)
-
-    def count(self) -> int:
-        return sum(len(v) for v in self._by_channel.values())
 
     def route(self, message: Message) -> int:
         """Offer a message to every matching subscription; returns how many were offered."""

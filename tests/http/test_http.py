@@ -218,3 +218,10 @@ async def test_sse_stream_ends_when_right_is_revoked(world: World, http: str, se
         await world.gateway.provisioning.disconnect("acme", world.subscriber.id, "temps")
         (event,) = await read_events(resp, 1)
         assert event == {"event": "close", "reason": "authorization revoked"}
+
+
+async def test_other_methods_are_405(world: World, http: str, session) -> None:  # type: ignore[no-untyped-def]
+    async with session.delete(f"{http}/m/acme/c/temps", headers=auth(world.publisher.secret)) as r:
+        assert r.status == 405
+        assert r.headers["Allow"] == "GET, POST, PUT"
+        assert r.headers["Content-Type"] == "application/problem+json"
