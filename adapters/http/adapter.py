@@ -209,26 +209,36 @@ class HTTPAdapter:
             content_type="application/json",
         )
 
-    async def publish(self, request: web.BaseRequest) -> web.Response:
+    async def publish(self, request: web.BaseRequest) -> web.StreamResponse:
         self.gateway.metrics.reqs[self.protocol].inc()
         identity: Identity | None = None
         try:
             identity = await self._identity(request)
             content_type = normalize(request.headers.get("Content-Type"))
-            length = request.content_length
-            limit = self.gateway.limits.max_payload
-            if length is not None and length > limit:
-                raise TooLargeError(f"body of {length} bytes exceeds {limit}")
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise TooLargeError(f"body exceeds {limit} bytes") from None
+            body = await self._body(request)
             topic = parse_path(request.path)
             if not self.gateway.publish_nowait(identity, topic, body, content_type, self.protocol):
                 await self.gateway.publish(identity, topic, body, content_type, self.protocol)
         except ConduitError as exc:
             return self._refuse(exc, identity.client_id if identity else None)
-        return web.Response(status=202)
+        return _accepted()
+
+    async def _body(self, request: web.BaseRequest) -> bytes:
+        """The request body. Past the gateway's payload limit it raises, before reading when
+        the length is announced (the gateway checks the size of what it is given too)."""
+        limit = self.gateway.limits.max_payload
+        length = request.content_length
+        if length is not None and length > limit:
+            raise TooLargeError(f"body of {length} bytes exceeds {limit}")
+        content = request.content
+        if content.is_eof():
+            # The whole body came with the headers (a small POST): take it from the buffer.
+            # ``request.read()`` gets the same bytes in about 15k more instructions.
+            return content.read_nowait()
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise TooLargeError(f"body exceeds {limit} bytes") from None
 
     def event_bytes(self, message: Message) -> bytes:
         """The SSE event of a message, encoded once whatever the number of streams."""
@@ -291,6 +301,14 @@ class HTTPAdapter:
             del self._streams[sub]
             await self.gateway.unsubscribe(sub, "stream closed")
         return response
+
+
+def _accepted() -> web.StreamResponse:
+    """``202 Accepted`` with an empty body: the same bytes as ``web.Response(status=202)``,
+    in about 9k fewer instructions per request (callgrind, docs/performance.md)."""
+    response = web.StreamResponse(status=202)
+    response.content_length = 0
+    return response
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:

@@ -47,3 +47,45 @@ async def test_too_large_and_rate_limited(world: World, http: str) -> None:
     while watch.get_nowait() is not None:
         delivered += 1
     assert delivered == statuses.count(202)
+
+
+async def _raw_post(http: str, secret: str, body_bytes: bytes, framing: str) -> bytes:
+    """One POST written to the socket in a single write, so the whole body is there when the
+    handler runs (the path that takes the body from aiohttp's buffer)."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    url = urlsplit(http)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    head = (
+        "POST /m/acme/c/temps HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        f"Authorization: Client {secret}\r\n{framing}\r\n"
+    )
+    writer.write(head.encode() + body_bytes)
+    await writer.drain()
+    status = await reader.readline()
+    writer.close()
+    return status
+
+
+@pytest.mark.parametrize("size", [999, 1000, 1001, 5000])
+async def test_chunked_body_in_one_write_holds_the_limit(
+    world: World, http: str, size: int
+) -> None:
+    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
+    watch = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
+    payload = b"z" * size
+    half = size // 2
+    chunked = b"%x\r\n%b\r\n%x\r\n%b\r\n0\r\n\r\n" % (
+        half, payload[:half], size - half, payload[half:]
+    )
+    status = await _raw_post(
+        http, world.publisher.secret, chunked, "Transfer-Encoding: chunked\r\n"
+    )
+    message = watch.get_nowait()
+    if size <= 1000:
+        assert status.startswith(b"HTTP/1.1 202")
+        assert message is not None and message.payload == payload
+    else:
+        assert status.startswith(b"HTTP/1.1 413")
+        assert message is None
