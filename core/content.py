@@ -22,6 +22,8 @@ def normalize(value: str | None, default: str = OCTETS) -> str:
     """
     if not value:
         return default
+    if value in ACCEPTED:  # already bare and lower case: the usual header
+        return value
     media = value.split(";", 1)[0].strip().lower()
     if media not in ACCEPTED:
         raise ContentTypeError(

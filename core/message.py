@@ -74,10 +74,45 @@ def envelope(message: Message) -> dict[str, object]:
         "publisher": message.publisher,
         "protocol": message.protocol,
         "content_type": message.content_type,
+        "encoding": encoding,
         "created": message.created,
         "payload": payload,
-        "encoding": encoding,
     }
     if message.metadata:
         out["metadata"] = message.metadata
     return out
+
+
+_json = msgspec.json.Encoder()
+# JSON of the envelope fields that repeat from message to message of one topic and publisher,
+# up to the "created" value. Bounded: cleared when full.
+_heads: dict[tuple[str, str, str, str, str, str], bytes] = {}
+_HEADS_MAX = 4096
+
+
+def envelope_json(message: Message) -> bytes:
+    """:func:`envelope` as JSON, the same bytes as encoding it. On the fan-out path (SSE
+    events, WebSocket envelopes), so the fields before ``created`` are encoded once per topic
+    and publisher, and only ``created`` and the payload per message."""
+    if not message.metadata:
+        try:
+            text = message.payload.decode()
+        except UnicodeDecodeError:
+            pass
+        else:
+            key = (
+                message.domain,
+                message.channel,
+                message.subtopic,
+                message.publisher,
+                message.protocol,
+                message.content_type,
+            )
+            head = _heads.get(key)
+            if head is None:
+                if len(_heads) >= _HEADS_MAX:
+                    _heads.clear()
+                whole = _json.encode(envelope(message))
+                head = _heads[key] = whole[: whole.index(b',"created":') + 11]
+            return b'%b%d,"payload":%b}' % (head, message.created, _json.encode(text))
+    return _json.encode(envelope(message))

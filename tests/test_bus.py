@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
+import msgspec
 import pytest
 
 from core.bus import Subscription, SubscriptionClosed
 from core.bus.local import LocalBus
 from core.errors import UnavailableError
-from core.message import Message, decode, encode
+from core.message import Message, decode, encode, envelope, envelope_json
 from core.topics import parse_filter
 
 
@@ -25,10 +27,16 @@ async def started() -> LocalBus:
 
 async def test_routes_to_matching_subscriptions_only() -> None:
     bus = await started()
-    subs = {f: Subscription(parse_filter(f)) for f in (
-        "m/acme/c/temps", "m/acme/c/temps/#", "m/acme/c/temps/+", "m/acme/c/temps/a/b",
-        "m/acme/c/other/#",
-    )}
+    subs = {
+        f: Subscription(parse_filter(f))
+        for f in (
+            "m/acme/c/temps",
+            "m/acme/c/temps/#",
+            "m/acme/c/temps/+",
+            "m/acme/c/temps/a/b",
+            "m/acme/c/other/#",
+        )
+    }
     for sub in subs.values():
         await bus.subscribe(sub)
     await bus.publish(msg("a/b"))
@@ -51,8 +59,12 @@ async def test_unsubscribe_stops_delivery() -> None:
 async def test_full_queue_drops_counts_and_never_blocks_publisher() -> None:
     bus = await started()
     drops: list[int] = []
-    slow = Subscription(parse_filter("m/acme/c/temps/#"), maxsize=2, max_dropped=100,
-                        on_drop=lambda: drops.append(1))
+    slow = Subscription(
+        parse_filter("m/acme/c/temps/#"),
+        maxsize=2,
+        max_dropped=100,
+        on_drop=lambda: drops.append(1),
+    )
     fast = Subscription(parse_filter("m/acme/c/temps/#"), maxsize=100)
     await bus.subscribe(slow)
     await bus.subscribe(fast)
@@ -67,8 +79,12 @@ async def test_full_queue_drops_counts_and_never_blocks_publisher() -> None:
 async def test_too_slow_subscriber_is_closed_with_reason() -> None:
     bus = await started()
     closed: list[str] = []
-    sub = Subscription(parse_filter("m/acme/c/temps"), maxsize=1, max_dropped=3,
-                       on_close=lambda s, reason: closed.append(reason))
+    sub = Subscription(
+        parse_filter("m/acme/c/temps"),
+        maxsize=1,
+        max_dropped=3,
+        on_close=lambda s, reason: closed.append(reason),
+    )
     await bus.subscribe(sub)
     for _ in range(4):
         await bus.publish(msg())
@@ -81,8 +97,11 @@ async def test_too_slow_subscriber_is_closed_with_reason() -> None:
 async def test_sink_takes_messages_and_reports_full() -> None:
     bus = await started()
     taken: list[Message] = []
-    sub = Subscription(parse_filter("m/acme/c/temps"), max_dropped=10,
-                       sink=lambda m: (taken.append(m), len(taken) < 2)[1])
+    sub = Subscription(
+        parse_filter("m/acme/c/temps"),
+        max_dropped=10,
+        sink=lambda m: (taken.append(m), len(taken) < 2)[1],
+    )
     await bus.subscribe(sub)
     for _ in range(3):
         await bus.publish(msg())
@@ -132,11 +151,32 @@ async def test_closed_bus_is_unavailable() -> None:
 
 
 def test_envelope_round_trip_is_compact() -> None:
-    m = Message("acme", "temps", "a/b", "c1", "mqtt", "application/senml+json", b"[1]", 123,
-                {"k": "v"})
+    m = Message(
+        "acme", "temps", "a/b", "c1", "mqtt", "application/senml+json", b"[1]", 123, {"k": "v"}
+    )
     data = encode(m)
     assert decode(data) == m
     assert len(data) < 80
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Message(
+            "acme", "temps", "", "c1", "http", "application/senml+json", b'[{"n":"a","v":1}]', 1
+        ),
+        Message("acme", "temps", "a/b", "c2", "mqtt", "text/plain", 'ünï "q" \\ \n'.encode(), 2),
+        Message("acme", "temps", "a", "c1", "ws", "application/octet-stream", b"\xff\x00", 3),
+        Message("acme", "temps", "a", "c1", "mqtt", "application/json", b"{}", 4, {"k": "v"}),
+        Message("acme", "temps", "a", "c1", "coap", "text/plain", b"", 5),
+    ],
+)
+def test_envelope_json_is_the_envelope(message: Message) -> None:
+    # Twice: the second call encodes with the head kept from the first.
+    for _ in range(2):
+        assert json.loads(envelope_json(message)) == envelope(message)
+    later = msgspec.structs.replace(message, created=99, payload=b"later")
+    assert json.loads(envelope_json(later)) == envelope(later)
 
 
 async def test_next_times_out_then_delivers_then_reports_close() -> None:

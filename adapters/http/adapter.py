@@ -36,7 +36,7 @@ from core.errors import (
 )
 from core.errors import problem as problem_document
 from core.gateway import Gateway
-from core.message import Message, envelope
+from core.message import Message, envelope_json
 from core.topics import parse_path
 
 log = logging.getLogger("conduit.http")
@@ -58,7 +58,7 @@ def problem(error: ConduitError) -> web.Response:
 
 
 def sse_event(message: Message) -> bytes:
-    return b"event: message\ndata: " + orjson.dumps(envelope(message)) + b"\n\n"
+    return b"event: message\ndata: " + envelope_json(message) + b"\n\n"
 
 
 def _chunk(data: bytes) -> bytes:
@@ -169,13 +169,18 @@ class HTTPAdapter:
     ) -> web.BaseRequest:
         # The low-level server's request factory: the body limit is the gateway's payload limit.
         return web.BaseRequest(
-            message, payload, protocol, writer, task, task.get_loop(),
+            message,
+            payload,
+            protocol,
+            writer,
+            task,
+            task.get_loop(),
             client_max_size=self.gateway.limits.max_payload,
         )
 
     # dispatch
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
+        path = _path(request)
         method = request.method
         if path.startswith("/m/"):
             if method == "POST" or method == "PUT":
@@ -216,7 +221,7 @@ class HTTPAdapter:
             identity = await self._identity(request)
             content_type = normalize(request.headers.get("Content-Type"))
             body = await self._body(request)
-            topic = parse_path(request.path)
+            topic = parse_path(_path(request))
             if not self.gateway.publish_nowait(identity, topic, body, content_type, self.protocol):
                 await self.gateway.publish(identity, topic, body, content_type, self.protocol)
         except ConduitError as exc:
@@ -226,15 +231,15 @@ class HTTPAdapter:
     async def _body(self, request: web.BaseRequest) -> bytes:
         """The request body. Past the gateway's payload limit it raises, before reading when
         the length is announced (the gateway checks the size of what it is given too)."""
-        limit = self.gateway.limits.max_payload
-        length = request.content_length
-        if length is not None and length > limit:
-            raise TooLargeError(f"body of {length} bytes exceeds {limit}")
         content = request.content
         if content.is_eof():
             # The whole body came with the headers (a small POST): take it from the buffer.
             # ``request.read()`` gets the same bytes in about 15k more instructions.
             return content.read_nowait()
+        limit = self.gateway.limits.max_payload
+        length = request.content_length
+        if length is not None and length > limit:
+            raise TooLargeError(f"body of {length} bytes exceeds {limit}")
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -265,7 +270,7 @@ class HTTPAdapter:
             identity = await self._identity(request)
             sub = await self.gateway.subscribe(
                 identity,
-                parse_path(request.path),
+                parse_path(_path(request)),
                 self.protocol,
                 sink=stream.sink,
                 on_close=lambda _sub, reason: stream.end(reason),
@@ -301,6 +306,15 @@ class HTTPAdapter:
             del self._streams[sub]
             await self.gateway.unsubscribe(sub, "stream closed")
         return response
+
+
+def _path(request: web.BaseRequest) -> str:
+    """The decoded path. Topic paths rarely hold an escape or a query, and then the raw path
+    is the path, without building it through yarl."""
+    raw = request.raw_path
+    if "%" in raw or "?" in raw:
+        return request.path
+    return raw
 
 
 def _accepted() -> web.StreamResponse:

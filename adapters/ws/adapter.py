@@ -369,9 +369,7 @@ class WSAdapter:
         client_id = session.identity.client_id
         sub: Subscription | None = None
         counted = False
-        unregister = gateway.connected(
-            session.identity, functools.partial(self._end, connection)
-        )
+        unregister = gateway.connected(session.identity, functools.partial(self._end, connection))
         try:
             if session.subscribes:
                 outbox = Outbox(

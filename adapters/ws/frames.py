@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import struct
 
-import orjson
-
 from core.content import JSON, SENML_JSON, TEXT
-from core.message import Message, envelope
+from core.message import Message, envelope_json
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -76,6 +74,6 @@ class FrameCache:
 
     def envelope(self, message: Message) -> bytes:
         if message is not self._envelope_of:
-            self._envelope = encode_frame(orjson.dumps(envelope(message)), True)
+            self._envelope = encode_frame(envelope_json(message), True)
             self._envelope_of = message
         return self._envelope
