@@ -49,7 +49,15 @@ def new_secret() -> str:
 
 
 def hash_secret(secret: str) -> str:
+    """What the store keeps of a secret, and looks clients up by."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _cache_key(secret: str) -> bytes:
+    """What the in-memory identity cache keys a secret by: a digest, never the secret itself.
+    BLAKE2s, because the lookup runs on every HTTP request and SHA-256 through OpenSSL costs
+    twice as much for a short input (about 10k against 5k instructions, callgrind)."""
+    return hashlib.blake2s(secret.encode()).digest()
 
 
 def parse_authorization(value: str | None) -> Credentials:
@@ -127,7 +135,7 @@ class Authenticator:
 
     def __init__(self, store: Store, ttl: float = 30.0, maxsize: int = 100_000) -> None:
         self.store = store
-        self._identities: Expiring[str, Identity | None] = Expiring(maxsize, ttl)
+        self._identities: Expiring[bytes, Identity | None] = Expiring(maxsize, ttl)
         self._rights: Expiring[tuple[str, str, str], tuple[bool, bool]] = Expiring(maxsize, ttl)
 
     def invalidate(self) -> None:
@@ -138,15 +146,15 @@ class Authenticator:
     def authenticate_cached(self, credentials: Credentials) -> Identity | None:
         """The identity when the answer is cached (raising when it is a cached refusal);
         None when only :meth:`authenticate` can tell."""
-        cached = self._identities.get(hash_secret(credentials.secret))
+        cached = self._identities.get(_cache_key(credentials.secret))
         return None if cached is None else self._check(credentials, cached[0])
 
     async def authenticate(self, credentials: Credentials) -> Identity:
-        key = hash_secret(credentials.secret)
+        key = _cache_key(credentials.secret)
         cached = self._identities.get(key)
         if cached is not None:
             return self._check(credentials, cached[0])
-        client = await self.store.client_by_secret(key)
+        client = await self.store.client_by_secret(hash_secret(credentials.secret))
         found = (
             Identity(client.id, client.domain, client.name)
             if client is not None and client.enabled
