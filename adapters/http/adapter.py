@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
+from multidict import CIMultiDict
 
 from core.auth import Identity, parse_authorization
 from core.bus import Subscription
@@ -317,12 +318,13 @@ def _path(request: web.BaseRequest) -> str:
     return raw
 
 
+_NO_BODY = CIMultiDict({"Content-Length": "0"})  # copied by each response
+
+
 def _accepted() -> web.StreamResponse:
     """``202 Accepted`` with an empty body: the same bytes as ``web.Response(status=202)``,
     in about 9k fewer instructions per request (callgrind, docs/performance.md)."""
-    response = web.StreamResponse(status=202)
-    response.content_length = 0
-    return response
+    return web.StreamResponse(status=202, headers=_NO_BODY)
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:
