@@ -57,10 +57,6 @@ def problem(error: ConduitError) -> web.Response:
     )
 
 
-def sse_event(message: Message) -> bytes:
-    return b"event: message\ndata: " + envelope_json(message) + b"\n\n"
-
-
 def _chunk(data: bytes) -> bytes:
     """One HTTP/1.1 chunk (the event stream has no Content-Length)."""
     return b"%x\r\n%b\r\n" % (len(data), data)
@@ -205,7 +201,7 @@ class HTTPAdapter:
         )
 
     async def publish(self, request: web.BaseRequest) -> web.StreamResponse:
-        self.gateway.metrics.reqs[self.protocol].inc()
+        self.gateway.metrics.reqs[self.protocol].value += 1
         identity: Identity | None = None
         try:
             # _identity() and _body(), with their common case inline (no coroutine each).
@@ -241,7 +237,7 @@ class HTTPAdapter:
         """The SSE event of a message, encoded once whatever the number of streams."""
         last, data = self._last
         if message is not last:
-            data = sse_event(message)
+            data = b"event: message\ndata: %b\n\n" % envelope_json(message)
             self._last = (message, data)
         return data
 
