@@ -36,6 +36,13 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
@@ -46,6 +53,7 @@ class ConduitProcess:
 
     extra: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    wrapper: list[str] = field(default_factory=list)  # e.g. valgrind and its options
     proc: subprocess.Popen[str] | None = None
     ports: dict[str, int] = field(default_factory=dict)
     secret: str = ""
@@ -63,6 +71,7 @@ class ConduitProcess:
         }
         self.proc = subprocess.Popen(
             [
+                *self.wrapper,
                 sys.executable,
                 "-m",
                 "conduit.cli",

@@ -19,15 +19,17 @@ import shutil
 import subprocess
 import sys
 
-from common import SHARED_BENCH, ConduitProcess, free_port, median, wait_port
+from common import SHARED_BENCH, ConduitProcess, cpu_seconds, free_port, median, wait_port
 
 LUA = SHARED_BENCH / "post_senml.lua"
 
 
-def wrk(url: str, duration: int, auth: str | None = None) -> dict[str, float]:
+def wrk(url: str, duration: int, server_pid: int, auth: str | None = None) -> dict[str, float]:
+    """One wrk run: requests/s, p99, and the server's CPU time (user + system) per request."""
     env = {**os.environ}
     if auth:
         env["BENCH_AUTH"] = auth
+    cpu_before = cpu_seconds(server_pid)
     out = subprocess.run(
         ["wrk", "-t2", "-c50", f"-d{duration}s", "--latency", "-s", str(LUA), url],
         env=env,
@@ -35,13 +37,18 @@ def wrk(url: str, duration: int, auth: str | None = None) -> dict[str, float]:
         text=True,
         check=True,
     ).stdout
+    cpu = cpu_seconds(server_pid) - cpu_before
     m = re.search(r"JSONSUMMARY (\{.*\})", out)
     if not m:
         raise RuntimeError(out)
     s = json.loads(m.group(1))
     if s["errors_status"] or s["errors_connect"]:
         raise RuntimeError(f"wrk saw errors: {s}")
-    return {"rps": s["requests"] / (s["duration_us"] / 1e6), "p99_ms": s["lat_p99_us"] / 1000}
+    return {
+        "rps": s["requests"] / (s["duration_us"] / 1e6),
+        "p99_ms": s["lat_p99_us"] / 1000,
+        "cpu_us": cpu / s["requests"] * 1e6,
+    }
 
 
 def anchor(duration: int, loop: str) -> dict[str, float]:
@@ -52,7 +59,7 @@ def anchor(duration: int, loop: str) -> dict[str, float]:
     proc = subprocess.Popen(args)
     try:
         wait_port(port)
-        return wrk(f"http://127.0.0.1:{port}/senml", duration)
+        return wrk(f"http://127.0.0.1:{port}/senml", duration, proc.pid)
     finally:
         proc.terminate()
         proc.wait()
@@ -65,12 +72,19 @@ def conduit(duration: int, loop: str, subscriber: str) -> dict[str, float]:
         sub = None
         if subscriber == "sse":
             sub = subprocess.Popen(
-                ["curl", "-sN", "-H", "Accept: text/event-stream",
-                 "-H", f"Authorization: Client {c.secret}", base + "/%23"],
+                [
+                    "curl",
+                    "-sN",
+                    "-H",
+                    "Accept: text/event-stream",
+                    "-H",
+                    f"Authorization: Client {c.secret}",
+                    base + "/%23",
+                ],
                 stdout=subprocess.DEVNULL,
             )
         try:
-            result = wrk(base + "/room1", duration, f"Client {c.secret}")
+            result = wrk(base + "/room1", duration, c.pid, f"Client {c.secret}")
         finally:
             if sub is not None:
                 sub.terminate()
@@ -84,7 +98,9 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     ap.add_argument(
-        "--subscriber", choices=["sse", "none"], default="sse",
+        "--subscriber",
+        choices=["sse", "none"],
+        default="sse",
         help="sse: an SSE stream on the channel, read by curl -N (default); none: no subscriber",
     )
     args = ap.parse_args()
@@ -99,26 +115,36 @@ def main() -> None:
                 r = conduit(args.duration, args.loop, args.subscriber)
             runs[name].append(r)
             print(
-                f"round {i + 1} {name:8} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:.2f} ms",
+                f"round {i + 1} {name:8} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:6.2f} ms"
+                f"  server CPU {r['cpu_us']:6.1f} us/req",
                 flush=True,
             )
     a_rps = median([r["rps"] for r in runs["anchor"]])
     c_rps = median([r["rps"] for r in runs["conduit"]])
     a_p99 = median([r["p99_ms"] for r in runs["anchor"]])
     c_p99 = median([r["p99_ms"] for r in runs["conduit"]])
+    a_cpu = median([r["cpu_us"] for r in runs["anchor"]])
+    c_cpu = median([r["cpu_us"] for r in runs["conduit"]])
+    # Each round runs the anchor, then Conduit: the ratio within a round, less exposed to the
+    # machine's drift over the whole run, is reported beside the ratio of the medians.
+    paired = [c["rps"] / a["rps"] for a, c in zip(runs["anchor"], runs["conduit"], strict=True)]
     print(
         json.dumps(
             {
                 "loop": args.loop,
-        "subscriber": args.subscriber,
+                "subscriber": args.subscriber,
                 "rounds": args.rounds,
                 "duration_s": args.duration,
                 "anchor_rps": round(a_rps),
                 "conduit_rps": round(c_rps),
                 "rps_ratio": round(c_rps / a_rps, 3),
+                "rps_ratio_paired_median": round(median(paired), 3),
                 "anchor_p99_ms": a_p99,
                 "conduit_p99_ms": c_p99,
                 "p99_ratio": round(c_p99 / a_p99, 3),
+                "anchor_cpu_us_per_req": round(a_cpu, 1),
+                "conduit_cpu_us_per_req": round(c_cpu, 1),
+                "cpu_ratio": round(a_cpu / c_cpu, 3),
                 "targets": "rps_ratio >= 0.8, p99_ratio <= 2.0",
             }
         )
