@@ -228,6 +228,11 @@ class HTTPAdapter:
         length = request.content_length
         if length is not None and length > limit:
             raise TooLargeError(f"body of {length} bytes exceeds {limit}")
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1):
+            # The client waits for this before sending the body (RFC 9110 sec 10.1.1);
+            # aiohttp's low-level server leaves it to the handler.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:

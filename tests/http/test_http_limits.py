@@ -77,7 +77,10 @@ async def test_chunked_body_in_one_write_holds_the_limit(
     payload = b"z" * size
     half = size // 2
     chunked = b"%x\r\n%b\r\n%x\r\n%b\r\n0\r\n\r\n" % (
-        half, payload[:half], size - half, payload[half:]
+        half,
+        payload[:half],
+        size - half,
+        payload[half:],
     )
     status = await _raw_post(
         http, world.publisher.secret, chunked, "Transfer-Encoding: chunked\r\n"
@@ -89,3 +92,34 @@ async def test_chunked_body_in_one_write_holds_the_limit(
     else:
         assert status.startswith(b"HTTP/1.1 413")
         assert message is None
+
+
+async def test_expect_100_continue_is_answered(world: World, http: str) -> None:
+    """A client that sends ``Expect: 100-continue`` waits for the interim answer before the
+    body; without it, curl waits a second and other clients wait for good."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
+    watch = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
+    url = urlsplit(http)
+    head = (
+        "POST /m/acme/c/temps HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        f"Authorization: Client {world.publisher.secret}\r\nExpect: 100-continue\r\n"
+    )
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(f"{head}Content-Length: 5\r\n\r\n".encode())
+    assert await asyncio.wait_for(reader.readline(), 2) == b"HTTP/1.1 100 Continue\r\n"
+    assert await reader.readline() == b"\r\n"
+    writer.write(b"hello")
+    assert (await asyncio.wait_for(reader.readline(), 2)).startswith(b"HTTP/1.1 202")
+    writer.close()
+    message = watch.get_nowait()
+    assert message is not None and message.payload == b"hello"
+
+    # Too large by its announced length: the final answer at once, no 100, nothing published.
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(f"{head}Content-Length: 5000\r\n\r\n".encode())
+    assert (await asyncio.wait_for(reader.readline(), 2)).startswith(b"HTTP/1.1 413")
+    writer.close()
+    assert watch.get_nowait() is None
