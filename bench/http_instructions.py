@@ -8,9 +8,14 @@ cost of one request, start-up and shutdown cancelled out. Conduit runs with only
 adapter, uvloop, and an SSE subscriber reading the channel, as in http_bench.py.
 
     .venv/bin/python bench/http_instructions.py [--n1 200] [--n2 1200]
+    .venv/bin/python bench/http_instructions.py --wrk [--subscriber sse|none]
 
-Needs valgrind. Takes about three minutes. Counts user-space instructions only: the kernel's
-share of each request (socket reads and writes) is not in them.
+``--wrk`` drives each server with ``wrk -t1 -c50`` for 10 s and then 40 s instead (the difference
+divided by the difference in requests): the server is saturated, so requests are handled in
+batches per loop turn as in http_bench.py, and SSE events go out many per write.
+
+Needs valgrind (and wrk for ``--wrk``). Takes about three minutes. Counts user-space
+instructions only: the kernel's share of each request (socket reads and writes) is not in them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -54,6 +60,34 @@ def post(port: int, path: str, auth: str | None, n: int) -> None:
                 raise RuntimeError(f"expected 202, got {answer[:80]!r}")
 
 
+def drive(port: int, path: str, auth: str | None, amount: int, use_wrk: bool) -> int:
+    """Send ``amount`` sequential requests, or run wrk for ``amount`` seconds; returns how
+    many requests were answered."""
+    if not use_wrk:
+        post(port, path, auth, amount)
+        return amount
+    env = {**os.environ, **({"BENCH_AUTH": auth} if auth else {})}
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            "-c50",
+            f"-d{amount}s",
+            "-s",
+            str(SHARED_BENCH / "post_senml.lua"),
+            f"http://127.0.0.1:{port}{path}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r'"requests":(\d+),.*"errors_status":(\d+)', out)
+    if not m or int(m.group(2)):
+        raise RuntimeError(f"wrk: {out}")
+    return int(m.group(1))
+
+
 def instructions(out: Path) -> int:
     """The total instruction count of a callgrind output file, which is then removed."""
     for line in out.read_text().splitlines():
@@ -67,40 +101,43 @@ def callgrind(out: Path) -> list[str]:
     return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
 
 
-def anchor(n: int, tmp: Path) -> int:
+def anchor(n: int, tmp: Path, use_wrk: bool, subscriber: str) -> tuple[int, int]:
     port, out = free_port(), tmp / f"anchor.{n}"
     args = [sys.executable, str(SHARED_BENCH / "http_server.py"), "--port", str(port), "--uvloop"]
     proc = subprocess.Popen([*callgrind(out), *args], stderr=subprocess.DEVNULL)
     try:
         wait_port(port, timeout=120)
-        post(port, "/senml", None, n)
+        answered = drive(port, "/senml", None, n, use_wrk)
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(120)
-    return instructions(out)
+        proc.wait(300)
+    return answered, instructions(out)
 
 
-def conduit(n: int, tmp: Path) -> int:
+def conduit(n: int, tmp: Path, use_wrk: bool, subscriber: str) -> tuple[int, int]:
     port, out = free_port(), tmp / f"conduit.{n}"
     flags = ["--http-port", str(port), "--loop", "uvloop", "--no-ws-enabled"]
     flags += ["--no-mqtt-enabled", "--no-coap-enabled"]
     c = ConduitProcess(extra=flags, wrapper=callgrind(out))
     with c:
         auth = f"Client {c.secret}"
-        reader = socket.create_connection(("127.0.0.1", port))
-        reader.sendall(
-            f"GET /{c.topic}/%23 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
-            f"Authorization: {auth}\r\n\r\n".encode()
-        )
-        threading.Thread(target=_drain, args=(reader,), daemon=True).start()
-        time.sleep(0.5)
+        reader = None
+        if subscriber == "sse":
+            reader = socket.create_connection(("127.0.0.1", port))
+            reader.sendall(
+                f"GET /{c.topic}/%23 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+                f"Authorization: {auth}\r\n\r\n".encode()
+            )
+            threading.Thread(target=_drain, args=(reader,), daemon=True).start()
+            time.sleep(0.5)
         post(port, f"/{c.topic}/room1", auth, 20)  # fills the caches: steady state
-        post(port, f"/{c.topic}/room1", auth, n)
+        answered = drive(port, f"/{c.topic}/room1", auth, n, use_wrk)
         assert c.proc is not None
         c.proc.send_signal(signal.SIGTERM)
-        c.proc.wait(120)
-        reader.close()
-    return instructions(out)
+        c.proc.wait(300)
+        if reader is not None:
+            reader.close()
+    return answered, instructions(out)
 
 
 def _drain(s: socket.socket) -> None:
@@ -115,20 +152,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n1", type=int, default=200)
     ap.add_argument("--n2", type=int, default=1200)
+    ap.add_argument("--wrk", action="store_true", help="drive with wrk for 10 s and 40 s")
+    ap.add_argument("--subscriber", choices=["sse", "none"], default="sse")
     args = ap.parse_args()
+    low_n, high_n = (10, 40) if args.wrk else (args.n1, args.n2)
     if not shutil.which("valgrind"):
         sys.exit("valgrind is needed: apt-get install valgrind")
     per_request = {}
     with tempfile.TemporaryDirectory(prefix="conduit-callgrind-") as tmp:
         for name, run in (("anchor", anchor), ("conduit", conduit)):
-            low, high = run(args.n1, Path(tmp)), run(args.n2, Path(tmp))
-            per_request[name] = round((high - low) / (args.n2 - args.n1))
+            (n1, low), (n2, high) = (
+                run(amount, Path(tmp), args.wrk, args.subscriber) for amount in (low_n, high_n)
+            )
+            per_request[name] = round((high - low) / (n2 - n1))
             print(f"{name:8} {per_request[name]:8d} instructions per request", flush=True)
     print(
         json.dumps(
             {
                 **{f"{k}_instructions_per_request": v for k, v in per_request.items()},
                 "ratio": round(per_request["anchor"] / per_request["conduit"], 3),
+                "driver": "wrk -t1 -c50" if args.wrk else "sequential",
+                "subscriber": args.subscriber,
                 "cpus": os.cpu_count(),
             }
         )
