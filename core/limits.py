@@ -18,7 +18,8 @@ class Limits:
 
 
 class RateLimiter:
-    """A token bucket per client id."""
+    """A token bucket per client id, for a positive ``rate`` (the gateway builds none when
+    no rate is set)."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
@@ -26,8 +27,6 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def check(self, client_id: str) -> None:
-        if self.rate <= 0:
-            return
         now = time.monotonic()
         tokens, last = self._buckets.get(client_id, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
