@@ -43,6 +43,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wrk_post_senml(
+    url: str, duration: int, threads: int = 2, auth: str | None = None
+) -> dict[str, float]:
+    """``wrk -c50`` POSTing the SenML pack of post_senml.lua to ``url``: its JSON summary
+    (requests, duration_us, lat_p99_us, ...). Raises when a request failed."""
+    env = {**os.environ, **({"BENCH_AUTH": auth} if auth else {})}
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            "-c50",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(SHARED_BENCH / "post_senml.lua"),
+            url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"JSONSUMMARY (\{.*\})", out)
+    if not m:
+        raise RuntimeError(out)
+    summary: dict[str, float] = json.loads(m.group(1))
+    if summary["errors_status"] or summary["errors_connect"]:
+        raise RuntimeError(f"wrk saw errors: {summary}")
+    return summary
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 

@@ -13,37 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
 
-from common import SHARED_BENCH, ConduitProcess, cpu_seconds, free_port, median, wait_port
-
-LUA = SHARED_BENCH / "post_senml.lua"
+from common import (
+    SHARED_BENCH,
+    ConduitProcess,
+    cpu_seconds,
+    free_port,
+    median,
+    wait_port,
+    wrk_post_senml,
+)
 
 
 def wrk(url: str, duration: int, server_pid: int, auth: str | None = None) -> dict[str, float]:
     """One wrk run: requests/s, p99, and the server's CPU time (user + system) per request."""
-    env = {**os.environ}
-    if auth:
-        env["BENCH_AUTH"] = auth
     cpu_before = cpu_seconds(server_pid)
-    out = subprocess.run(
-        ["wrk", "-t2", "-c50", f"-d{duration}s", "--latency", "-s", str(LUA), url],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    s = wrk_post_senml(url, duration, auth=auth)
     cpu = cpu_seconds(server_pid) - cpu_before
-    m = re.search(r"JSONSUMMARY (\{.*\})", out)
-    if not m:
-        raise RuntimeError(out)
-    s = json.loads(m.group(1))
-    if s["errors_status"] or s["errors_connect"]:
-        raise RuntimeError(f"wrk saw errors: {s}")
     return {
         "rps": s["requests"] / (s["duration_us"] / 1e6),
         "p99_ms": s["lat_p99_us"] / 1000,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -34,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import SHARED_BENCH, ConduitProcess, free_port, wait_port
+from common import SHARED_BENCH, ConduitProcess, free_port, wait_port, wrk_post_senml
 
 BODY = (
     (SHARED_BENCH / "post_senml.lua").read_text().split("wrk.body = '")[1].split("'\n")[0].encode()
@@ -66,26 +65,8 @@ def drive(port: int, path: str, auth: str | None, amount: int, use_wrk: bool) ->
     if not use_wrk:
         post(port, path, auth, amount)
         return amount
-    env = {**os.environ, **({"BENCH_AUTH": auth} if auth else {})}
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            "-c50",
-            f"-d{amount}s",
-            "-s",
-            str(SHARED_BENCH / "post_senml.lua"),
-            f"http://127.0.0.1:{port}{path}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    m = re.search(r'"requests":(\d+),.*"errors_status":(\d+)', out)
-    if not m or int(m.group(2)):
-        raise RuntimeError(f"wrk: {out}")
-    return int(m.group(1))
+    summary = wrk_post_senml(f"http://127.0.0.1:{port}{path}", amount, threads=1, auth=auth)
+    return int(summary["requests"])
 
 
 def instructions(out: Path) -> int:
