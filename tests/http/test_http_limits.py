@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import urlsplit
+
 import aiohttp
 import pytest
 
@@ -52,9 +55,6 @@ async def test_too_large_and_rate_limited(world: World, http: str) -> None:
 async def _raw_post(http: str, secret: str, body_bytes: bytes, framing: str) -> bytes:
     """One POST written to the socket in a single write, so the whole body is there when the
     handler runs (the path that takes the body from aiohttp's buffer)."""
-    import asyncio
-    from urllib.parse import urlsplit
-
     url = urlsplit(http)
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     head = (
@@ -97,9 +97,6 @@ async def test_chunked_body_in_one_write_holds_the_limit(
 async def test_expect_100_continue_is_answered(world: World, http: str) -> None:
     """A client that sends ``Expect: 100-continue`` waits for the interim answer before the
     body; without it, curl waits a second and other clients wait for good."""
-    import asyncio
-    from urllib.parse import urlsplit
-
     ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
     watch = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
     url = urlsplit(http)
