@@ -3,16 +3,19 @@ and clients with each kind of right; adapters on ephemeral ports (never a fixed 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from adapters.http import HTTPAdapter
+from conduit.app import Adapter
 from core.auth import Credentials
 from core.bus import Subscription
 from core.bus.local import LocalBus
@@ -102,15 +105,24 @@ def drain(sub: Subscription) -> list[Message]:
     return out
 
 
+A = TypeVar("A", bound=Adapter)
+
+
+@contextlib.asynccontextmanager
+async def running(adapter: A) -> AsyncIterator[A]:
+    """An adapter started for a test, stopped after it (in-flight work gets 2 s)."""
+    await adapter.start()
+    try:
+        yield adapter
+    finally:
+        await adapter.stop(timeout=2)
+
+
 @pytest.fixture
 async def http(world: World) -> AsyncIterator[str]:
     """The HTTP adapter on an ephemeral port; yields its base URL."""
-    adapter = HTTPAdapter(world.gateway, "127.0.0.1", 0)
-    await adapter.start()
-    try:
+    async with running(HTTPAdapter(world.gateway, "127.0.0.1", 0)) as adapter:
         yield f"http://127.0.0.1:{adapter.port}"
-    finally:
-        await adapter.stop(timeout=2)
 
 
 def require_command(name: str, debian_package: str) -> str:

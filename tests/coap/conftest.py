@@ -14,7 +14,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from adapters.coap import CoAPAdapter
-from tests.conftest import World
+from tests.conftest import World, running
 from tests.conftest import drain as drain  # re-exported for this package's tests
 
 TIMEOUT = 10.0  # seconds any single exchange may take before a test fails
@@ -22,12 +22,8 @@ TIMEOUT = 10.0  # seconds any single exchange may take before a test fails
 
 @pytest.fixture
 async def coap_adapter(world: World) -> AsyncIterator[CoAPAdapter]:
-    adapter = CoAPAdapter(world.gateway, "127.0.0.1", 0)
-    await adapter.start()
-    try:
+    async with running(CoAPAdapter(world.gateway, "127.0.0.1", 0)) as adapter:
         yield adapter
-    finally:
-        await adapter.stop(timeout=2)
 
 
 @pytest.fixture

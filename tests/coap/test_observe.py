@@ -23,7 +23,7 @@ from tests.coap.conftest import (
     observers,
     request,
 )
-from tests.conftest import World
+from tests.conftest import World, running
 
 SENML = [{"bn": "urn:dev:1:", "n": "temp", "u": "Cel", "v": 21.5}]
 PATH = ("m", "acme", "c", "temps")
@@ -214,14 +214,10 @@ async def test_vanished_observer_is_dropped(world: World, raw: RawClient) -> Non
 
 
 async def test_shutdown_ends_observations(world: World, client: aiocoap.Context) -> None:
-    adapter = CoAPAdapter(world.gateway, "127.0.0.1", 0)
-    await adapter.start()
-    try:
+    async with running(CoAPAdapter(world.gateway, "127.0.0.1", 0)) as adapter:
         url = f"coap://127.0.0.1:{adapter.port}/m/acme/c/temps?auth={world.subscriber.secret}"
         observer = Observer(client, url)
         await observer.first()
-    finally:
-        await adapter.stop(timeout=2)
     last = await observer.next()
     assert (last.code, last.payload) == (Code.SERVICE_UNAVAILABLE, b"server shutting down")
     assert observers(world) == 0

@@ -33,7 +33,7 @@ from adapters.mqtt.codec import (
     Will,
     encode,
 )
-from tests.conftest import Party, World
+from tests.conftest import Party, World, running
 from tests.conftest import drain as drain  # re-exported for this package's tests
 
 HOST = "127.0.0.1"
@@ -49,12 +49,8 @@ def mqtt_options() -> dict[str, Any]:
 async def mqtt_adapter(world: World, mqtt_options: dict[str, Any]) -> AsyncIterator[MQTTAdapter]:
     """The MQTT adapter on ephemeral TCP and WebSocket ports."""
     options: dict[str, Any] = {"connect_timeout": 2.0, **mqtt_options}
-    adapter = MQTTAdapter(world.gateway, HOST, 0, ws_port=0, **options)
-    await adapter.start()
-    try:
+    async with running(MQTTAdapter(world.gateway, HOST, 0, ws_port=0, **options)) as adapter:
         yield adapter
-    finally:
-        await adapter.stop(timeout=2)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from adapters.ws import WSAdapter
-from tests.conftest import World
+from tests.conftest import World, running
 from tests.conftest import drain as drain  # re-exported for this package's tests
 
 
@@ -18,11 +18,8 @@ async def ws_adapter(world: World) -> AsyncIterator[WSAdapter]:
     adapter = WSAdapter(
         world.gateway, "127.0.0.1", 0, ping_interval=5, ping_timeout=5, close_timeout=2
     )
-    await adapter.start()
-    try:
+    async with running(adapter):
         yield adapter
-    finally:
-        await adapter.stop(timeout=2)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from adapters.ws import WSAdapter
-from tests.conftest import World
+from tests.conftest import World, running
 
 
 async def test_shutdown_closes_with_1001(world: World) -> None:
@@ -34,9 +34,9 @@ async def test_shutdown_closes_with_1001(world: World) -> None:
 
 
 async def test_keepalive_pings_are_answered(world: World) -> None:
-    adapter = WSAdapter(world.gateway, "127.0.0.1", 0, ping_interval=0.05, ping_timeout=5)
-    await adapter.start()
-    try:
+    async with running(
+        WSAdapter(world.gateway, "127.0.0.1", 0, ping_interval=0.05, ping_timeout=5)
+    ) as adapter:
         url = f"ws://127.0.0.1:{adapter.port}/m/acme/c/temps"
         async with connect(
             url, additional_headers={"Authorization": f"Client {world.subscriber.secret}"}
@@ -47,14 +47,12 @@ async def test_keepalive_pings_are_answered(world: World) -> None:
                     break
                 await asyncio.sleep(0.01)
             assert server_side.latency > 0
-    finally:
-        await adapter.stop(timeout=2)
 
 
 async def test_peer_that_never_answers_pings_is_closed_with_1011(world: World) -> None:
-    adapter = WSAdapter(world.gateway, "127.0.0.1", 0, ping_interval=0.05, ping_timeout=0.2)
-    await adapter.start()
-    try:
+    async with running(
+        WSAdapter(world.gateway, "127.0.0.1", 0, ping_interval=0.05, ping_timeout=0.2)
+    ) as adapter:
         reader, writer = await asyncio.open_connection("127.0.0.1", adapter.port)
         writer.write(
             b"GET /m/acme/c/temps HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -75,5 +73,3 @@ async def test_peer_that_never_answers_pings_is_closed_with_1011(world: World) -
         assert 0x9 in opcodes  # a ping came first
         assert close == (1011, "keepalive ping timeout")
         writer.close()
-    finally:
-        await adapter.stop(timeout=2)
