@@ -363,28 +363,28 @@ class Publish(msgspec.Struct, repr_omit_defaults=True):
     properties: Properties = EMPTY_PROPERTIES
 
 
-class PubAck(msgspec.Struct, repr_omit_defaults=True):
+class _PublishResponse(msgspec.Struct, repr_omit_defaults=True):
+    """The fields the four QoS 1 and 2 responses share; each is its own type."""
+
     packet_id: int
     reason_code: int = 0
     properties: Properties = EMPTY_PROPERTIES
 
 
-class PubRec(msgspec.Struct, repr_omit_defaults=True):
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = EMPTY_PROPERTIES
+class PubAck(_PublishResponse):
+    pass
 
 
-class PubRel(msgspec.Struct, repr_omit_defaults=True):
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = EMPTY_PROPERTIES
+class PubRec(_PublishResponse):
+    pass
 
 
-class PubComp(msgspec.Struct, repr_omit_defaults=True):
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = EMPTY_PROPERTIES
+class PubRel(_PublishResponse):
+    pass
+
+
+class PubComp(_PublishResponse):
+    pass
 
 
 class Subscription(msgspec.Struct, repr_omit_defaults=True):
