@@ -90,10 +90,11 @@ _heads: dict[tuple[str, str, str, str, str, str], bytes] = {}
 _HEADS_MAX = 4096
 
 
-def envelope_json(message: Message) -> bytes:
-    """:func:`envelope` as JSON, the same bytes as encoding it. On the fan-out path (SSE
-    events, WebSocket envelopes), so the fields before ``created`` are encoded once per topic
-    and publisher, and only ``created`` and the payload per message."""
+def envelope_json(message: Message, before: bytes = b"", after: bytes = b"") -> bytes:
+    """:func:`envelope` as JSON, the same bytes as encoding it, between ``before`` and
+    ``after`` (a framing such as an SSE event's, added in the same step). On the fan-out path
+    (SSE events, WebSocket envelopes), so the fields before ``created`` are encoded once per
+    topic and publisher, and only ``created`` and the payload per message."""
     if not message.metadata:
         try:
             text = message.payload.decode()
@@ -114,5 +115,6 @@ def envelope_json(message: Message) -> bytes:
                     _heads.clear()
                 whole = _json.encode(envelope(message))
                 head = _heads[key] = whole[: whole.index(b',"created":') + 11]
-            return b'%b%d,"payload":%b}' % (head, message.created, _json.encode(text))
-    return _json.encode(envelope(message))
+            payload = _json.encode(text)
+            return b'%b%b%d,"payload":%b}%b' % (before, head, message.created, payload, after)
+    return before + _json.encode(envelope(message)) + after

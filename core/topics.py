@@ -10,6 +10,7 @@ escaped reversibly.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -142,6 +143,13 @@ def parse_filter(topic: str) -> TopicFilter:
         elif level != "+":
             _check_level(level, i)
     return TopicFilter(domain, channel, tuple(levels))
+
+
+@functools.lru_cache(maxsize=8192)
+def path_topic(path: str) -> Topic:
+    """The publish topic of a URL path: :func:`parse_path`, then :func:`parse_topic`. Cached,
+    as devices publish to the same paths again and again (raises like :func:`parse_topic`)."""
+    return parse_topic(parse_path(path))
 
 
 def parse_path(path: str) -> str:

@@ -177,6 +177,8 @@ def test_envelope_json_is_the_envelope(message: Message) -> None:
         assert json.loads(envelope_json(message)) == envelope(message)
     later = msgspec.structs.replace(message, created=99, payload=b"later")
     assert json.loads(envelope_json(later)) == envelope(later)
+    framed = envelope_json(message, b"data: ", b"\n\n")
+    assert framed == b"data: " + envelope_json(message) + b"\n\n"
 
 
 async def test_next_times_out_then_delivers_then_reports_close() -> None:

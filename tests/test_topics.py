@@ -12,6 +12,7 @@ from core.topics import (
     parse_filter,
     parse_path,
     parse_topic,
+    path_topic,
     subject,
     topic_from_subject,
 )
@@ -128,6 +129,15 @@ def test_matching(flt: str, subtopic: str, match: bool) -> None:
 def test_paths() -> None:
     assert parse_path("/m/acme/c/temps/") == "m/acme/c/temps"
     assert parse_path("m/acme/c/temps") == "m/acme/c/temps"
+
+
+def test_path_topic_parses_a_path_and_refuses_a_bad_one_every_time() -> None:
+    assert path_topic("/m/acme/c/temps/room1/") == Topic("acme", "temps", "room1")
+    assert path_topic("/m/acme/c/temps/room1/") is path_topic("/m/acme/c/temps/room1/")
+    for _ in range(2):  # a refusal is not cached as an answer
+        with pytest.raises(TopicError) as err:
+            path_topic("/m/acme/c/temps/+")
+        assert err.value.part == "subtopic"
 
 
 @pytest.mark.parametrize("subtopic", ["", "a", "a/b", "v1.2/x*y/>z/100%", "%2E"])
