@@ -11,6 +11,8 @@ import time
 
 import msgspec
 
+from core.content import SENML_JSON
+
 PROTOCOLS = ("http", "ws", "mqtt", "coap")
 
 
@@ -57,15 +59,29 @@ def decode(data: bytes) -> Message:
 
 
 def envelope(message: Message) -> dict[str, object]:
-    """The message as a JSON-ready object, for subscribers that need to tell messages apart
-    (SSE events, WebSocket ``?format=envelope``). Text payloads stay text; anything that is not
-    UTF-8 travels as base64."""
-    try:
-        payload = message.payload.decode()
-        encoding = "utf-8"
-    except UnicodeDecodeError:
-        payload = base64.b64encode(message.payload).decode()
-        encoding = "base64"
+    """The message as a JSON-ready object (for msgspec's encoder), for subscribers that need to
+    tell messages apart (SSE events, WebSocket ``?format=envelope``).
+
+    ``encoding`` says what ``payload`` holds:
+
+    - ``json``: a SenML JSON pack, embedded as the JSON it is. The gateway validated it when it
+      was published (no message of that content type reaches a subscriber otherwise), so it is
+      JSON; it travels as the publisher's bytes (``msgspec.Raw``), put on one line when they
+      span several (an SSE ``data:`` line cannot hold a line break).
+    - ``utf-8``: any other payload that is UTF-8, as text.
+    - ``base64``: anything else.
+    """
+    payload: object
+    if message.content_type == SENML_JSON:
+        payload = msgspec.Raw(_one_line(message.payload))
+        encoding = "json"
+    else:
+        try:
+            payload = message.payload.decode()
+            encoding = "utf-8"
+        except UnicodeDecodeError:
+            payload = base64.b64encode(message.payload).decode()
+            encoding = "base64"
     out: dict[str, object] = {
         "topic": message.topic,
         "domain": message.domain,
@@ -96,25 +112,34 @@ def envelope_json(message: Message, before: bytes = b"", after: bytes = b"") -> 
     (SSE events, WebSocket envelopes), so the fields before ``created`` are encoded once per
     topic and publisher, and only ``created`` and the payload per message."""
     if not message.metadata:
-        try:
-            text = message.payload.decode()
-        except UnicodeDecodeError:
-            pass
+        if message.content_type == SENML_JSON:
+            payload = _one_line(message.payload)
         else:
-            key = (
-                message.domain,
-                message.channel,
-                message.subtopic,
-                message.publisher,
-                message.protocol,
-                message.content_type,
-            )
-            head = _heads.get(key)
-            if head is None:
-                if len(_heads) >= _HEADS_MAX:
-                    _heads.clear()
-                whole = _json.encode(envelope(message))
-                head = _heads[key] = whole[: whole.index(b',"created":') + 11]
-            payload = _json.encode(text)
-            return b'%b%b%d,"payload":%b}%b' % (before, head, message.created, payload, after)
+            try:
+                payload = _json.encode(message.payload.decode())
+            except UnicodeDecodeError:
+                return before + _json.encode(envelope(message)) + after
+        key = (
+            message.domain,
+            message.channel,
+            message.subtopic,
+            message.publisher,
+            message.protocol,
+            message.content_type,
+        )
+        head = _heads.get(key)
+        if head is None:
+            if len(_heads) >= _HEADS_MAX:
+                _heads.clear()
+            whole = _json.encode(envelope(message))
+            head = _heads[key] = whole[: whole.index(b',"created":') + 11]
+        return b'%b%b%d,"payload":%b}%b' % (before, head, message.created, payload, after)
     return before + _json.encode(envelope(message)) + after
+
+
+def _one_line(json: bytes) -> bytes:
+    """JSON text without line breaks: as it is when it has none (the usual case: no copy), else
+    with the whitespace between tokens removed (a line break inside a JSON string is escaped)."""
+    if 10 in json or 13 in json:  # b"\n", b"\r"
+        return msgspec.json.format(json, indent=0)
+    return json

@@ -169,16 +169,41 @@ def test_envelope_round_trip_is_compact() -> None:
         Message("acme", "temps", "a", "c1", "ws", "application/octet-stream", b"\xff\x00", 3),
         Message("acme", "temps", "a", "c1", "mqtt", "application/json", b"{}", 4, {"k": "v"}),
         Message("acme", "temps", "a", "c1", "coap", "text/plain", b"", 5),
+        Message(
+            "acme",
+            "temps",
+            "",
+            "c1",
+            "http",
+            "application/senml+json",
+            b'[\r\n  {"n": "a\\nb",\n   "v": 1}\n]\n',
+            6,
+        ),
     ],
 )
 def test_envelope_json_is_the_envelope(message: Message) -> None:
     # Twice: the second call encodes with the head kept from the first.
     for _ in range(2):
-        assert json.loads(envelope_json(message)) == envelope(message)
+        assert envelope_json(message) == msgspec.json.encode(envelope(message))
     later = msgspec.structs.replace(message, created=99, payload=b"later")
-    assert json.loads(envelope_json(later)) == envelope(later)
+    if later.content_type == "application/senml+json":
+        later = msgspec.structs.replace(later, payload=b'[{"n":"b","vs":"later"}]')
+    assert envelope_json(later) == msgspec.json.encode(envelope(later))
     framed = envelope_json(message, b"data: ", b"\n\n")
     assert framed == b"data: " + envelope_json(message) + b"\n\n"
+    assert b"\n" not in envelope_json(message)  # it fits on an SSE data: line
+
+
+def test_envelope_embeds_a_senml_json_pack_as_json() -> None:
+    pack = b'[{"bn":"dev:","n":"t","v":21.5},\n {"n":"h","vs":"a\\nb"}]'
+    message = Message("acme", "temps", "", "c1", "http", "application/senml+json", pack, 1)
+    decoded = json.loads(envelope_json(message))
+    assert decoded["encoding"] == "json"
+    assert decoded["payload"] == json.loads(pack)
+    # The publisher's bytes as they are when they are on one line.
+    one_line = b'[{"bn":"dev:","n":"t","v":21.50}]'
+    message = msgspec.structs.replace(message, payload=one_line)
+    assert envelope_json(message).endswith(b',"payload":' + one_line + b"}")
 
 
 async def test_next_times_out_then_delivers_then_reports_close() -> None:

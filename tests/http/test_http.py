@@ -197,6 +197,19 @@ async def test_sse_subscribe_with_wildcard(world: World, http: str, session) -> 
     assert base64.b64decode(second["payload"]) == b"\xff\x00"
 
 
+async def test_sse_carries_a_senml_json_pack_as_json(world: World, http: str, session) -> None:  # type: ignore[no-untyped-def]
+    headers = {"Accept": "text/event-stream", **auth(world.subscriber.secret)}
+    pack = b'[{"bn":"urn:dev:1:",\n  "n":"temp","u":"Cel","v":21.5},\n {"n":"note","vs":"a\\nb"}]'
+    async with session.get(f"{http}/m/acme/c/temps", headers=headers) as resp:
+        await resp.content.readline()
+        status, _ = await post(session, f"{http}/m/acme/c/temps", pack,
+                               "application/senml+json", **auth(world.publisher.secret))
+        assert status == 202
+        (event,) = await read_events(resp, 1)  # one data: line although the pack has three
+    assert event["encoding"] == "json" and event["content_type"] == "application/senml+json"
+    assert event["payload"] == json.loads(pack)
+
+
 async def test_sse_refusals(world: World, http: str, session) -> None:  # type: ignore[no-untyped-def]
     sse = {"Accept": "text/event-stream"}
     async with session.get(f"{http}/m/acme/c/temps", headers=sse) as r:
