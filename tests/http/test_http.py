@@ -210,6 +210,28 @@ async def test_sse_carries_a_senml_json_pack_as_json(world: World, http: str, se
     assert event["payload"] == json.loads(pack)
 
 
+async def test_sse_streams_get_every_message_in_order(world: World, http: str, session) -> None:  # type: ignore[no-untyped-def]
+    headers = {"Accept": "text/event-stream", **auth(world.subscriber.secret)}
+    url = f"{http}/m/acme/c/temps/%23"
+    async with session.get(url, headers=headers) as one, session.get(url, headers=headers) as two:
+        for resp in (one, two):
+            await resp.content.readline()
+        # Published together, so that they reach the streams in one loop turn.
+        statuses = await asyncio.gather(*(
+            post(session, f"{http}/m/acme/c/temps/r{i}", f"m{i}", "text/plain",
+                 **auth(world.publisher.secret))
+            for i in range(5)
+        ))
+        assert [status for status, _ in statuses] == [202] * 5
+        events = [await read_events(resp, 5) for resp in (one, two)]
+    assert events[0] == events[1]
+    assert sorted(e["payload"] for e in events[0]) == [f"m{i}" for i in range(5)]
+    order = [e["created"] for e in events[0]]
+    assert order == sorted(order)
+    metrics = world.gateway.metrics.exposition().decode()
+    assert 'conduit_messages_out_total{protocol="http"} 10.0' in metrics
+
+
 async def test_sse_refusals(world: World, http: str, session) -> None:  # type: ignore[no-untyped-def]
     sse = {"Accept": "text/event-stream"}
     async with session.get(f"{http}/m/acme/c/temps", headers=sse) as r:
