@@ -72,13 +72,16 @@ class EventStream:
     subscription gives up on it.
     """
 
-    __slots__ = ("_adapter", "_pending", "closed", "transport")
+    __slots__ = ("_adapter", "_pending", "closed", "finished", "transport")
 
     def __init__(self, adapter: HTTPAdapter, transport: asyncio.Transport) -> None:
         self._adapter = adapter
         self.transport = transport
         self._pending: list[Message] = []
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # Set once the closing event is written: the response is over, and its connection may
+        # carry another request, so nothing more may be written for this stream.
+        self.finished = False
 
     def sink(self, message: Message) -> bool:
         transport = self.transport
@@ -96,7 +99,7 @@ class EventStream:
         """Write the pending messages as one chunk of events. ``encoded`` holds the events
         already encoded in this turn, by message."""
         pending = self._pending
-        if not pending or self.transport.is_closing():
+        if not pending or self.finished or self.transport.is_closing():
             pending.clear()
             return
         events = []
@@ -317,6 +320,7 @@ class HTTPAdapter:
                     stream.end("client went away")
             reason = stream.closed.result()
             stream.write(b"event: close\ndata: " + orjson.dumps({"reason": reason}) + b"\n\n")
+            stream.finished = True
             with contextlib.suppress(ConnectionError):
                 await response.write_eof()
         except ConnectionError:
