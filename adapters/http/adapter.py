@@ -154,7 +154,7 @@ class HTTPAdapter:
         # limit as the body limit.
         request_factory = functools.partial(
             web.BaseRequest,
-            loop=asyncio.get_running_loop(),
+            loop=self._loop,
             client_max_size=self.gateway.limits.max_payload,
         )
         server = web.Server(self.handle, request_factory=request_factory, access_log=None)
