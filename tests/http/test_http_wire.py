@@ -1,0 +1,95 @@
+"""The 202 of a publish as it is on the wire: the bytes Conduit writes itself on a keep-alive
+HTTP/1.1 connection, and aiohttp's own response for HTTP/1.0 and ``Connection: close``."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from urllib.parse import urlsplit
+
+from core.auth import Credentials
+from tests.conftest import World
+
+
+def _post(secret: str, body: bytes, version: str = "1.1", extra: str = "") -> bytes:
+    return (
+        f"POST /m/acme/c/temps HTTP/{version}\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        f"Authorization: Client {secret}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]]:
+    """A bodiless response: its status line and headers (names lower-cased)."""
+    status = await asyncio.wait_for(reader.readline(), 5)
+    headers: dict[str, str] = {}
+    while (line := await asyncio.wait_for(reader.readline(), 5)) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        assert name.lower() not in headers, f"{name} twice"
+        headers[name.lower()] = value.strip()
+    return status, headers
+
+
+def _check_date(value: str) -> None:
+    sent = email.utils.parsedate_to_datetime(value).timestamp()
+    assert abs(sent - time.time()) < 5
+    assert value.endswith(" GMT")
+
+
+async def test_keep_alive_202s_pipelined(world: World, http: str) -> None:
+    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
+    watch = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
+    url = urlsplit(http)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    secret = world.publisher.secret
+    writer.write(_post(secret, b"one") + _post(secret, b"two"))  # pipelined: one write
+    for _ in range(2):
+        status, headers = await _response(reader)
+        assert status == b"HTTP/1.1 202 Accepted\r\n"
+        assert set(headers) == {"content-length", "date", "server"}
+        assert headers["content-length"] == "0"
+        assert "aiohttp" in headers["server"]
+        _check_date(headers["date"])
+    # The connection stays open for the next request.
+    writer.write(_post(secret, b"three"))
+    status, _ = await _response(reader)
+    assert status == b"HTTP/1.1 202 Accepted\r\n"
+    writer.close()
+    payloads = []
+    while (message := watch.get_nowait()) is not None:
+        payloads.append(message.payload)
+    assert payloads == [b"one", b"two", b"three"]
+
+
+async def test_202_that_closes_the_connection(world: World, http: str) -> None:
+    """HTTP/1.0 without keep-alive, and HTTP/1.1 with ``Connection: close``: aiohttp's own
+    response, and the server closes the connection after it."""
+    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
+    watch = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
+    url = urlsplit(http)
+    for version, extra, connection in [
+        ("1.0", "", None),
+        ("1.1", "Connection: close\r\n", "close"),
+    ]:
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(_post(world.publisher.secret, b"bye", version, extra))
+        status, headers = await _response(reader)
+        assert status.startswith(f"HTTP/{version} 202".encode())
+        assert headers["content-length"] == "0"
+        assert headers.get("connection") == connection
+        _check_date(headers["date"])
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        writer.close()
+        message = watch.get_nowait()
+        assert message is not None and message.payload == b"bye"
+
+
+async def test_http10_keep_alive(world: World, http: str) -> None:
+    url = urlsplit(http)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    for _ in range(2):
+        writer.write(_post(world.publisher.secret, b"x", "1.0", "Connection: keep-alive\r\n"))
+        status, headers = await _response(reader)
+        assert status.startswith(b"HTTP/1.0 202")
+        assert headers["connection"].lower() == "keep-alive"
+    writer.close()
