@@ -351,11 +351,12 @@ class Accepted(web.StreamResponse):
     """``202 Accepted`` with an empty body, the answer to every publish.
 
     On a keep-alive HTTP/1.1 request, the usual case, the response is bytes made once a second
-    (for the ``Date`` header) and written through the request's writer, which keeps aiohttp's
-    flow control: the same status line and headers that aiohttp writes, without building them
-    per request. That machinery (headers object, preparation, serialization) cost 34k of 246k
-    instructions per publish under load (callgrind, docs/performance.md). Any other request
-    (HTTP/1.0, ``Connection: close``) gets aiohttp's own response.
+    (for the ``Date`` header): the same status line and headers that aiohttp writes, without
+    building them per request. That machinery (headers object, preparation, serialization)
+    cost 34k of 246k instructions per publish under load (callgrind, docs/performance.md).
+    They go to the transport at once when nothing is waiting to be sent, else through the
+    request's writer, which waits for the client to read (aiohttp's flow control). Any other
+    request (HTTP/1.0, ``Connection: close``) gets aiohttp's own response.
     """
 
     _direct = False
@@ -368,7 +369,11 @@ class Accepted(web.StreamResponse):
             self.content_length = 0
             return await super().prepare(request)
         self._direct = True
-        await request.writer.write_eof(_accepted_bytes())
+        transport = request.transport
+        if transport is not None and not transport.get_write_buffer_size():
+            transport.write(_accepted_bytes())
+        else:  # the client is behind on reading: the writer waits until it catches up
+            await request.writer.write_eof(_accepted_bytes())
         return None
 
     async def write_eof(self, data: bytes = b"") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import socket
 import time
 from urllib.parse import urlsplit
 
@@ -93,3 +94,48 @@ async def test_http10_keep_alive(world: World, http: str) -> None:
         assert status.startswith(b"HTTP/1.0 202")
         assert headers["connection"].lower() == "keep-alive"
     writer.close()
+
+
+def _send_buffer_max() -> int:
+    with open("/proc/sys/net/ipv4/tcp_wmem") as f:
+        return int(f.read().split()[2])
+
+
+async def test_client_that_does_not_read_its_202s(world: World, http: str) -> None:
+    """A client pipelines POSTs without reading the answers: the server's send buffer fills,
+    the 202s wait for the client (the server stops taking requests meanwhile), and once the
+    client reads, every request has its 202 and every message was published once."""
+    url = urlsplit(http)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small receive window
+    sock.connect((url.hostname, url.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    request = _post(world.publisher.secret, b"p")
+    # More answers than the server's socket can hold unread (its send buffer grows up to
+    # tcp_wmem's maximum; an answer is about 120 bytes).
+    batch = 500
+    total = (_send_buffer_max() // 100 // batch + 20) * batch
+    published = world.gateway.metrics.in_["http"]
+    before = published.value
+
+    async def send() -> None:
+        for _ in range(total // batch):
+            writer.write(request * batch)
+            await writer.drain()
+
+    sending = asyncio.create_task(send())
+    # The server stops taking requests while its answers wait: the count stops growing short
+    # of the total.
+    count = 0
+    for _ in range(60):
+        await asyncio.sleep(0.5)
+        if count == (count := published.value - before):
+            break
+    assert 0 < count < total
+    for _ in range(total):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 202 Accepted\r\n"), head
+    await sending
+    writer.close()
+    assert published.value - before == total
