@@ -135,7 +135,11 @@ def _meta(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 def api_command(group: click.Group, name: str, **kw: Any) -> Any:
-    """A provisioning command: the management API options, and an ``api`` argument."""
+    """A provisioning command: the management API options, and an ``api`` argument.
+
+    Where the API is and where its admin key lies default to what ``conduit serve`` would use
+    with the same configuration file and environment (``api_host``, ``api_port``,
+    ``data_dir``), so a CLI run beside the server finds it."""
 
     def decorate(func: Any) -> Any:
         @group.command(name, **kw)
@@ -143,9 +147,7 @@ def api_command(group: click.Group, name: str, **kw: Any) -> Any:
             "--api",
             "url",
             envvar="CONDUIT_API_URL",
-            default="http://127.0.0.1:9009",
-            show_default=True,
-            help="Management API URL [CONDUIT_API_URL]",
+            help="Management API URL [CONDUIT_API_URL]; default: from api_host and api_port",
         )
         @click.option(
             "--admin-key",
@@ -154,21 +156,45 @@ def api_command(group: click.Group, name: str, **kw: Any) -> Any:
         )
         @click.option(
             "--data-dir",
-            envvar="CONDUIT_DATA_DIR",
-            default="data",
             type=click.Path(path_type=Path),
-            help="Data directory [CONDUIT_DATA_DIR]",
+            help="Data directory, to find admin.key [CONDUIT_DATA_DIR]",
+        )
+        @click.option(
+            "--config",
+            type=click.Path(path_type=Path),
+            envvar="CONDUIT_CONFIG",
+            help="The server's TOML configuration file [CONDUIT_CONFIG]",
         )
         @click.option("--json", "as_json", is_flag=True, help="JSON output, for scripts")
         @functools.wraps(func)
         def command(
-            url: str, admin_key: str | None, data_dir: Path, as_json: bool, **params: Any
+            url: str | None,
+            admin_key: str | None,
+            data_dir: Path | None,
+            config: Path | None,
+            as_json: bool,
+            **params: Any,
         ) -> None:
-            func(API(url, admin_key, data_dir, as_json), **params)
+            try:
+                settings = Settings.load(config, data_dir=data_dir)
+            except Exception as exc:
+                raise click.ClickException(f"configuration: {exc}") from None
+            url = url or _api_url(settings.api_host, settings.api_port)
+            func(API(url, admin_key, settings.data_dir, as_json), **params)
 
         return command
 
     return decorate
+
+
+def _api_url(host: str, port: int) -> str:
+    """The URL that reaches an API listening on ``host``: a wildcard address is reached on
+    the loopback."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 domain_opt = click.option("--domain", "-d", required=True, help="Domain name")

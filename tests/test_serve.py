@@ -134,6 +134,26 @@ def test_cli_without_admin_key_or_server(tmp_path: Path) -> None:
     assert r.returncode != 0 and "cannot reach the management API" in r.stderr
 
 
+def test_cli_finds_the_server_from_its_settings(server: Server, tmp_path: Path) -> None:
+    """Without --api, the CLI reaches the API where `conduit serve` puts it with the same
+    environment or configuration file, and finds the admin key in the same data directory."""
+    env = {k: v for k, v in server.env.items() if k != "CONDUIT_API_URL"}
+    env["CONDUIT_API_PORT"] = str(server.ports["api"])
+    r = subprocess.run([*CONDUIT, "domains", "create", "from-env"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+    cfg = tmp_path / "conduit.toml"
+    data_dir = env.pop("CONDUIT_DATA_DIR")
+    del env["CONDUIT_API_PORT"]
+    port = server.ports["api"]
+    cfg.write_text(f'data_dir = "{data_dir}"\napi_host = "0.0.0.0"\napi_port = {port}\n')
+    r = subprocess.run([*CONDUIT, "domains", "list", "--json", "--config", str(cfg)], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert [d["name"] for d in json.loads(r.stdout)] == ["from-env"]
+
+
 def test_wrong_admin_key_is_refused(server: Server) -> None:
     env = {**server.env, "CONDUIT_ADMIN_KEY": "wrong"}
     r = subprocess.run([*CONDUIT, "domains", "list"], env=env, capture_output=True, text=True)
