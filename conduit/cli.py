@@ -12,6 +12,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -115,12 +116,14 @@ class API:
         for row in rows:
             if isinstance(row, dict):
                 keys = fields or tuple(row)
-                click.echo("  ".join(f"{k}={_fmt(row.get(k))}" for k in keys))
+                click.echo("  ".join(f"{k}={_fmt(row.get(k), k)}" for k in keys))
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str = "") -> str:
     if isinstance(value, dict):
         return json.dumps(value)
+    if key == "created" and isinstance(value, int | float):  # seconds since the epoch
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
     return str(value)
 
 

@@ -90,6 +90,9 @@ def test_cli_walkthrough_and_publish(server: Server) -> None:
     assert "secret=" in human.stdout and "cannot be shown again" in human.stderr
     listing = server.cli("clients", "list", "--domain", "acme").stdout
     assert "sensor-1" in listing and "secret" not in listing
+    # times as dates, in UTC
+    assert re.search(r"name=acme  created=20\d\d-\d\d-\d\dT[\d:]{8}\+00:00 ",
+                     server.cli("domains", "list").stdout)
 
     async def flow() -> list[str]:
         base = f"http://127.0.0.1:{server.ports['http']}"
