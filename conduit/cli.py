@@ -12,6 +12,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -36,7 +37,8 @@ def _setting_options(func: Any) -> Any:
             choices = click.Choice([str(c) for c in get_args(base)])
             option = click.option(flag, name, type=choices, default=None, help=help_text)
         else:
-            ptype = {int: int, float: float, Path: click.Path(path_type=Path)}.get(base, str)
+            types: dict[object, Any] = {int: int, float: float, Path: click.Path(path_type=Path)}
+            ptype = types.get(base, str)
             option = click.option(flag, name, type=ptype, default=None, help=help_text)
         func = option(func)
     return func
@@ -137,14 +139,16 @@ def _meta(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def api_command(group: click.Group, name: str, **kw: Any) -> Any:
+def api_command(
+    group: click.Group, name: str, **kw: Any
+) -> Callable[[Callable[..., None]], click.Command]:
     """A provisioning command: the management API options, and an ``api`` argument.
 
     Where the API is and where its admin key lies default to what ``conduit serve`` would use
     with the same configuration file and environment (``api_host``, ``api_port``,
     ``data_dir``), so a CLI run beside the server finds it."""
 
-    def decorate(func: Any) -> Any:
+    def decorate(func: Callable[..., None]) -> click.Command:
         @group.command(name, **kw)
         @click.option(
             "--api",
