@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from adapters.mqtt import MQTTAdapter
 from adapters.mqtt.codec import Connect, Decoder, Disconnect, Properties, Publish, encode
 from core.limits import Limits
-from tests.conftest import World, require_command
+from tests.conftest import World
 from tests.mqtt.conftest import RawClient, connected, paho_client, refusals, until
 
 
@@ -138,38 +137,6 @@ async def test_ws_text_frame_is_1003(world: World, mqtt_adapter: MQTTAdapter) ->
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 5)
         assert ws.close_code == 1003
-
-
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed server certificate for 127.0.0.1 (key, cert)."""
-    openssl = require_command("openssl", "openssl")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return key, cert
 
 
 async def test_tls(world: World, certificate: tuple[Path, Path]) -> None:
