@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import socket
+import ssl
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
+
+from adapters.http import HTTPAdapter
 from core.auth import Credentials
-from tests.conftest import World
+from tests.conftest import World, running
 
 
 def _post(secret: str, body: bytes, version: str = "1.1", extra: str = "") -> bytes:
@@ -60,6 +65,40 @@ async def test_keep_alive_202s_pipelined(world: World, http: str) -> None:
     while (message := watch.get_nowait()) is not None:
         payloads.append(message.payload)
     assert payloads == [b"one", b"two", b"three"]
+
+
+async def test_keep_alive_202s_over_tls(world: World, certificate: tuple[Path, Path]) -> None:
+    """The prepared 202 on a TLS transport: a real HTTPS client on one kept-alive connection."""
+    key, cert = certificate
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    ident = await world.gateway.authenticate(Credentials(world.subscriber.secret))
+    watch = await world.gateway.subscribe(ident, "m/acme/c/temps/#", "http")
+    headers = {"Authorization": f"Client {world.publisher.secret}", "Content-Type": "text/plain"}
+    connections = 0
+
+    async def connected(*_: object) -> None:
+        nonlocal connections
+        connections += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(connected)
+    async with (
+        running(HTTPAdapter(world.gateway, "127.0.0.1", 0, ssl_context=server_ctx)) as adapter,
+        aiohttp.ClientSession(trace_configs=[trace]) as session,
+    ):
+        url = f"https://127.0.0.1:{adapter.port}/m/acme/c/temps"
+        for i in range(3):
+            async with session.post(url, data=f"tls{i}", headers=headers, ssl=client_ctx) as r:
+                assert r.status == 202 and await r.read() == b""
+                assert r.headers["Content-Length"] == "0"
+                _check_date(r.headers["Date"])
+    assert connections == 1  # kept alive
+    payloads = []
+    while (message := watch.get_nowait()) is not None:
+        payloads.append(message.payload)
+    assert payloads == [b"tls0", b"tls1", b"tls2"]
 
 
 async def test_202_that_closes_the_connection(world: World, http: str) -> None:
