@@ -63,14 +63,19 @@ def _cache_key(secret: str) -> bytes:
 def parse_authorization(value: str | None) -> Credentials:
     """Parse an ``Authorization`` header value (or the ``authorization`` query of a URL).
 
-    Accepts ``Client <secret>``, ``Basic base64(client_id:secret)`` and a bare secret.
+    Accepts ``Client <secret>``, ``Basic base64(client_id:secret)`` and a bare secret. Every
+    credential Conduit issues is ASCII: a value with any other character (a header holding
+    bytes that are not UTF-8 reaches here with surrogates) is bad credentials. Refusals never
+    repeat the value: it may be a secret sent in the wrong place.
     """
-    if value is not None and value.startswith("Client "):  # the common case, in one test
+    if value is not None and value.startswith("Client ") and value.isascii():  # the common case
         secret = value[7:].strip()
         if secret:
             return Credentials(secret)
     if value is None or not value.strip():
         raise AuthenticationError("no credentials", Condition.NO_CREDENTIALS)
+    if not value.isascii():
+        raise AuthenticationError("credentials must be ASCII")
     scheme, _, rest = value.strip().partition(" ")
     rest = rest.strip()
     lowered = scheme.lower()
@@ -91,7 +96,7 @@ def parse_authorization(value: str | None) -> Credentials:
         raise AuthenticationError("bearer tokens are not accepted by this gateway yet")
     if not rest:
         return Credentials(scheme)
-    raise AuthenticationError(f"unknown authorization scheme {scheme!r}")
+    raise AuthenticationError("unknown authorization scheme: use Client <secret> or Basic")
 
 
 K = TypeVar("K")
