@@ -7,6 +7,7 @@ are open, for probes and scrapers on the same host. The routes are described in 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import secrets
@@ -18,25 +19,44 @@ from aiohttp import web
 
 from conduit.openapi import spec as openapi
 from conduit.settings import ADMIN_KEY_FILE as KEY_FILE
-from core.errors import PROBLEM_JSON, ConduitError, plain_problem
+from core.errors import PROBLEM_JSON, ConduitError, RequestTimeoutError, plain_problem
 from core.gateway import Gateway
 from core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from core.provisioning import InvalidRequest
 from core.store import Conflict, NotFound, StoreError
 
 
+MIN_ADMIN_KEY = 32
+"""Characters an admin key must have at least (a generated one has 43: 256 random bits)."""
+
+
+class WeakAdminKey(ValueError):
+    """The configured admin key is too short to protect the management API."""
+
+
 def admin_key(data_dir: Path, configured: str | None) -> str:
-    """The admin key: the configured one, or the one kept in the data directory (made once)."""
-    if configured:
-        return configured
+    """The admin key: the configured one, or the one kept in the data directory (made once).
+    Raises :class:`WeakAdminKey` for a key shorter than :data:`MIN_ADMIN_KEY` characters (an
+    empty or blank one included), which must not start a server."""
+    if configured is not None:
+        return _strong(configured.strip(), "the admin_key setting (CONDUIT_ADMIN_KEY)")
     path = data_dir / KEY_FILE
     if path.exists():
-        return path.read_text().strip()
+        return _strong(path.read_text().strip(), str(path))
     data_dir.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
+    return key
+
+
+def _strong(key: str, source: str) -> str:
+    if len(key) < MIN_ADMIN_KEY:
+        raise WeakAdminKey(
+            f"admin key from {source} has {len(key)} characters; at least {MIN_ADMIN_KEY} are"
+            " needed (make one with: openssl rand -hex 32)"
+        )
     return key
 
 
@@ -58,8 +78,9 @@ def _default(obj: Any) -> Any:
 
 
 class ManagementAPI:
-    def __init__(self, gateway: Gateway, key: str) -> None:
+    def __init__(self, gateway: Gateway, key: str, *, body_timeout: float = 30.0) -> None:
         self.gateway = gateway
+        self.body_timeout = body_timeout
         self.prov = gateway.provisioning
         self._key = key.encode()
         app = web.Application(middlewares=[self._errors])
@@ -107,19 +128,26 @@ class ManagementAPI:
             return _problem(409, "Conflict", str(exc))
         except (InvalidRequest, StoreError) as exc:
             return _problem(400, "Invalid request", str(exc))
-        except ConduitError as exc:  # the store or the bus is unavailable
-            return _problem(exc.condition.answer.http, exc.condition.answer.title, exc.detail)
+        except ConduitError as exc:  # the store or the bus is unavailable; a body too slow
+            answer = _problem(exc.condition.answer.http, exc.condition.answer.title, exc.detail)
+            if isinstance(exc, RequestTimeoutError):
+                answer.force_close()  # what is left of the body would be read as a request
+            return answer
         except web.HTTPException as exc:
             if exc.status >= 400:
                 return _problem(exc.status, exc.reason, exc.text or exc.reason)
             raise
 
-    @staticmethod
-    async def _body(request: web.Request, *required: str) -> dict[str, Any]:
+    async def _body(self, request: web.Request, *required: str) -> dict[str, Any]:
         try:
-            body = await request.json(loads=orjson.loads) if request.can_read_body else {}
+            async with asyncio.timeout(self.body_timeout):
+                body = await request.json(loads=orjson.loads) if request.can_read_body else {}
         except ValueError:
             raise InvalidRequest("the body is not valid JSON") from None
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the body did not arrive within {self.body_timeout:g} s"
+            ) from None
         if not isinstance(body, dict):
             raise InvalidRequest("the body must be a JSON object")
         for name in required:

@@ -14,17 +14,17 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from aiohttp import web
-
 from adapters.coap import CoAPAdapter
 from adapters.http import HTTPAdapter
+from adapters.http.server import Listener
 from adapters.mqtt import MQTTAdapter
 from adapters.ws import WSAdapter
-from conduit.api import ManagementAPI, admin_key
+from conduit.api import ManagementAPI, WeakAdminKey, admin_key
 from conduit.settings import Settings
 from core.bus.local import LocalBus
 from core.gateway import Gateway
 from core.limits import Limits
+from core.noise import printable, redact
 from core.store.sqlite import SQLiteStore
 
 log = logging.getLogger("conduit")
@@ -43,31 +43,6 @@ class StartupError(Exception):
     """Conduit cannot start as configured; the message says what to change."""
 
 
-class _API:
-    """The management API's listener, shaped like an adapter."""
-
-    protocol = "api"
-
-    def __init__(self, api: ManagementAPI, host: str, port: int) -> None:
-        self.api, self.host, self.port = api, host, port
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.api.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        if self.port == 0:
-            self.port = self._runner.addresses[0][1]
-
-    async def stop(self, timeout: float = 10.0) -> None:
-        if self._runner is not None:
-            if self._runner.server is not None:
-                await self._runner.server.shutdown(timeout)
-            await self._runner.cleanup()
-            self._runner = None
-
-
 class Conduit:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -84,14 +59,37 @@ class Conduit:
             ),
             cache_ttl=s.cache_ttl,
         )
-        self.api = _API(
-            ManagementAPI(self.gateway, admin_key(s.data_dir, s.admin_key)), s.api_host, s.api_port
+        try:
+            key = admin_key(s.data_dir, s.admin_key)
+        except WeakAdminKey as exc:
+            raise StartupError(str(exc)) from None
+        self.api = Listener(
+            self.gateway,
+            "api",
+            ManagementAPI(self.gateway, key, body_timeout=s.body_timeout).app,
+            s.api_host,
+            s.api_port,
+            limits=s.listener_limits(s.api_max_connections),
         )
         factories: list[tuple[bool, Callable[[], Adapter]]] = [
-            (s.http_enabled, lambda: HTTPAdapter(self.gateway, s.host, s.http_port)),
+            (
+                s.http_enabled,
+                lambda: HTTPAdapter(
+                    self.gateway,
+                    s.host,
+                    s.http_port,
+                    limits=s.listener_limits(s.http_max_connections),
+                ),
+            ),
             (
                 s.ws_enabled,
-                lambda: WSAdapter(self.gateway, s.host, s.ws_port, dashboard=s.ws_dashboard),
+                lambda: WSAdapter(
+                    self.gateway,
+                    s.host,
+                    s.ws_port,
+                    dashboard=s.ws_dashboard,
+                    limits=s.listener_limits(s.ws_max_connections),
+                ),
             ),
             (s.coap_enabled, lambda: CoAPAdapter(self.gateway, s.host, s.coap_port)),
             (
@@ -152,10 +150,8 @@ class Conduit:
     async def stop(self) -> None:
         """Stop accepting, finish in-flight work, close sessions, close the backends."""
         timeout = self.settings.shutdown_timeout
-        adapters = [a for a in self._started if a is not self.api]
-        await asyncio.gather(*(a.stop(timeout) for a in adapters), return_exceptions=True)
-        if self.api in self._started:
-            await self.api.stop(timeout)
+        # Together: each gives its requests in flight the same timeout, at the same time.
+        await asyncio.gather(*(a.stop(timeout) for a in self._started), return_exceptions=True)
         self._started.clear()
         await self.gateway.close()
 
@@ -176,6 +172,24 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
+class _Hygiene(logging.Filter):
+    """Every record written: credentials redacted wherever a library put them, control
+    characters escaped so that one record is one line (the traceback aside), whatever a client
+    sent. Adapters already write client values this way; this is the net under every library."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = printable(redact(message), limit=_MESSAGE_LIMIT)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+_MESSAGE_LIMIT = 8192  # characters of one log message
+
+
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -186,12 +200,18 @@ class _JSONFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(out)
+
+
+# Libraries whose debug output is of no use to an operator of Conduit and much of it: aiosqlite
+# logs every statement twice, with its parameters.
+_QUIET = ("aiosqlite",)
 
 
 def setup_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Hygiene())
     if settings.log_format == "json":
         handler.setFormatter(_JSONFormatter())
     else:
@@ -199,6 +219,8 @@ def setup_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
 
 
 def run(settings: Settings) -> None:

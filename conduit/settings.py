@@ -18,6 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from core.limits import ListenerLimits
+
 ADMIN_KEY_FILE = "admin.key"  # in the data directory, mode 0600
 
 
@@ -80,6 +82,29 @@ class Settings(BaseSettings):
     cache_ttl: float = Field(
         30.0, gt=0, description="Seconds credentials and rights are cached; revocation bound"
     )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds an HTTP, WebSocket or API connection has to send a complete"
+        " request head (from connecting, or from the first byte of its next request)",
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="Seconds an HTTP or API request body has to arrive"
+    )
+    idle_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a kept-alive HTTP or API connection may wait for its next request",
+    )
+    http_max_connections: int = Field(
+        10000, gt=0, description="Open connections the HTTP listener accepts; more get 503"
+    )
+    ws_max_connections: int = Field(
+        10000, gt=0, description="Open connections the WebSocket listener accepts; more get 503"
+    )
+    api_max_connections: int = Field(
+        256, gt=0, description="Open connections the management API accepts; more get 503"
+    )
 
     # process
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level")
@@ -91,6 +116,15 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         10.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM/SIGINT"
     )
+
+    def listener_limits(self, max_connections: int) -> ListenerLimits:
+        """The timeouts of every HTTP-like listener, with its own connection cap."""
+        return ListenerLimits(
+            header_timeout=self.header_timeout,
+            body_timeout=self.body_timeout,
+            idle_timeout=self.idle_timeout,
+            max_connections=max_connections,
+        )
 
     @property
     def database(self) -> Path:

@@ -50,6 +50,8 @@ class Condition(enum.Enum):
     )
     TOO_LARGE = Answer(413, 413, 1009, None, 0x95, _coap(4, 13), "Too large")
     RATE_LIMITED = Answer(429, 429, 1008, None, 0x97, _coap(4, 29), "Rate or quota exceeded")
+    # Beyond DESIGN.md's table: a request (its body) that does not arrive in time.
+    REQUEST_TIMEOUT = Answer(408, 408, 1008, None, 0x8D, _coap(4, 8), "Request timeout")
     UNAVAILABLE = Answer(503, 503, 1011, 3, 0x88, _coap(5, 3), "Service unavailable")
 
     @property
@@ -157,6 +159,10 @@ class TooLargeError(ConduitError):
 
 class RateLimitError(ConduitError):
     condition = Condition.RATE_LIMITED
+
+
+class RequestTimeoutError(ConduitError):
+    condition = Condition.REQUEST_TIMEOUT
 
 
 class UnavailableError(ConduitError):

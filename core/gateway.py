@@ -28,6 +28,7 @@ from core.message import Message
 from core.message import decode as decode_message
 from core.message import encode as encode_message
 from core.metrics import Metrics
+from core.noise import NoiseLog, printable
 from core.provisioning import Provisioning
 from core.store import NotFound, Store
 from core.topics import Topic, TopicFilter, parse_filter, parse_topic
@@ -58,6 +59,7 @@ class Gateway:
         self.limits = limits or Limits()
         self.cache_ttl = cache_ttl
         self.metrics = Metrics()
+        self.noise = NoiseLog(log)
         self.auth = Authenticator(store, ttl=cache_ttl)
         self.provisioning = Provisioning(store, self._changed)
         self._rate = (
@@ -85,6 +87,7 @@ class Gateway:
             await self.unsubscribe(sub, "server shutting down")
         await self.bus.close()
         await self.store.close()
+        self.noise.flush()
 
     async def health(self) -> dict[str, Any]:
         status: dict[str, Any] = {}
@@ -293,14 +296,27 @@ class Gateway:
         self.metrics.out[protocol].inc(n)
 
     def refused(self, protocol: str, error: ConduitError, client_id: str | None = None) -> None:
-        """Log and count one refusal. Adapters call this once per refusal they answer."""
-        self.metrics.refusals.labels(protocol, error.reason).inc()
+        """Log and count one refusal. Adapters call this once per refusal they answer.
+
+        A refusal of an authenticated client is always logged; one of nobody in particular
+        (``client_id`` None: no or bad credentials, a bad path before authentication) is
+        sampled (:mod:`core.noise`), since anyone can send those by the thousand."""
+        self.refused_input(protocol, error.reason, error.detail, client_id)
+
+    def refused_input(
+        self, protocol: str, reason: str, detail: str, client_id: str | None = None
+    ) -> None:
+        """Log and count one refusal that is not a row of the error table (malformed input,
+        a timeout, a connection limit), with ``reason`` as the metrics label."""
+        self.metrics.refusals.labels(protocol, reason).inc()
+        if client_id is None and not self.noise.allow(protocol, reason):
+            return
         log.info(
             "refused %s client=%s reason=%s: %s",
             protocol,
-            client_id or "-",
-            error.reason,
-            error.detail,
+            printable(client_id or "-"),
+            reason,
+            printable(detail),
         )
 
     # internals

@@ -1,4 +1,5 @@
-"""Limits that protect the gateway: sizes, queues and per-client publish rates."""
+"""Limits that protect the gateway: sizes, queues, per-client publish rates, and what one
+listener allows its connections."""
 
 from __future__ import annotations
 
@@ -15,6 +16,21 @@ class Limits:
     max_dropped: int = 1000  # consecutive drops before a slow subscriber is cut off
     rate: float = 0.0  # messages per second per client; 0 means unlimited
     burst: int = 100  # messages a client may send at once above the rate
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """What one HTTP or WebSocket listener (and the management API) allows a connection.
+
+    Every connection is unauthenticated until its request head has arrived, so each of these
+    bounds what a stranger can hold: a slot in ``max_connections`` and a file descriptor.
+    """
+
+    header_timeout: float = 10.0  # seconds from connecting (or the first byte of a request
+    # on a kept-alive connection) to a complete request head
+    body_timeout: float = 30.0  # seconds a request body may take to arrive
+    idle_timeout: float = 60.0  # seconds a kept-alive connection may wait for its next request
+    max_connections: int = 10_000  # open connections; more are refused at once (503)
 
 
 class RateLimiter:

@@ -8,8 +8,9 @@ import aiohttp
 import pytest
 from openapi_spec_validator import validate
 
+from adapters.http.server import Listener
 from conduit.api import ManagementAPI
-from conduit.app import _API
+from core.limits import ListenerLimits
 from conduit.openapi import OPERATIONS, spec
 from tests.conftest import World
 
@@ -18,7 +19,8 @@ KEY = "test-admin-key"
 
 @pytest.fixture
 async def api(world: World) -> AsyncIterator[str]:
-    listener = _API(ManagementAPI(world.gateway, KEY), "127.0.0.1", 0)
+    app = ManagementAPI(world.gateway, KEY).app
+    listener = Listener(world.gateway, "api", app, "127.0.0.1", 0, limits=ListenerLimits())
     await listener.start()
     yield f"http://127.0.0.1:{listener.port}"
     await listener.stop(2)

@@ -24,6 +24,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import SERVER_SOFTWARE
 
+from adapters.http.server import Listener
 from core.auth import Identity, parse_authorization
 from core.bus import Subscription
 from core.content import normalize
@@ -32,6 +33,7 @@ from core.errors import (
     WWW_AUTHENTICATE,
     Condition,
     ConduitError,
+    RequestTimeoutError,
     TooLargeError,
     TopicError,
     challenge,
@@ -39,6 +41,7 @@ from core.errors import (
 )
 from core.errors import problem as problem_document
 from core.gateway import Gateway
+from core.limits import ListenerLimits
 from core.message import Message, envelope_json
 from core.topics import parse_path, path_topic
 
@@ -139,14 +142,15 @@ class HTTPAdapter:
         host: str = "0.0.0.0",
         port: int = 8008,
         ssl_context: ssl.SSLContext | None = None,
+        limits: ListenerLimits | None = None,
     ) -> None:
         self.gateway = gateway
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        self.limits = limits or ListenerLimits()
         self._streams: dict[Subscription, EventStream] = {}
-        self._runner: web.ServerRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._listener: Listener | None = None
         self._to_flush: list[EventStream] = []
         self._loop: asyncio.AbstractEventLoop  # set by start()
 
@@ -160,28 +164,30 @@ class HTTPAdapter:
             loop=self._loop,
             client_max_size=self.gateway.limits.max_payload,
         )
-        server = web.Server(self.handle, request_factory=request_factory, access_log=None)
-        self._runner = web.ServerRunner(server, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        self._site = web.TCPSite(
-            self._runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True
+        listener = Listener(
+            self.gateway,
+            self.protocol,
+            self.handle,
+            self.host,
+            self.port,
+            limits=self.limits,
+            ssl_context=self.ssl_context,
+            request_factory=request_factory,
         )
-        await self._site.start()
-        if self.port == 0:
-            self.port = self._runner.addresses[0][1]
+        await listener.start()
+        self._listener = listener
+        self.port = listener.port
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, end event streams, let in-flight requests finish."""
-        if self._runner is None:
+        listener = self._listener
+        if listener is None:
             return
-        if self._site is not None:
-            await self._site.stop()  # stop accepting new connections
+        self._listener = None
+        await listener.stop_accepting()
         for sub in list(self._streams):
             await self.gateway.unsubscribe(sub, "server shutting down")
-        if self._runner.server is not None:
-            await self._runner.server.shutdown(timeout)  # in-flight requests finish
-        await self._runner.cleanup()
-        self._runner = None
+        await listener.stop(timeout)
 
     # dispatch
     def handle(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
@@ -240,7 +246,10 @@ class HTTPAdapter:
             if not self.gateway.publish_nowait(identity, topic, body, content_type, self.protocol):
                 await self.gateway.publish(identity, topic, body, content_type, self.protocol)
         except ConduitError as exc:
-            return self._refuse(exc, identity.client_id if identity else None)
+            response = self._refuse(exc, identity.client_id if identity else None)
+            if isinstance(exc, RequestTimeoutError):
+                response.force_close()  # the rest of the body would be read as a request
+            return response
         return Accepted()
 
     async def _body(self, request: web.BaseRequest) -> bytes:
@@ -255,10 +264,14 @@ class HTTPAdapter:
             # The client waits for this before sending the body (RFC 9110 sec 10.1.1);
             # aiohttp's low-level server leaves it to the handler.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        timeout = self.limits.body_timeout
         try:
-            return await request.read()
+            async with asyncio.timeout(timeout):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise TooLargeError(f"body exceeds {limit} bytes") from None
+        except TimeoutError:
+            raise RequestTimeoutError(f"the body did not arrive within {timeout:g} s") from None
 
     def to_flush(self, stream: EventStream) -> None:
         """Have a stream's pending messages written at the end of this loop turn."""

@@ -42,7 +42,7 @@ import logging
 import re
 import ssl
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
@@ -68,9 +68,12 @@ from core.errors import (
     TopicError,
     UnavailableError,
     challenge,
+    plain_problem,
     problem,
 )
 from core.gateway import Gateway
+from core.limits import ListenerLimits
+from core.noise import redact
 from core.topics import Topic, TopicFilter, parse_filter, parse_path
 
 log = logging.getLogger("conduit.ws")
@@ -95,19 +98,60 @@ class Session:
     envelope: bool
 
 
+_TOO_MANY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
+    b"Connection: close\r\nRetry-After: 5\r\nContent-Length: %d\r\n\r\n%b"
+)
+
+
 class WSConnection(ServerConnection):
     """A websockets server connection that carries its session and wakes its outbox when the
-    transport has room again."""
+    transport has room again. Each adapter makes its own subclass, with ``adapter`` set."""
 
+    adapter: WSAdapter
     session: Session | None = None
     outbox: Outbox | None = None
     refused: bool = False  # Conduit closed it for a refusal (already counted)
+    counted: bool = False  # holds one of the adapter's connection slots
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        adapter = self.adapter
+        if adapter.open_connections >= adapter.limits.max_connections:
+            adapter.gateway.refused_input(
+                adapter.protocol, "connection_limit", "too many connections", None
+            )
+            body = orjson.dumps(
+                plain_problem(503, "Service Unavailable", "too many connections; retry later")
+            )
+            transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+            transport.write(_TOO_MANY % (len(body), body))
+            transport.close()
+            return
+        adapter.open_connections += 1
+        self.counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.counted = False
+            self.adapter.open_connections -= 1
+            super().connection_lost(exc)
 
     def resume_writing(self) -> None:
         super().resume_writing()
         # asyncio's transports allow writing from resume_writing (it "may append to buffer").
         if self.outbox is not None:
             self.outbox.flush()
+
+
+class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """What websockets logs, without credentials: at debug level it logs each request line
+    (with ``?authorization=``) and each header (with ``Authorization``)."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            self.logger.log(level, "%s", redact(text), **kwargs)
 
 
 def close_reason(text: str) -> str:
@@ -192,12 +236,15 @@ class WSAdapter:
         write_limit: int = 64 * 1024,
         origins: list[str] | None = None,
         dashboard: bool = True,
+        limits: ListenerLimits | None = None,
     ) -> None:
         """``ping_interval``/``ping_timeout``: keep-alive (None disables it); ``write_limit``:
         bytes a connection's transport buffers before its outbox backlog takes over;
         ``origins``: the browser origins allowed (None: any, since credentials are never
         ambient cookies; clients that send no ``Origin`` header, devices, are not browsers and
-        are always allowed); ``dashboard``: serve the live page on ``GET /``."""
+        are always allowed); ``dashboard``: serve the live page on ``GET /``; ``limits``:
+        ``header_timeout`` bounds the whole upgrade (request head, checks, 101) and
+        ``max_connections`` the open connections."""
         self.gateway = gateway
         self.host = host
         self.port = port
@@ -208,6 +255,9 @@ class WSAdapter:
         self.write_limit = write_limit
         self.origins = origins
         self.dashboard = Dashboard() if dashboard else None
+        self.limits = limits or ListenerLimits()
+        self.open_connections = 0
+        self._connection_class = type("WSConnection", (WSConnection,), {"adapter": self})
         self._server: Server | None = None
         self._frames = FrameCache()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -222,7 +272,9 @@ class WSAdapter:
             self.host,
             self.port,
             process_request=self._upgrade,
-            create_connection=WSConnection,
+            create_connection=self._connection_class,
+            open_timeout=self.limits.header_timeout,
+            logger=_RedactingLogger(log.getChild("websockets"), {}),
             compression=None,  # frames are encoded once for every subscriber
             max_size=self.gateway.limits.max_payload,
             ping_interval=self.ping_interval,

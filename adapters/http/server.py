@@ -1,0 +1,297 @@
+"""One aiohttp listener with Conduit's guards, for the HTTP adapter and the management API.
+
+aiohttp's server reads requests for as long as a client likes: its keep-alive default is an
+hour, and it has no timeout for a request head that arrives one byte at a time. Every such
+connection is a stranger holding a file descriptor. :class:`Listener` serves a handler on one
+address with:
+
+- a header timeout (``header_timeout``), from connecting or from the first byte of the next
+  request on a kept-alive connection to its complete head; a body timeout is the handler's
+  (:data:`ListenerLimits.body_timeout`), as only it knows when it reads a body;
+- an idle timeout between requests (aiohttp's ``keepalive_timeout``);
+- a cap on open connections (``max_connections``): one more is answered 503 and closed;
+- malformed requests answered with a problem document that never repeats what was sent (it may
+  hold a secret), counted as refusals and logged as a sample (:mod:`core.noise`), instead of
+  aiohttp's traceback per request, which also printed the raw request;
+- a prompt stop: idle connections close at once, only requests in flight get the timeout.
+
+It steps under aiohttp's documented API in one place: the connection class is a subclass of
+aiohttp's ``RequestHandler`` (made by a ``web.Server`` subclass), which reads its
+``_request_in_progress`` to tell a request head from a body. pyproject.toml pins aiohttp below 4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from core.errors import PROBLEM_JSON, plain_problem
+from core.gateway import Gateway
+from core.limits import ListenerLimits
+
+log = logging.getLogger("conduit.http")
+
+SWEEP_INTERVAL = 1.0  # seconds between header-timeout checks
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def _problem_bytes(status: int, reason: str, detail: str, *extra: str) -> bytes:
+    """A whole HTTP/1.1 answer with a problem document, closing the connection."""
+    body = orjson.dumps(plain_problem(status, reason, detail))
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        f"Content-Type: {PROBLEM_JSON}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *extra,
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+_TOO_MANY = _problem_bytes(
+    503,
+    "Service Unavailable",
+    "this listener has as many connections as it accepts; retry later",
+    "Retry-After: 5",
+)
+
+
+class Connection(RequestHandler):
+    """aiohttp's connection protocol, watched by its :class:`Listener`.
+
+    ``head_since`` is when the request head now awaited began: the connection's start, then the
+    first byte after each request. None while a request is handled.
+    """
+
+    __slots__ = ("_listener", "head_since")
+
+    def __init__(self, manager: web.Server, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._listener = listener
+        self.head_since: float | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        listener = self._listener
+        if len(listener.connections) >= listener.limits.max_connections:
+            listener.refused("connection_limit", "too many connections", None)
+            transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+            transport.write(_TOO_MANY)
+            transport.close()
+            return
+        listener.connections.add(self)
+        self.head_since = time.monotonic()
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._listener.connections.discard(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # Bytes that arrive while no request is handled begin the next request head.
+        # (aiohttp's own flag; the request handler's wrapper ends the head.)
+        if self.head_since is None and not self._request_in_progress:
+            self.head_since = time.monotonic()
+        super().data_received(data)
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        if not self._request_in_progress:  # idle: nothing to finish, no reason to wait
+            self.force_close()
+            return
+        await super().shutdown(timeout)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A problem document instead of aiohttp's text (which quoted the raw request), and a
+        sampled log line instead of a traceback per malformed request."""
+        listener = self._listener
+        if isinstance(exc, HttpProcessingError):
+            detail = _describe(exc)
+            listener.refused("malformed_request", f"{detail} from {request.remote}", None)
+        else:  # a fault of ours: counted, and logged with its traceback (sampled)
+            detail = "the server could not answer this request"
+            gateway = listener.gateway
+            gateway.metrics.refusals.labels(listener.protocol, "internal_error").inc()
+            if gateway.noise.allow(listener.protocol, "internal_error"):
+                log.error("%s: error handling a request", listener.protocol, exc_info=exc)
+        if request.writer.output_size > 0:  # an answer was already begun: only closing is left
+            raise ConnectionError("cannot answer after a response began")
+        title = "Bad Request" if status < 500 else "Internal Server Error"
+        response = web.Response(
+            status=status,
+            body=orjson.dumps(plain_problem(status, title, detail)),
+            content_type=PROBLEM_JSON,
+        )
+        response.force_close()
+        return response
+
+
+def _describe(exc: HttpProcessingError) -> str:
+    """What was wrong with a request, in words that quote none of it."""
+    if isinstance(exc, LineTooLong):
+        return "a request line or header is too long"
+    name = type(exc).__name__
+    return {
+        "BadHttpMethod": "not an HTTP request",
+        "BadStatusLine": "malformed request line (lines end with CRLF)",
+        "InvalidHeader": "malformed header",
+        "InvalidURLError": "malformed request target",
+        "TransferEncodingError": "malformed chunked body",
+        "ContentLengthError": "body shorter than its Content-Length",
+    }.get(name, "malformed request")
+
+
+class _Server(web.Server):
+    """aiohttp's low-level server, making :class:`Connection` instead of its RequestHandler."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        listener: Listener,
+        request_factory: Any,
+        connection_options: dict[str, Any],
+    ) -> None:
+        super().__init__(handler, request_factory=request_factory)
+        self._listener = listener
+        self._options = connection_options
+
+    def __call__(self) -> RequestHandler:
+        return Connection(self, self._listener, loop=self._loop, **self._options)
+
+
+class _AppRunner(web.AppRunner):
+    """aiohttp's runner of an Application, serving it through :class:`_Server`."""
+
+    def __init__(
+        self, app: web.Application, listener: Listener, options: dict[str, Any]
+    ) -> None:
+        super().__init__(app, access_log=None, handle_signals=False)
+        self._listener = listener
+        self._options = options
+
+    async def _make_server(self) -> web.Server:  # BaseRunner's hook for this
+        server = await super()._make_server()
+        return _Server(
+            self._listener.head_received(server.request_handler),
+            self._listener,
+            server.request_factory,
+            self._options,
+        )
+
+
+class Listener:
+    """One aiohttp server on one address, guarded (see the module docstring).
+
+    ``target`` is a low-level handler (``web.BaseRequest`` to response), with its
+    ``request_factory`` if any, or a ``web.Application``.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        protocol: str,
+        target: Handler | web.Application,
+        host: str,
+        port: int,
+        *,
+        limits: ListenerLimits,
+        ssl_context: ssl.SSLContext | None = None,
+        request_factory: Any = None,
+    ) -> None:
+        self.gateway = gateway
+        self.protocol = protocol
+        self.host = host
+        self.port = port
+        self.limits = limits
+        self.ssl_context = ssl_context
+        self.connections: set[Connection] = set()
+        self._target = target
+        self._request_factory = request_factory
+        self._runner: web.BaseRunner | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        options = {"keepalive_timeout": self.limits.idle_timeout, "access_log": None, "logger": log}
+        target = self._target
+        runner: web.BaseRunner
+        if isinstance(target, web.Application):
+            runner = _AppRunner(target, self, options)
+        else:
+            server = _Server(self.head_received(target), self, self._request_factory, options)
+            runner = web.ServerRunner(server, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(
+            runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True
+        )
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        if self.port == 0:
+            self.port = runner.addresses[0][1]
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+
+    @staticmethod
+    def head_received(handler: Handler) -> Handler:
+        """The handler, first marking the connection's request head as complete."""
+
+        def handle(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+            connection = request.protocol
+            if isinstance(connection, Connection):
+                connection.head_since = None
+            return handler(request)
+
+        return handle
+
+    async def stop_accepting(self) -> None:
+        """Close the listening socket; open connections go on (:meth:`stop` ends them)."""
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, close idle connections at once, give requests in flight
+        ``timeout`` seconds, then close everything."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        await self.stop_accepting()
+        runner = self._runner
+        if runner is None:
+            return
+        self._runner = None
+        if runner.server is not None:
+            await runner.server.shutdown(timeout)
+        await runner.cleanup()
+
+    def refused(self, reason: str, detail: str, client_id: str | None) -> None:
+        self.gateway.refused_input(self.protocol, reason, detail, client_id)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        limit = self.limits.header_timeout
+        for connection in list(self.connections):
+            since = connection.head_since
+            if since is not None and now - since > limit:
+                self.connections.discard(connection)
+                self.refused(
+                    "header_timeout", f"no complete request head within {limit:g} s", None
+                )
+                connection.force_close()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
