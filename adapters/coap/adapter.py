@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from typing import Any
 
@@ -93,6 +94,13 @@ class Messaging(resource.Resource, resource.PathCapable):
         request = pipe.request
         self._requests.inc()
         code = request.code
+        reserved = _reserved_block_size(request)
+        if reserved is not None:
+            self.gateway.refused_input(PROTOCOL, "malformed_request", reserved, None)
+            pipe.add_response(
+                aiocoap.Message(code=Code.BAD_REQUEST, payload=reserved.encode()), is_last=True
+            )
+            return
         if code is Code.POST or code is Code.PUT:
             if request.opt.block1 is None:
                 # The hot path: one datagram, one answer; no block-wise machinery to run.
@@ -240,6 +248,41 @@ class Messaging(resource.Resource, resource.PathCapable):
         return refusal(error, self.gateway.limits.max_payload)
 
 
+def _reserved_block_size(request: aiocoap.Message) -> str | None:
+    """Why a request's Block1 or Block2 option is refused: size exponent 7 is reserved over UDP
+    (RFC 7959 sec 2.2; RFC 8323 gives it to BERT over TCP only). None when it is fine."""
+    for name, block in (("Block1", request.opt.block1), ("Block2", request.opt.block2)):
+        if block is not None and block.size_exponent == 7:
+            return f"{name} size exponent 7 is reserved over UDP (RFC 7959 sec 2.2): use 0 to 6"
+    return None
+
+
+class _LibraryLog(logging.Filter):
+    """What aiocoap logs for this adapter's context. It writes a line for every datagram that
+    it cannot parse, and for duplicates and pings, which anyone can send by the thousand: an
+    unparsable datagram is a counted refusal (``malformed_datagram``), logged as a sample like
+    every refusal of a stranger; the rest below ERROR is sampled too."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or record.levelno >= logging.ERROR:
+            return True
+        if record.msg == _UNPARSABLE:
+            source = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            self.gateway.refused_input(
+                PROTOCOL, "malformed_datagram", f"unparsable datagram from {source}", None
+            )
+            return False
+        return self.gateway.noise.allow(PROTOCOL, f"aiocoap: {record.msg}")
+
+
+_UNPARSABLE = "Ignoring unparsable message from %s"  # aiocoap 0.4's udp6 transport
+_contexts = itertools.count(1)
+
+
 class ConduitSite(resource.Site):
     """aiocoap's site: ``/.well-known/core`` and ``m/...``, and a diagnostic 4.04 for the rest.
 
@@ -291,11 +334,14 @@ class CoAPAdapter:
 
     # lifecycle
     async def start(self) -> None:
+        # A logger of this context's own, so that the filter counts for this gateway only.
+        logger = log.getChild(f"aiocoap{next(_contexts)}")
+        logger.addFilter(_LibraryLog(self.gateway))
         self._context = await aiocoap.Context.create_server_context(
-            self.site, bind=(self.host, self.port), transports=["udp6"]
+            self.site, bind=(self.host, self.port), transports=["udp6"], loggername=logger.name
         )
         self.messaging.backlog = Backlog(self._context)
-        _ignore_undecodable(self._context)
+        _ignore_undecodable(self._context, self.gateway)
         if self.port == 0:
             self.port = _bound_port(self._context)
 
@@ -324,8 +370,8 @@ def _message_interfaces(context: aiocoap.Context) -> list[Any]:
     return found
 
 
-def _ignore_undecodable(context: aiocoap.Context) -> None:
-    """Drop datagrams whose string options are not UTF-8, quietly.
+def _ignore_undecodable(context: aiocoap.Context, gateway: Gateway) -> None:
+    """Drop datagrams whose string options are not UTF-8, as a counted refusal.
 
     aiocoap 0.4.17 ignores unparsable datagrams, except that one: its decoder raises
     UnicodeDecodeError out of the transport callback, which asyncio logs with a traceback for
@@ -340,7 +386,12 @@ def _ignore_undecodable(context: aiocoap.Context) -> None:
             try:
                 received(data, ancdata, flags, address)
             except UnicodeDecodeError:
-                log.info("ignoring a datagram from %s: an option is not UTF-8", address[:2])
+                gateway.refused_input(
+                    PROTOCOL,
+                    "malformed_datagram",
+                    f"datagram from {address[:2]} has an option that is not UTF-8",
+                    None,
+                )
 
         endpoint.datagram_msg_received = guarded
 
