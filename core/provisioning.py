@@ -26,6 +26,19 @@ def _check_name(kind: str, name: str) -> None:
         )
 
 
+def _check_client_name(name: str) -> None:
+    """Client names are free text for people, unique in their domain (the store checks that):
+    printable, without white space around them, so that no two look alike in a listing or a
+    log and a name is typed as it is shown."""
+    if not 0 < len(name) <= 256:
+        raise InvalidRequest("client name must be 1-256 characters")
+    if not name.isprintable() or name != name.strip():
+        raise InvalidRequest(
+            "client name must be printable characters (no control characters, line breaks or"
+            " white space at either end)"
+        )
+
+
 class Provisioning:
     def __init__(self, store: Store, on_change: Callable[[], Awaitable[None]]) -> None:
         self.store = store
@@ -51,8 +64,7 @@ class Provisioning:
         self, domain: str, name: str, metadata: dict[str, str] | None = None
     ) -> tuple[Client, str]:
         """Create a client; returns it with its secret, which is not kept and never shown again."""
-        if not name or len(name) > 256:
-            raise InvalidRequest("client name must be 1-256 characters")
+        _check_client_name(name)
         secret = new_secret()
         client = await self.store.create_client(
             domain, str(uuid.uuid4()), name, hash_secret(secret), metadata or {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -58,12 +60,38 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (domain, channel, subtopic)
     );
     """,
+    # Client names become unique in their domain: an older duplicate keeps its name with the
+    # start of its id appended (for every duplicate but the first one made).
+    """
+    UPDATE clients SET name = name || ' (' || substr(id, 1, 8) || ')'
+    WHERE EXISTS (
+        SELECT 1 FROM clients older
+        WHERE older.domain = clients.domain AND older.name = clients.name
+        AND (older.created < clients.created
+             OR (older.created = clients.created AND older.id < clients.id))
+    );
+    DROP INDEX clients_domain;
+    CREATE UNIQUE INDEX clients_domain_name ON clients(domain, name);
+    """,
 ]
 
 
 def _meta(text: str) -> dict[str, str]:
     value = json.loads(text)
     return value if isinstance(value, dict) else {}
+
+
+def _private_file(path: Path) -> None:
+    """Make the database file readable by its owner only (0600) before SQLite opens it; SQLite
+    gives its -wal and -shm files the same mode. A file made by an older version is tightened;
+    a new data directory is made 0700."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
 
 
 class SQLiteStore:
@@ -81,7 +109,7 @@ class SQLiteStore:
 
     async def open(self) -> None:
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _private_file(Path(self.path))
         db = await aiosqlite.connect(self.path, isolation_level=None)
         db.row_factory = sqlite3.Row
         await db.execute("PRAGMA journal_mode=WAL")
@@ -175,7 +203,7 @@ class SQLiteStore:
                 (client_id, domain, name, secret_hash, client.created, json.dumps(metadata)),
             )
         except Conflict:
-            raise Conflict(f"client {client_id!r} exists") from None
+            raise Conflict(f"a client named {name!r} exists in domain {domain!r}") from None
         return client
 
     async def get_client(self, domain: str, ref: str) -> Client:
