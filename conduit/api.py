@@ -19,12 +19,17 @@ from aiohttp import web
 
 from conduit.openapi import spec as openapi
 from conduit.settings import ADMIN_KEY_FILE as KEY_FILE
-from core.errors import PROBLEM_JSON, ConduitError, RequestTimeoutError, plain_problem
+from core.errors import (
+    PROBLEM_JSON,
+    ConduitError,
+    RequestTimeoutError,
+    plain_problem,
+    problem,
+)
 from core.gateway import Gateway
 from core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from core.provisioning import InvalidRequest
 from core.store import Conflict, NotFound, StoreError
-
 
 MIN_ADMIN_KEY = 32
 """Characters an admin key must have at least (a generated one has 43: 256 random bits)."""
@@ -129,7 +134,12 @@ class ManagementAPI:
         except (InvalidRequest, StoreError) as exc:
             return _problem(400, "Invalid request", str(exc))
         except ConduitError as exc:  # the store or the bus is unavailable; a body too slow
-            answer = _problem(exc.condition.answer.http, exc.condition.answer.title, exc.detail)
+            status = exc.condition.answer.http
+            answer = web.Response(
+                status=status,
+                body=orjson.dumps(problem(exc, status)),
+                content_type=PROBLEM_JSON,
+            )
             if isinstance(exc, RequestTimeoutError):
                 answer.force_close()  # what is left of the body would be read as a request
             return answer

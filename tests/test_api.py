@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -10,8 +11,8 @@ from openapi_spec_validator import validate
 
 from adapters.http.server import Listener
 from conduit.api import ManagementAPI
-from core.limits import ListenerLimits
 from conduit.openapi import OPERATIONS, spec
+from core.limits import ListenerLimits
 from tests.conftest import World
 
 KEY = "test-admin-key"
@@ -111,3 +112,61 @@ async def test_store_down_is_503(api: str, s: aiohttp.ClientSession, world: Worl
     async with s.get(f"{api}/domains") as r:
         assert r.status == 503
         assert (await r.json())["detail"] == "store is not open"
+
+
+async def test_client_names_are_unique_and_printable(
+    api: str, s: aiohttp.ClientSession, world: World
+) -> None:
+    async with s.post(f"{api}/domains/acme/clients", json={"name": "lamp"}) as r:
+        assert r.status == 201
+        lamp = await r.json()
+    async with s.post(f"{api}/domains/acme/clients", json={"name": "lamp"}) as r:
+        assert r.status == 409
+        assert (await r.json())["detail"] == "a client named 'lamp' exists in domain 'acme'"
+    for bad in ("lamp\x00", "a\nb", "tab\there", " lamp", "lamp ", "\u202elamp", ""):
+        async with s.post(f"{api}/domains/acme/clients", json={"name": bad}) as r:
+            assert r.status == 400, repr(bad)
+    # By name, the one client: "disable by name" cannot pick another.
+    async with s.post(f"{api}/domains/acme/clients/lamp/disable") as r:
+        assert r.status == 200 and (await r.json())["id"] == lamp["id"]
+    async with s.get(f"{api}/domains/acme/clients") as r:
+        names = [c["name"] for c in await r.json()]
+    assert names.count("lamp") == 1
+    # The same name in another domain is another client.
+    await world.gateway.provisioning.create_domain("globex")
+    async with s.post(f"{api}/domains/globex/clients", json={"name": "lamp"}) as r:
+        assert r.status == 201
+
+
+async def test_guards_of_the_api_listener(world: World) -> None:
+    """The API is a listener like the HTTP adapter's: a request head must come in time, a body
+    too (408), and past its connection cap a connection gets 503."""
+    app = ManagementAPI(world.gateway, KEY, body_timeout=0.3).app
+    limits = ListenerLimits(header_timeout=0.3, max_connections=2)
+    listener = Listener(world.gateway, "api", app, "127.0.0.1", 0, limits=limits)
+    await listener.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(
+            b"POST /domains HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{\"name\":"
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert b'"type":"urn:conduit:error:request_timeout"' in answer
+        writer.close()
+        assert await world.gateway.provisioning.list_domains() == [
+            await world.gateway.provisioning.get_domain("acme")
+        ]
+        held = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(2)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 503 ")
+        writer.close()
+        for r, w in held:  # both idle: cut off by the header timeout
+            assert await asyncio.wait_for(r.read(), 10) == b""
+            w.close()
+        refusals = world.gateway.metrics.refusals
+        assert refusals.labels("api", "header_timeout").value == 2
+        assert refusals.labels("api", "connection_limit").value == 1
+    finally:
+        await listener.stop(2)

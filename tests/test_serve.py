@@ -210,3 +210,83 @@ def test_signal_drains_and_exits(tmp_path: Path, sig: signal.Signals) -> None:
     assert "event: close" in tail and "server shutting down" in tail
     assert srv.proc.wait(timeout=15) == 0
     assert "stopped" in srv.proc.stderr.read()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("where", ["file", "environment"])
+@pytest.mark.parametrize("key", ["", "   \n", "short-key"])
+def test_a_weak_admin_key_stops_the_start(tmp_path: Path, where: str, key: str) -> None:
+    env = {**os.environ, "CONDUIT_DATA_DIR": str(tmp_path)}
+    env.pop("CONDUIT_ADMIN_KEY", None)
+    if where == "file":
+        (tmp_path / "admin.key").write_text(key)
+        source = str(tmp_path / "admin.key")
+    else:
+        env["CONDUIT_ADMIN_KEY"] = key
+        source = "the admin_key setting (CONDUIT_ADMIN_KEY)"
+    r = subprocess.run(
+        [*CONDUIT, "serve", "--host", "127.0.0.1", "--http-port", "0", "--ws-port", "0",
+         "--coap-port", "0", "--mqtt-port", "0", "--mqtt-ws-port", "0", "--api-port", "0"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"Error: admin key from {source} has {len(key.strip())} characters; at least 32 are"
+        " needed (make one with: openssl rand -hex 32)"
+    ]
+    assert "conduit ready" not in r.stdout
+
+
+def test_state_files_are_private(server: Server, tmp_path: Path) -> None:
+    server.cli("domains", "create", "acme")  # written through the WAL
+    data = tmp_path / "data"
+    files = [data / name for name in ("conduit.db", "conduit.db-wal", "conduit.db-shm")]
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}
+
+
+def test_an_older_database_is_made_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "conduit.db").touch(mode=0o644)
+    (data / "conduit.db").chmod(0o644)
+    srv = start(data)
+    try:
+        assert (data / "conduit.db").stat().st_mode & 0o777 == 0o600
+    finally:
+        srv.proc.kill()
+        srv.proc.wait()
+
+
+def test_sigterm_does_not_wait_for_idle_connections(tmp_path: Path) -> None:
+    """Idle HTTP, API and WebSocket connections (and one that never upgraded), and an MQTT one:
+    none of them holds the exit for the shutdown timeout (an hour here)."""
+    srv = start(tmp_path / "data", "--shutdown-timeout", "3600", "--header-timeout", "3600",
+                "--idle-timeout", "3600")
+    srv.cli("domains", "create", "acme")
+    client = srv.cli_json("clients", "create", "--domain", "acme", "c")
+    srv.cli("channels", "create", "--domain", "acme", "temps")
+    srv.cli("connect", "--domain", "acme", "--client", "c", "--channel", "temps")
+    held = []
+    for name in ("http", "api"):  # one request each, then idle on a kept-alive connection
+        s = socket.create_connection(("127.0.0.1", srv.ports[name]))
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        held.append(s)
+    held.append(socket.create_connection(("127.0.0.1", srv.ports["http"])))  # nothing sent
+    held.append(socket.create_connection(("127.0.0.1", srv.ports["ws"])))  # never upgrades
+    held.append(socket.create_connection(("127.0.0.1", srv.ports["mqtt"])))  # no CONNECT
+
+    async def upgraded_and_idle() -> None:
+        import websockets
+
+        url = f"ws://127.0.0.1:{srv.ports['ws']}/m/acme/c/temps?mode=subscribe"
+        async with websockets.connect(
+            url, additional_headers={"Authorization": f"Client {client['secret']}"}  # type: ignore[index]
+        ) as ws:
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(ws.wait_closed(), 30)
+            assert ws.close_code == 1001
+
+    asyncio.run(upgraded_and_idle())
+    assert srv.proc.wait(timeout=30) == 0
+    for s in held:
+        s.close()

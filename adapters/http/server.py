@@ -40,7 +40,8 @@ from core.limits import ListenerLimits
 
 log = logging.getLogger("conduit.http")
 
-SWEEP_INTERVAL = 1.0  # seconds between header-timeout checks
+SWEEP_INTERVAL = 1.0  # seconds between header-timeout checks, at most
+LINGER = 2.0  # seconds an unread request body is drained after the answer, at most
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -223,9 +224,17 @@ class Listener:
         self._request_factory = request_factory
         self._runner: web.BaseRunner | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_interval = SWEEP_INTERVAL
 
     async def start(self) -> None:
-        options = {"keepalive_timeout": self.limits.idle_timeout, "access_log": None, "logger": log}
+        options = {
+            "keepalive_timeout": self.limits.idle_timeout,
+            # After a refusal that left a body unread, aiohttp reads and drops the rest for this
+            # long before closing, so that the client sees the answer (10 s by default).
+            "lingering_time": LINGER,
+            "access_log": None,
+            "logger": log,
+        }
         target = self._target
         runner: web.BaseRunner
         if isinstance(target, web.Application):
@@ -245,7 +254,8 @@ class Listener:
         self._runner = runner
         if self.port == 0:
             self.port = runner.addresses[0][1]
-        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+        self._sweep_interval = min(SWEEP_INTERVAL, self.limits.header_timeout / 2)
+        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
 
     @staticmethod
     def head_received(handler: Handler) -> Handler:
@@ -294,4 +304,4 @@ class Listener:
                     "header_timeout", f"no complete request head within {limit:g} s", None
                 )
                 connection.force_close()
-        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)

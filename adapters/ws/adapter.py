@@ -50,7 +50,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import OPEN
+from websockets.protocol import CONNECTING, OPEN
 
 from adapters.ws.frames import FORMATS, FrameCache
 from adapters.ws.outbox import Outbox
@@ -112,11 +112,10 @@ class WSConnection(ServerConnection):
     session: Session | None = None
     outbox: Outbox | None = None
     refused: bool = False  # Conduit closed it for a refusal (already counted)
-    counted: bool = False  # holds one of the adapter's connection slots
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         adapter = self.adapter
-        if adapter.open_connections >= adapter.limits.max_connections:
+        if len(adapter.tcp_connections) >= adapter.limits.max_connections:
             adapter.gateway.refused_input(
                 adapter.protocol, "connection_limit", "too many connections", None
             )
@@ -127,14 +126,12 @@ class WSConnection(ServerConnection):
             transport.write(_TOO_MANY % (len(body), body))
             transport.close()
             return
-        adapter.open_connections += 1
-        self.counted = True
+        adapter.tcp_connections.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.counted:
-            self.counted = False
-            self.adapter.open_connections -= 1
+        if self in self.adapter.tcp_connections:
+            self.adapter.tcp_connections.discard(self)
             super().connection_lost(exc)
 
     def resume_writing(self) -> None:
@@ -256,7 +253,8 @@ class WSAdapter:
         self.origins = origins
         self.dashboard = Dashboard() if dashboard else None
         self.limits = limits or ListenerLimits()
-        self.open_connections = 0
+        # Every TCP connection, upgraded or not (websockets' own list has the upgraded ones).
+        self.tcp_connections: set[WSConnection] = set()
         self._connection_class = type("WSConnection", (WSConnection,), {"adapter": self})
         self._server: Server | None = None
         self._frames = FrameCache()
@@ -295,6 +293,9 @@ class WSAdapter:
             return
         self._stopping = True
         server.close(close_connections=True, code=GOING_AWAY, reason="server shutting down")
+        for pending in list(self.tcp_connections):  # not upgraded yet: nothing to finish
+            if pending.protocol.state is CONNECTING:
+                pending.transport.abort()
         try:
             async with asyncio.timeout(timeout):
                 await server.wait_closed()

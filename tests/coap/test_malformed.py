@@ -13,6 +13,7 @@ from aiocoap.numbers.codes import Code
 
 from adapters.coap import CoAPAdapter
 from core.bus import Subscription
+from core.noise import SAMPLE
 from tests.coap.conftest import Observer, RawClient, drain, request
 from tests.conftest import World
 
@@ -155,3 +156,46 @@ async def test_observer_survives_garbage(
     await still_serves(world, coap, client)
     assert (await observer.next()).payload == b"still here"
     assert unhandled(caplog) == []
+
+
+async def test_garbage_is_counted_and_logged_as_a_sample(
+    world: World,
+    coap: str,
+    raw: RawClient,
+    client: aiocoap.Context,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each unparsable datagram is a counted refusal; the log gets a sample, not a WARNING per
+    datagram (aiocoap writes one for each)."""
+    caplog.set_level(logging.DEBUG)
+    n = 5 * SAMPLE
+    for i in range(n):
+        raw.send_raw(b"\x00\x01" + i.to_bytes(2, "big"))  # CoAP version 0: unparsable
+    bad_utf8 = HEADER + option(11, b"m") + option(0, b"\xff\xfe")
+    raw.send_raw(bad_utf8)  # an option that is not UTF-8: aiocoap raises instead of logging
+    await still_serves(world, coap, client)
+    refusals = world.gateway.metrics.refusals.labels("coap", "malformed_datagram")
+    assert refusals.value == n + 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    sampled = [r for r in caplog.records if "malformed_datagram" in r.getMessage()]
+    assert len(sampled) == SAMPLE
+
+
+async def test_block_size_exponent_7_is_refused(
+    world: World, raw: RawClient, watch: Subscription
+) -> None:
+    """SZX 7 is reserved over UDP (RFC 7959 sec 2.2): 4.00, not 2.31 Continue."""
+    path = ("m", "acme", "c", "temps", "big")
+    query = (f"auth={world.publisher.secret}",)
+    raw.send(aiocoap.Message(code=Code.POST, uri_path=path, uri_query=query,
+                             block1=(0, True, 7), payload=b"x" * 1024))  # fmt: skip
+    answer = await raw.recv()
+    assert answer.code == Code.BAD_REQUEST
+    assert answer.payload == b"Block1 size exponent 7 is reserved over UDP (RFC 7959 sec 2.2):" \
+        b" use 0 to 6"
+    raw.send(aiocoap.Message(code=Code.GET, uri_path=path,
+                             uri_query=(f"auth={world.subscriber.secret}",),
+                             block2=(0, False, 7)))  # fmt: skip
+    assert (await raw.recv()).code == Code.BAD_REQUEST
+    assert drain(watch) == []
+    assert world.gateway.metrics.refusals.labels("coap", "malformed_request").value == 2
