@@ -33,12 +33,19 @@ def test_parse_authorization_forms() -> None:
         ("Basic " + base64.b64encode(b"nocolon").decode(), Condition.BAD_CREDENTIALS,
          "client_id:secret"),
         ("Digest x=y", Condition.BAD_CREDENTIALS, "unknown authorization scheme"),
+        # a secret sent where the scheme goes is not repeated in the refusal (nor in the log)
+        ("Sup3rSecretValue x", Condition.BAD_CREDENTIALS, "unknown authorization scheme"),
+        # bytes that were not UTF-8 reach here as surrogates; other non-ASCII text too
+        ("Client \udcff\udcfeabc", Condition.BAD_CREDENTIALS, "credentials must be ASCII"),
+        ("Client caf\u00e9", Condition.BAD_CREDENTIALS, "credentials must be ASCII"),
+        ("Basic \udcff", Condition.BAD_CREDENTIALS, "credentials must be ASCII"),
     ],
 )
 def test_parse_authorization_refusals(value: str | None, condition: Condition, text: str) -> None:
     with pytest.raises(AuthenticationError, match=text) as err:
         parse_authorization(value)
     assert err.value.condition is condition
+    assert "Sup3rSecretValue" not in err.value.detail
 
 
 async def test_secret_authenticates_and_secret_is_only_hashed(world: World) -> None:
@@ -204,3 +211,40 @@ async def test_store_outage_revokes_nothing(world: World) -> None:
     gw.auth.invalidate()
     await gw.revalidate()
     assert told == [] and sub.closed is None
+
+
+async def test_migration_makes_client_names_unique(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A database made before names were unique: the first client of a name keeps it, each later
+    duplicate gets the start of its id appended; then a duplicate is a conflict."""
+    import sqlite3
+
+    from core.store import Conflict
+    from core.store.sqlite import MIGRATIONS, SQLiteStore
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for i, script in enumerate(MIGRATIONS[:2]):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {i + 1}; COMMIT;")
+    db.execute("INSERT INTO domains VALUES ('acme', 0, '{}')")
+    rows = [
+        ("id-b", "lamp", 2.0), ("id-a", "lamp", 1.0), ("id-c", "lamp", 3.0), ("id-d", "fan", 1.0)
+    ]
+    for client_id, name, created in rows:
+        db.execute(
+            "INSERT INTO clients (id, domain, name, secret_hash, enabled, created, metadata)"
+            " VALUES (?, 'acme', ?, ?, 1, ?, '{}')",
+            (client_id, name, "hash-" + client_id, created),
+        )
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        names = {c.id: c.name for c in await store.list_clients("acme")}
+        assert names == {
+            "id-a": "lamp", "id-b": "lamp (id-b)", "id-c": "lamp (id-c)", "id-d": "fan"
+        }
+        with pytest.raises(Conflict):
+            await store.create_client("acme", "id-e", "fan", "hash-e", {})
+    finally:
+        await store.close()
