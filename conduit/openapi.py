@@ -202,8 +202,12 @@ def spec() -> dict[str, Any]:
             op["responses"]["404"] = _problem("No such domain, client, channel or connection")
         if request:
             op["responses"]["400"] = _problem("Invalid request body or name")
+            op["responses"]["408"] = _problem("The body did not arrive within body_timeout")
         if method == "post" and status == 201:
-            op["responses"]["409"] = _problem("Already exists")
+            op["responses"]["409"] = _problem(
+                "Already exists (a domain or channel of that name; a client of that name in"
+                " the domain)"
+            )
         paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.1.0",
