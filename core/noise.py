@@ -8,7 +8,8 @@ saying how many more there were. A flood of garbage costs a few lines a minute, 
 (or a traceback) per packet.
 
 Values that came from a client are written with :func:`printable`: control characters escaped,
-so a CR/LF in a user name or a path cannot forge a log line, and long values cut. Text that
+so a CR/LF in a user name or a path cannot forge a log line, and long values cut; a claimed
+identity only when it cannot be a secret (:func:`claimed_client`). Text that
 a library logs with a client's credentials in it (a request line with ``?authorization=``, an
 ``Authorization`` header) goes through :func:`redact` first.
 """
@@ -27,14 +28,7 @@ INTERVAL: Final = 60.0
 MAX_VALUE: Final = 200
 """Characters of a client value written to the log; longer values are cut."""
 
-_ESCAPES: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
-    0x0A: "\\n",
-    0x0D: "\\r",
-    0x09: "\\t",
-    0x85: "\\x85",
-    0x2028: "\\u2028",
-    0x2029: "\\u2029",
-}
+_CLIENT_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 # An Authorization header (to the end of its line), or an authorization= / auth= query value
@@ -51,12 +45,25 @@ def redact(text: str) -> str:
 
 
 def printable(value: object, limit: int = MAX_VALUE) -> str:
-    """``value`` as text fit for one log line: control characters and line separators escaped,
-    cut to ``limit`` characters."""
+    """``value`` as text fit for one log line: cut to ``limit`` characters, and every character
+    that is not printable (CR, LF, ESC, U+2028, bidirectional controls...) escaped the way
+    ``repr()`` writes it, so that a client cannot start, end or rewrite a line."""
     text = value if isinstance(value, str) else str(value)
     if len(text) > limit:
         text = text[:limit] + "..."
-    return text.translate(_ESCAPES)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def claimed_client(username: str | None) -> str | None:
+    """Who a not yet authenticated client claims to be, fit for the log: its user name when it
+    has the shape of a Conduit client id (a canonical UUID, as provisioning makes them), else
+    None. Devices put anything in a user name, their secret included (43 URL-safe characters,
+    never that shape)."""
+    if username is not None and len(username) == 36 and _CLIENT_ID.fullmatch(username):
+        return username
+    return None
 
 
 class _Kind:

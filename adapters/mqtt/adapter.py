@@ -30,6 +30,7 @@ from core.bus import Subscription
 from core.content import OCTETS, SENML
 from core.errors import ConduitError, TooLargeError
 from core.gateway import Gateway
+from core.noise import printable
 from core.topics import parse_topic
 
 log = logging.getLogger("conduit.mqtt")
@@ -161,14 +162,20 @@ class MQTTAdapter:
                 if sub.bus is not None:
                     await self.gateway.unsubscribe(sub.bus, "server shutting down")
         self.sessions.clear()
-        # Clients that do not read what is left to write are not waited for long.
+        # Closing connections linger until their clients close; clients that do not are not
+        # waited for long. Those whose last bytes (and FIN) are out are closed, not reset.
         if self.conns:
             self._all_closed = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), min(timeout, 2.0))
         for conn in list(self.conns):
-            if conn.transport is not None:
-                conn.transport.abort()
+            transport = conn.transport
+            if transport is None:
+                continue
+            if conn.half_close and not transport.get_write_buffer_size():
+                transport.close()
+            else:
+                transport.abort()
         for server in self._servers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), timeout)
@@ -221,9 +228,10 @@ class MQTTAdapter:
             log.error("mqtt: background task failed", exc_info=task.exception())
 
     def protocol_refused(self, reason: str, detail: str, client: str | None) -> None:
-        """Log and count a refusal that is not a core condition (protocol errors, timeouts)."""
-        self.gateway.metrics.refusals.labels(PROTOCOL, reason).inc()
-        log.info("refused %s client=%s reason=%s: %s", PROTOCOL, client or "-", reason, detail)
+        """Log and count a refusal that is not a core condition (protocol errors, timeouts).
+        ``client`` is an authenticated or client-id-shaped id (never a raw user name); the
+        gateway escapes what the detail quotes, and samples refusals of nobody in particular."""
+        self.gateway.refused_input(PROTOCOL, reason, detail, client)
 
     def _sweep(self) -> None:
         now = time.monotonic()
@@ -385,8 +393,8 @@ class MQTTAdapter:
         log.info(
             "mqtt: subscription closed client=%s filter=%s: %s",
             session.identity.client_id,
-            sub.filter,
-            reason,
+            printable(sub.filter),
+            printable(reason),
         )
         outlet = session.outlet
         if bus.streak >= bus.max_dropped and isinstance(outlet, MQTTConnection):

@@ -19,8 +19,20 @@ Refusals (DESIGN.md error table): CONNACK return codes (3.1.1) and reason codes 
 CONNECT; per-filter SUBACK codes; a refused PUBLISH is answered with a PUBACK/PUBREC reason code
 (MQTT 5, QoS 1/2, where that packet type has the code) and otherwise with a DISCONNECT carrying
 the code (MQTT 5) or a plain close (MQTT 3.1.1, which has no codes for it). Each refusal is logged
-and counted once. Malformed input gets the codec's reason code in a CONNACK or DISCONNECT (MQTT 5)
-or a close, and never affects another connection.
+and counted once; the log names the authenticated client, or before authentication the user name
+only when it has the shape of a client id (a device may put its secret there), and escapes
+control characters in what the client sent (:mod:`core.noise`). Malformed input gets
+the codec's reason code in a CONNACK or DISCONNECT (MQTT 5) or a close, and never affects another
+connection.
+
+Closing (:meth:`MQTTConnection.close`): the last packets (a DISCONNECT or CONNACK with its reason
+code) are written, then input is no longer processed but still read and discarded: closing a
+socket with unread input makes the kernel answer with RST, and a client that is still sending
+(a burst of PUBLISHes) would lose the reason before reading it. Over TCP the write side is shut
+(FIN after the last bytes) and the socket closed when the client closes its side or after
+:data:`LINGER_TIMEOUT`; TLS cannot half-close, so the connection lingers the same way and then
+closes (close_notify). A client that does not read what is left to write is cut off (abort) after
+:data:`CLOSE_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ from adapters.mqtt.publish import inbound
 from adapters.mqtt.session import Session, Sub
 from core.auth import Credentials, Identity
 from core.errors import AuthenticationError, Condition, ConduitError
+from core.noise import claimed_client, printable
 
 if TYPE_CHECKING:
     from adapters.mqtt.adapter import MQTTAdapter
@@ -116,6 +129,7 @@ REASON_NAMES: Final = {
 
 _PINGRESP: Final = b"\xd0\x00"
 CLOSE_TIMEOUT: Final = 10.0  # seconds a closed connection may take to flush before an abort
+LINGER_TIMEOUT: Final = 2.0  # seconds a closing connection reads and discards (see close)
 _monotonic = time.monotonic
 
 
@@ -149,10 +163,12 @@ class MQTTConnection(asyncio.Protocol):
         "congested",
         "decoder",
         "gateway",
+        "half_close",
         "identity",
         "keep_alive",
         "last_rx",
         "level",
+        "lingering",
         "max_packet_size",
         "out",
         "out_bytes",
@@ -179,6 +195,8 @@ class MQTTConnection(asyncio.Protocol):
         self.paused = False
         self.congested = False
         self.clean_exit = False
+        self.lingering = False  # closing: MQTT output is dropped, input read and discarded
+        self.half_close = False  # the write side is to be shut once all is written (TCP)
         self.problem_info = True
         self.max_packet_size = codec.MAX_PACKET_SIZE
         self.aliases: dict[int, str] | None = None
@@ -201,6 +219,8 @@ class MQTTConnection(asyncio.Protocol):
 
     def mqtt_received(self, data: bytes | bytearray | memoryview) -> None:
         """MQTT bytes from the client (over WebSocket: the payload of binary frames)."""
+        if self.state == CLOSED:
+            return  # closing: input is read and discarded, never processed
         self.last_rx = _monotonic()
         if self.state == WAITING and len(self._first) < 64:
             self._first += data[:64]
@@ -259,7 +279,7 @@ class MQTTConnection(asyncio.Protocol):
         out.clear()
         self.out_bytes = 0
         self.congested = self.paused
-        if not self.transport.is_closing():
+        if not self.lingering and not self.transport.is_closing():
             self.write(data)
 
     def write(self, data: bytes) -> None:
@@ -276,8 +296,11 @@ class MQTTConnection(asyncio.Protocol):
             data = codec.encode(packet, self.level or 4)
         self.send(data)
 
-    def close(self, will: bool = True) -> None:
-        """Flush what is queued and close; ``will``: publish the will (an abnormal end)."""
+    def close(self, will: bool = True, reason_code: int = 0) -> None:
+        """Flush what is queued and close (see the module docstring: the client gets what was
+        written even if it is still sending); ``will``: publish the will (an abnormal end).
+        ``reason_code``: the MQTT 5 reason code the connection ends with (MQTT over WebSocket
+        maps it to a close code)."""
         if self.state == CLOSED:
             return
         self.state = CLOSED
@@ -287,11 +310,31 @@ class MQTTConnection(asyncio.Protocol):
             self._unregister = None
         self._detach(will)
         self.flush()
-        self.close_transport()
+        self.close_transport(reason_code)
 
-    def close_transport(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+    def close_transport(self, reason_code: int = 0) -> None:
+        """Stop writing, shut the write side after the bytes already written (TCP), and keep
+        reading (to discard) until the client closes or the sweep ends the linger."""
+        self.lingering = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.resume_reading()  # reading may be paused by a packet being handled
+        if transport.can_write_eof():  # not TLS
+            self.half_close = True
+            self.shut_write()
+
+    def shut_write(self) -> None:
+        """Send FIN once everything written is out (until then the sweep calls again). Not
+        asyncio's write_eof with bytes still queued: its deferred shutdown raises into the
+        event loop when the client has reset the connection meanwhile."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return
+        try:
+            transport.write_eof()  # once done, later calls do nothing
+        except OSError:  # the client reset the connection: nothing more can reach it
+            transport.abort()
 
     def disconnect(self, reason_code: int, reason: str | None = None, will: bool = True) -> None:
         """Server-initiated end: DISCONNECT with a reason code (MQTT 5), then close."""
@@ -302,14 +345,14 @@ class MQTTConnection(asyncio.Protocol):
                 reason_code = SERVER_BUSY if reason_code == 0x88 else UNSPECIFIED_ERROR
             props = Properties(reason_string=reason) if reason else EMPTY_PROPERTIES
             self.send_packet(Disconnect(reason_code, props))
-        self.close(will)
+        self.close(will, reason_code)
 
     # ---------------------------------------------------------------------------------------
     # refusals
 
     @property
     def client(self) -> str | None:
-        """Who to name in the log: the authenticated client id, else the claimed user name."""
+        """Who to name in the log: the authenticated client id, else nobody (None)."""
         return self.identity.client_id if self.identity is not None else None
 
     def refused(self, error: ConduitError) -> None:
@@ -340,7 +383,7 @@ class MQTTConnection(asyncio.Protocol):
                 self.send_packet(
                     ConnAck(False, exc.reason_code, Properties(reason_string=exc.message))
                 )
-            self.close()
+            self.close(reason_code=exc.reason_code)
             return
         self.disconnect(exc.reason_code, exc.message)
 
@@ -452,7 +495,7 @@ class MQTTConnection(asyncio.Protocol):
                     "bad_authentication_method",
                     f"authentication method {props.authentication_method!r} is not supported:"
                     " send the client secret as the password",
-                    p.username,
+                    claimed_client(p.username),
                 )
                 return
         client_id = p.client_id
@@ -463,7 +506,7 @@ class MQTTConnection(asyncio.Protocol):
                     V3_IDENTIFIER_REJECTED,
                     "identifier_rejected",
                     "an empty client identifier needs clean session",
-                    p.username,
+                    claimed_client(p.username),
                 )
                 return
             client_id = assigned = "conduit-" + secrets.token_hex(10)
@@ -475,7 +518,7 @@ class MQTTConnection(asyncio.Protocol):
                     V3_IDENTIFIER_REJECTED,
                     "keep_alive_too_long",
                     f"keep alive {keep_alive} s exceeds the server's {adapter.max_keep_alive} s",
-                    p.username,
+                    claimed_client(p.username),
                 )
                 return
             keep_alive = server_keep_alive = adapter.max_keep_alive
@@ -486,18 +529,20 @@ class MQTTConnection(asyncio.Protocol):
                     "no password: send the client secret as the password",
                     Condition.NO_CREDENTIALS,
                 ),
-                p.username,
+                claimed_client(p.username),
             )
             return
         try:
             secret = p.password.decode()
         except UnicodeDecodeError:
-            self._refuse_connect(AuthenticationError("the password is not UTF-8"), p.username)
+            self._refuse_connect(
+                AuthenticationError("the password is not UTF-8"), claimed_client(p.username)
+            )
             return
         try:
             identity = await self.gateway.authenticate(Credentials(secret, p.username or None))
         except ConduitError as exc:
-            self._refuse_connect(exc, p.username)
+            self._refuse_connect(exc, claimed_client(p.username))
             return
         if self.state == CLOSED:
             return
@@ -556,7 +601,10 @@ class MQTTConnection(asyncio.Protocol):
         session.attach(self, receive_maximum)
 
     def _refuse_connect(self, error: ConduitError, client: str | None) -> None:
-        """CONNACK with the error table's code, then close."""
+        """CONNACK with the error table's code, then close. ``client``: who to name in the log,
+        never a raw user name (see :func:`~core.noise.claimed_client`)."""
+        if self.state == CLOSED:  # closed while authenticating (CONNECT timeout, shutdown)
+            return
         self.gateway.refused(PROTOCOL, error, client)
         answer = error.condition.answer
         if self.level == 5:
@@ -565,16 +613,18 @@ class MQTTConnection(asyncio.Protocol):
         else:
             code = answer.mqtt3 if answer.mqtt3 in (1, 2, 3, 4, 5) else V3_NOT_AUTHORIZED
             self.send(bytes((0x20, 2, 0, code)))
-        self.close(will=False)
+        self.close(will=False, reason_code=answer.mqtt5)
 
     def _refuse_connect_code(self, code: int, reason: str, detail: str, client: str | None) -> None:
         """CONNACK with a protocol code (not from the error table), then close."""
+        if self.state == CLOSED:
+            return
         self.adapter.protocol_refused(reason, detail, client)
         if self.level == 5:
             self.send_packet(ConnAck(False, code, Properties(reason_string=detail)))
         else:
             self.send(bytes((0x20, 2, 0, code)))
-        self.close(will=False)
+        self.close(will=False, reason_code=code)
 
     def _detach(self, will: bool) -> None:
         session = self.session
@@ -591,11 +641,20 @@ class MQTTConnection(asyncio.Protocol):
         self.disconnect(SESSION_TAKEN_OVER, "another connection took the session over")
 
     def timed_out(self, now: float) -> None:
-        """Called by the adapter's sweep: CONNECT or keep-alive timeout, or a closed connection
-        whose peer does not read what is left to write."""
+        """Called by the adapter's sweep: CONNECT or keep-alive timeout; a closing connection
+        whose linger is over, or whose peer does not read what is left to write."""
         if self.state == CLOSED:
-            if now - self.born > CLOSE_TIMEOUT and self.transport is not None:
-                self.transport.abort()
+            transport = self.transport
+            if transport is None:
+                return
+            elapsed = now - self.born
+            if elapsed > CLOSE_TIMEOUT:
+                transport.abort()  # the client does not read what is left
+            elif not transport.is_closing() and not transport.get_write_buffer_size():
+                if self.half_close:
+                    self.shut_write()  # the last bytes are out now: FIN
+                if elapsed > LINGER_TIMEOUT and not transport.is_closing():
+                    transport.close()
         elif self.state in (WAITING, CONNECTING):
             if now - self.born > self.adapter.connect_timeout:
                 self.adapter.protocol_refused(
@@ -836,8 +895,8 @@ class MQTTConnection(asyncio.Protocol):
                 log.warning(
                     "mqtt: cannot send retained messages client=%s filter=%s: %s",
                     identity.client_id,
-                    sub.filter,
-                    exc.detail,
+                    printable(sub.filter),
+                    printable(exc.detail),
                 )
                 continue
             if self.state == CLOSED or not sub.active:

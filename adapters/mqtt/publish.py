@@ -9,8 +9,11 @@ This module owns the translation and nothing else (no I/O, no session state):
   every subscriber of a fan-out: the bus offers the same message object to every matching
   subscription in turn, so remembering the last message is enough.
 
-Metadata keys Conduit reserves (a client's MQTT 5 user properties with these names are
-overwritten; user properties travel under their own names):
+Metadata keys Conduit reserves: every key starting with ``mqtt:`` (:data:`RESERVED_PREFIX`).
+Only the adapter sets them, from the packet itself; a client's MQTT 5 user properties whose name
+starts with the prefix are dropped, so that no publisher can set or influence them (downgrade a
+delivery's QoS, pass a Response Topic the codec would refuse, silence another session's No Local
+subscription). Other user properties travel under their own names.
 
 =========================  =================================================================
 ``mqtt:response_topic``    MQTT 5 Response Topic
@@ -21,8 +24,8 @@ overwritten; user properties travel under their own names):
                            and the subscription's; messages from other protocols have none and
                            go at the subscription's QoS)
 ``mqtt:retain``            ``"1"`` on a message published with the retain flag
-``mqtt:client``            the publishing MQTT client identifier, set only while a session of
-                           the same client holds a No Local subscription
+``mqtt:client``            the publishing session's No Local token (random, unguessable), set
+                           only while that session holds a No Local subscription
 =========================  =================================================================
 """
 
@@ -75,8 +78,9 @@ def inbound(
 ) -> tuple[str, dict[str, str] | None]:
     """Content type and metadata of a received PUBLISH (or will).
 
-    ``client`` is set when the publisher's MQTT client identifier must travel with the message
-    (a No Local subscription of the same client exists).
+    ``client`` is the publishing session's No Local token, set when it must travel with the
+    message (the session holds a No Local subscription). User properties named with the
+    reserved prefix are dropped: reserved keys come only from the packet and from ``client``.
     """
     if properties is EMPTY_PROPERTIES:
         if not retain and client is None:
@@ -85,7 +89,8 @@ def inbound(
         metadata: dict[str, str] = {}
     else:
         content_type = content_type_of(properties.content_type, default_content_type)
-        metadata = dict(properties.user_properties) if properties.user_properties else {}
+        users = properties.user_properties
+        metadata = {k: v for k, v in users if not k.startswith(RESERVED_PREFIX)} if users else {}
         if properties.response_topic is not None:
             metadata[RESPONSE_TOPIC] = properties.response_topic
         if properties.correlation_data is not None:

@@ -24,8 +24,8 @@ Delivery rules (MQTT 3.1.1 section 4.3, MQTT 5 sections 3.3 and 4.9):
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
+import secrets
 from typing import TYPE_CHECKING, Protocol
 
 from adapters.mqtt.publish import MessageInfo, PublishCache
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("conduit.mqtt")
 
 MAX_PACKET_ID = 0xFFFF
-_tokens = itertools.count(1)
 
 
 class Outlet(Protocol):
@@ -161,7 +160,9 @@ class Session:
         self.identity = identity
         self.client_id = client_id
         self.key = (identity.client_id, client_id)
-        self.token = str(next(_tokens))  # tells this session's own messages apart (No Local)
+        # Tells this session's own messages apart (No Local). Random: it travels in the
+        # message metadata, which other protocols' subscribers see.
+        self.token = secrets.token_urlsafe(16)
         self.cache = cache
         self.expiry = expiry  # seconds the session outlives its connection
         self.max_inflight = max_inflight

@@ -6,11 +6,18 @@ binary frames (and their continuations) carry the MQTT byte stream in both direc
 split. The upgrade is accepted on the adapter's ``ws_path`` (``/mqtt``) with the ``mqtt``
 subprotocol selected when the client offers it (clients that offer none are accepted too).
 A text frame is a protocol error (the connection is closed with 1003).
+
+Closing: the server sends its close frame after the last MQTT bytes (a DISCONNECT, a refusing
+CONNACK), with a close code that says why in WebSocket terms (:data:`CLOSE_CODES`: 1002 for
+input that breaks MQTT, 1008 for a refusal, 1001 on shutdown, ...). From then on frames are
+read but ignored (nothing more reaches the MQTT connection, however many frames one read holds),
+until the client answers with its close frame; then the server shuts its write side (TCP) and
+closes when the client does, or after the linger (see :mod:`adapters.mqtt.connection`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 from websockets.frames import CloseCode, Frame, Opcode
@@ -25,6 +32,25 @@ if TYPE_CHECKING:
     from adapters.mqtt.adapter import MQTTAdapter
 
 _MQTT = Subprotocol("mqtt")
+
+#: The WebSocket close code for the MQTT 5 reason code a connection ends with (others: 1000).
+CLOSE_CODES: Final = {
+    0x81: CloseCode.PROTOCOL_ERROR,  # malformed packet
+    0x82: CloseCode.PROTOCOL_ERROR,  # protocol error
+    0x84: CloseCode.PROTOCOL_ERROR,  # unsupported protocol version
+    0x90: CloseCode.PROTOCOL_ERROR,  # topic name invalid
+    0x93: CloseCode.PROTOCOL_ERROR,  # receive maximum exceeded
+    0x94: CloseCode.PROTOCOL_ERROR,  # topic alias invalid
+    0x95: CloseCode.MESSAGE_TOO_BIG,  # packet too large
+    0x99: CloseCode.INVALID_DATA,  # payload format invalid
+    0x86: CloseCode.POLICY_VIOLATION,  # bad user name or password
+    0x87: CloseCode.POLICY_VIOLATION,  # not authorized
+    0x8C: CloseCode.POLICY_VIOLATION,  # bad authentication method
+    0x97: CloseCode.POLICY_VIOLATION,  # quota exceeded
+    0x88: CloseCode.INTERNAL_ERROR,  # server unavailable
+    0x89: CloseCode.INTERNAL_ERROR,  # server busy
+    0x8B: CloseCode.GOING_AWAY,  # server shutting down
+}
 
 
 def _select(protocol: ServerProtocol, offered: object) -> Subprotocol | None:
@@ -51,26 +77,29 @@ class MQTTWebSocketConnection(MQTTConnection):
         except EOFError:  # data after the end of the stream
             return
         for event in ws.events_received():
+            if self.state == CLOSED:
+                break  # closing: the frames still in this read are ignored
             if isinstance(event, Request):
                 self._handshake(event)
             elif isinstance(event, Frame):
                 if event.opcode is Opcode.BINARY or event.opcode is Opcode.CONT:
-                    if event.data and self.state != CLOSED:
+                    if event.data:
                         self.mqtt_received(event.data)
                 elif event.opcode is Opcode.TEXT:
                     self.adapter.protocol_refused(
                         "protocol_error", "MQTT over WebSocket uses binary frames", self.client
                     )
-                    ws.send_close(CloseCode.UNSUPPORTED_DATA, "MQTT needs binary frames")
-                    self._write_ws()
+                    if ws.state is State.OPEN:
+                        ws.send_close(CloseCode.UNSUPPORTED_DATA, "MQTT needs binary frames")
+                        self._write_ws()
                     self.close()
-                    return
+                    break
         self._write_ws()
 
     def eof_received(self) -> bool | None:
         self.ws.receive_eof()
         self._write_ws()
-        return None
+        return None  # the transport closes
 
     def _handshake(self, request: Request) -> None:
         ws = self.ws
@@ -91,13 +120,15 @@ class MQTTWebSocketConnection(MQTTConnection):
             return
         for chunk in self.ws.data_to_send():
             if chunk:
-                if not transport.is_closing():
+                if not self.half_close and not transport.is_closing():
                     transport.write(chunk)
-            else:  # end of stream: the WebSocket is closed
+            else:  # end of stream: the closing handshake is over (or the WebSocket failed)
                 if self.state != CLOSED:
-                    self.close()
+                    self.close()  # the client closed first, or sent what WebSocket forbids
+                if transport.can_write_eof():
+                    super().close_transport()  # shut the write side, linger for the client
                 elif not transport.is_closing():
-                    transport.close()
+                    transport.close()  # TLS cannot half-close; the client's close frame is in
                 return
 
     def write(self, data: bytes) -> None:
@@ -105,13 +136,17 @@ class MQTTWebSocketConnection(MQTTConnection):
             self.ws.send_binary(data)
             self._write_ws()
 
-    def close_transport(self) -> None:
+    def close_transport(self, reason_code: int = 0) -> None:
+        """Send the close frame (after the bytes already written) and linger for the client's;
+        the TCP side ends in :meth:`_write_ws` once the closing handshake is over."""
         ws = self.ws
+        if ws.state is State.CONNECTING or ws.state is State.CLOSED:  # no WebSocket to close
+            super().close_transport(reason_code)
+            return
+        self.lingering = True
         if ws.state is State.OPEN:
-            ws.send_close(CloseCode.NORMAL_CLOSURE)
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                for chunk in ws.data_to_send():
-                    if chunk:
-                        transport.write(chunk)
-        super().close_transport()
+            ws.send_close(CLOSE_CODES.get(reason_code, CloseCode.NORMAL_CLOSURE))
+            self._write_ws()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()

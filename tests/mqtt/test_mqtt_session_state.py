@@ -140,6 +140,13 @@ def test_no_local_and_minimum_qos() -> None:
     assert got.qos == 0  # type: ignore[attr-defined]
 
 
+def test_no_local_tokens_are_random() -> None:
+    """Not a counter that another client could walk through: 128 random bits per session."""
+    tokens = [session().token for _ in range(100)]
+    assert len(set(tokens)) == 100
+    assert all(len(t) >= 22 and not t.isdigit() for t in tokens)
+
+
 def test_encode_once_for_a_fan_out() -> None:
     cache = PublishCache()
     m = message()
@@ -169,6 +176,29 @@ def test_inbound_mapping() -> None:
         "mqtt:correlation_data": "AQ==",
         "mqtt:retain": "1",
     }
+
+
+def test_inbound_drops_reserved_user_properties() -> None:
+    """User properties named with the reserved prefix never become metadata, whether or not
+    the adapter sets that key itself; other names pass as they are."""
+    props = Properties(
+        user_properties=(
+            ("mqtt:qos", "0"),
+            ("mqtt:client", "7"),
+            ("mqtt:response_topic", "m/a/c/+"),
+            ("mqtt:whatever", "x"),
+            ("k", "v"),
+            ("k", "w"),  # repeated: the last wins, as before
+        )
+    )
+    assert inbound(props, 2, False, "x") == ("x", {"k": "w"})
+    assert inbound(props, 2, False, "x", client="tok") == ("x", {"k": "w", "mqtt:client": "tok"})
+    only_reserved = Properties(user_properties=(("mqtt:qos", "0"),))
+    assert inbound(only_reserved, 2, False, "x") == ("x", None)
+    # the QoS 0 / QoS 1 fast path still hands out the shared dicts
+    assert (
+        inbound(EMPTY_PROPERTIES, 0, False, "x")[1] is inbound(EMPTY_PROPERTIES, 0, False, "y")[1]
+    )
 
 
 def test_outbound_properties_only_what_was_set() -> None:
