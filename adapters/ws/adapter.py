@@ -48,7 +48,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConcurrencyError, ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING, OPEN
 
@@ -139,6 +139,14 @@ class WSConnection(ServerConnection):
         # asyncio's transports allow writing from resume_writing (it "may append to buffer").
         if self.outbox is not None:
             self.outbox.flush()
+
+
+async def _discard(connection: ServerConnection) -> None:
+    """Read and drop what the client still sends, until the connection closes (unless the
+    connection's own task is reading already: then it drains it)."""
+    with contextlib.suppress(ConnectionClosed, ConcurrencyError):
+        while True:
+            await connection.recv()
 
 
 class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -490,11 +498,17 @@ class WSAdapter:
     async def _close_with(self, connection: ServerConnection, code: int, reason: str) -> None:
         # close() waits for the transport to drain: a peer that stopped reading would hold it
         # forever, so the closing handshake gets close_timeout, then the TCP connection goes.
+        # Frames the client sent before it saw the close are read and dropped meanwhile:
+        # left in websockets' queue they would stop it reading, and the client's close frame
+        # behind them would wait for the timeout.
+        discard = asyncio.ensure_future(_discard(connection))
         try:
             async with asyncio.timeout(self.close_timeout):
                 await connection.close(code, close_reason(reason))
         except TimeoutError:
             connection.transport.abort()
+        finally:
+            discard.cancel()
 
     def _subscription_closed(
         self, connection: WSConnection, sub: Subscription, reason: str

@@ -5,6 +5,7 @@ that does not wait for connections that never upgraded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -112,3 +113,24 @@ async def test_stop_does_not_wait_for_connections_that_never_upgraded(world: Wor
     await asyncio.sleep(0.1)
     await asyncio.wait_for(adapter.stop(timeout=3600), TIMEOUT)
     assert await _closed(reader) == b""
+
+
+async def test_a_refusal_reaches_a_client_still_sending(
+    world: World, watch: Subscription
+) -> None:
+    """The client sends a frame that is refused, then many more before it sees the close: the
+    server reads and drops them, so the client's close frame behind them ends the handshake
+    (instead of the server waiting its whole close timeout, half an hour here)."""
+    adapter = WSAdapter(world.gateway, "127.0.0.1", 0, close_timeout=1800)
+    async with running(adapter):
+        url = f"ws://127.0.0.1:{adapter.port}/m/acme/c/temps/x?ct=application/senml%2Bjson"
+        headers = {"Authorization": f"Client {world.publisher.secret}"}
+        async with websockets.connect(url, additional_headers=headers, max_queue=None) as ws:
+            await ws.send('[{"v":"not a number"}]')
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for _ in range(500):
+                    await ws.send('[{"n":"t","v":1}]' + " " * 1000)
+            await asyncio.wait_for(ws.wait_closed(), TIMEOUT)
+            assert ws.close_code == 1007
+            assert ws.close_reason == "record 0, field 'v': 'v' must be a number, got a string"
+    assert drain(watch) == []
