@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "bench-" + "0" * 32  # at least 32 characters, as conduit serve requires
 SHARED_BENCH = Path(os.environ.get("SHARED_BENCH", ROOT.parent / "shared" / "bench"))
 BENCH_BIN = Path(os.environ.get("BENCH_BIN", "/tmp/bench-bin"))
 
@@ -97,7 +98,7 @@ class ConduitProcess:
             **os.environ,
             "CONDUIT_DATA_DIR": self._tmp.name,
             "CONDUIT_LOG_LEVEL": "warning",
-            "CONDUIT_ADMIN_KEY": "bench",
+            "CONDUIT_ADMIN_KEY": ADMIN_KEY,
             **self.env,
         }
         self.proc = subprocess.Popen(
@@ -146,7 +147,7 @@ class ConduitProcess:
             f"http://127.0.0.1:{self.ports['api']}{path}",
             method=method,
             data=json.dumps(body).encode(),
-            headers={"Authorization": "Bearer bench", "Content-Type": "application/json"},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req) as r:
             return json.loads(r.read())  # type: ignore[no-any-return]

@@ -17,7 +17,8 @@ address with:
 
 It steps under aiohttp's documented API in one place: the connection class is a subclass of
 aiohttp's ``RequestHandler`` (made by a ``web.Server`` subclass), which reads its
-``_request_in_progress`` to tell a request head from a body. pyproject.toml pins aiohttp below 4.
+``_request_in_progress`` and ``_messages`` to tell a request head from a body. pyproject.toml
+pins aiohttp below 4.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from core.limits import ListenerLimits
 
 log = logging.getLogger("conduit.http")
 
+_monotonic = time.monotonic
 SWEEP_INTERVAL = 1.0  # seconds between header-timeout checks, at most
 LINGER = 2.0  # seconds an unread request body is drained after the answer, at most
 
@@ -71,7 +73,7 @@ class Connection(RequestHandler):
     """aiohttp's connection protocol, watched by its :class:`Listener`.
 
     ``head_since`` is when the request head now awaited began: the connection's start, then the
-    first byte after each request. None while a request is handled.
+    first byte after each request. None once the parser has made a request of it.
     """
 
     __slots__ = ("_listener", "head_since")
@@ -90,7 +92,7 @@ class Connection(RequestHandler):
             transport.close()
             return
         listener.connections.add(self)
-        self.head_since = time.monotonic()
+        self.head_since = _monotonic()
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -98,11 +100,13 @@ class Connection(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        # Bytes that arrive while no request is handled begin the next request head.
-        # (aiohttp's own flag; the request handler's wrapper ends the head.)
+        # Bytes that arrive while no request is handled begin the next request head; a request
+        # the parser has made of them ends it. (aiohttp's own fields.)
         if self.head_since is None and not self._request_in_progress:
-            self.head_since = time.monotonic()
-        super().data_received(data)
+            self.head_since = _monotonic()
+        RequestHandler.data_received(self, data)
+        if self._messages:
+            self.head_since = None
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
         if not self._request_in_progress:  # idle: nothing to finish, no reason to wait
@@ -187,7 +191,7 @@ class _AppRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:  # BaseRunner's hook for this
         server = await super()._make_server()
         return _Server(
-            self._listener.head_received(server.request_handler),
+            server.request_handler,
             self._listener,
             server.request_factory,
             self._options,
@@ -240,7 +244,7 @@ class Listener:
         if isinstance(target, web.Application):
             runner = _AppRunner(target, self, options)
         else:
-            server = _Server(self.head_received(target), self, self._request_factory, options)
+            server = _Server(target, self, self._request_factory, options)
             runner = web.ServerRunner(server, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(
@@ -256,18 +260,6 @@ class Listener:
             self.port = runner.addresses[0][1]
         self._sweep_interval = min(SWEEP_INTERVAL, self.limits.header_timeout / 2)
         self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
-
-    @staticmethod
-    def head_received(handler: Handler) -> Handler:
-        """The handler, first marking the connection's request head as complete."""
-
-        def handle(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
-            connection = request.protocol
-            if isinstance(connection, Connection):
-                connection.head_since = None
-            return handler(request)
-
-        return handle
 
     async def stop_accepting(self) -> None:
         """Close the listening socket; open connections go on (:meth:`stop` ends them)."""
