@@ -51,12 +51,14 @@ TOPIC = f"m/{DOMAIN}/c/{CHANNEL}/room1"
 # The Conduit side (subprocess)
 async def serve() -> None:
     from adapters.coap import CoAPAdapter
+    from core.auth import store_auth
     from core.bus.local import LocalBus
     from core.gateway import Gateway
     from core.store.sqlite import SQLiteStore
 
     with tempfile.TemporaryDirectory(prefix="conduit-coap-bench-") as tmp:
-        gateway = Gateway(SQLiteStore(Path(tmp) / "conduit.db"), LocalBus())
+        store = SQLiteStore(Path(tmp) / "conduit.db")
+        gateway = Gateway(store, LocalBus(), *store_auth(store))
         await gateway.start()
         prov = gateway.provisioning
         await prov.create_domain(DOMAIN)

@@ -95,12 +95,14 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 async def serve(loop_name: str) -> None:
     """Gateway + MQTT adapter; prints one JSON line with the port and credentials."""
     from adapters.mqtt import MQTTAdapter
+    from core.auth import store_auth
     from core.bus.local import LocalBus
     from core.gateway import Gateway
     from core.store.sqlite import SQLiteStore
 
     with tempfile.TemporaryDirectory(prefix="conduit-mqtt-bench-") as tmp:
-        gateway = Gateway(SQLiteStore(Path(tmp) / "conduit.db"), LocalBus())
+        store = SQLiteStore(Path(tmp) / "conduit.db")
+        gateway = Gateway(store, LocalBus(), *store_auth(store))
         await gateway.start()
         prov = gateway.provisioning
         await prov.create_domain("bench")

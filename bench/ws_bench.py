@@ -68,11 +68,13 @@ def run_loop(main: Any, uvloop_: bool) -> None:
 async def serve_conduit(data_dir: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from adapters.ws import WSAdapter
+    from core.auth import store_auth
     from core.bus.local import LocalBus
     from core.gateway import Gateway
     from core.store.sqlite import SQLiteStore
 
-    gateway = Gateway(SQLiteStore(data_dir / "conduit.db"), LocalBus())
+    store = SQLiteStore(data_dir / "conduit.db")
+    gateway = Gateway(store, LocalBus(), *store_auth(store))
     await gateway.start()
     prov = gateway.provisioning
     await prov.create_domain("bench")

@@ -21,6 +21,7 @@ from adapters.mqtt import MQTTAdapter
 from adapters.ws import WSAdapter
 from conduit.api import ManagementAPI, WeakAdminKey, admin_key
 from conduit.settings import Settings
+from core.auth import store_auth
 from core.bus.local import LocalBus
 from core.gateway import Gateway
 from core.limits import Limits
@@ -47,9 +48,13 @@ class Conduit:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         s = settings
+        store = SQLiteStore(s.database)
+        authenticator, authorizer = store_auth(store, s.cache_ttl)
         self.gateway = Gateway(
-            SQLiteStore(s.database),
+            store,
             LocalBus(),
+            authenticator,
+            authorizer,
             limits=Limits(
                 max_payload=s.max_payload,
                 queue_size=s.queue_size,

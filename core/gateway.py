@@ -19,10 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from core import senml
-from core.auth import Action, Authenticator, Credentials, Identity
+from core.auth import Authenticator, Authorizer
 from core.bus import Bus, Sink, Subscription
 from core.content import SENML
+from core.credentials import Credentials
 from core.errors import ConduitError, TooLargeError, UnavailableError
+from core.identity import Action, Identity
 from core.limits import Limits, RateLimiter
 from core.message import Message
 from core.message import decode as decode_message
@@ -39,6 +41,8 @@ log = logging.getLogger("conduit.gateway")
 REVOKED = "authorization revoked"
 # The reason an open connection is ended with when its client is disabled or deleted.
 CLIENT_REVOKED = "client disabled or deleted"
+# The reason a connection or subscription is ended with when its identity expires.
+EXPIRED = "credentials expired"
 
 # Topics repeat: parse each once.
 _topic = functools.lru_cache(maxsize=8192)(parse_topic)
@@ -50,17 +54,20 @@ class Gateway:
         self,
         store: Store,
         bus: Bus,
+        authenticator: Authenticator,
+        authorizer: Authorizer,
         *,
         limits: Limits | None = None,
         cache_ttl: float = 30.0,
     ) -> None:
         self.store = store
         self.bus = bus
+        self.authenticator = authenticator
+        self.authorizer = authorizer
         self.limits = limits or Limits()
         self.cache_ttl = cache_ttl
         self.metrics = Metrics()
         self.noise = NoiseLog(log)
-        self.auth = Authenticator(store, ttl=cache_ttl)
         self.provisioning = Provisioning(store, self._changed)
         self._rate = (
             RateLimiter(self.limits.rate, self.limits.burst) if self.limits.rate > 0 else None
@@ -68,7 +75,10 @@ class Gateway:
         self._subs: set[Subscription] = set()
         # Open connections (MQTT, WebSocket) by their identity, told when their client goes.
         self._connections: dict[object, tuple[Identity, Callable[[str], None]]] = {}
+        # What ends when an identity expires: a connection's unregister, a subscription's end.
+        self._expiries: dict[object, asyncio.TimerHandle] = {}
         self._recheck: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
 
     # lifecycle
@@ -83,6 +93,9 @@ class Gateway:
             self._recheck.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recheck
+        for handle in self._expiries.values():
+            handle.cancel()
+        self._expiries.clear()
         for sub in list(self._subs):
             await self.unsubscribe(sub, "server shutting down")
         await self.bus.close()
@@ -103,20 +116,24 @@ class Gateway:
         return status
 
     # the three calls
-    async def authorize(self, identity: Identity, topic: str | Topic, action: Action) -> None:
-        """Check a right without publishing or subscribing (e.g. an MQTT will at CONNECT)."""
-        if isinstance(topic, str):
-            topic = _topic(topic)
-        await self._authorize(identity, topic.domain, topic.channel, action)
+    async def authorize(
+        self, identity: Identity, target: str | Topic | TopicFilter, action: Action
+    ) -> None:
+        """Check a right without publishing or subscribing (an MQTT will at CONNECT, what a
+        WebSocket upgrade may do). A string is a topic to publish to, or a filter to subscribe
+        to."""
+        if isinstance(target, str):
+            target = _topic(target) if action == "publish" else _filter(target)
+        await self._authorize(identity, target, action)
 
     def authenticate_nowait(self, credentials: Credentials) -> Identity | None:
         """The synchronous fast path of :meth:`authenticate`: the identity when the answer is
         cached, None when the caller must ``await authenticate()``."""
-        return self.auth.authenticate_cached(credentials)
+        return self.authenticator.authenticate_cached(credentials)
 
     async def authenticate(self, credentials: Credentials) -> Identity:
         try:
-            return await self.auth.authenticate(credentials)
+            return await self.authenticator.authenticate(credentials)
         except ConduitError:
             raise
         except Exception as exc:
@@ -138,7 +155,7 @@ class Gateway:
         start = time.perf_counter()
         if isinstance(topic, str):
             topic = _topic(topic)
-        await self._authorize(identity, topic.domain, topic.channel, "publish")
+        await self._authorize(identity, topic, "publish")
         message = self._message(identity, topic, payload, content_type, protocol, metadata)
         if retain:
             try:
@@ -172,7 +189,7 @@ class Gateway:
         start = time.perf_counter()
         if isinstance(topic, str):
             topic = _topic(topic)
-        if not self.auth.authorize_cached(identity, topic.domain, topic.channel, "publish"):
+        if not self.authorizer.authorize_cached(identity, topic, "publish"):
             return None
         message = self._message(identity, topic, payload, content_type, protocol, metadata)
         if not self.bus.publish_nowait(message):
@@ -225,7 +242,7 @@ class Gateway:
         maxsize: int | None = None,
     ) -> Subscription:
         flt = _filter(topic) if isinstance(topic, str) else topic
-        await self._authorize(identity, flt.domain, flt.channel, "subscribe")
+        await self._authorize(identity, flt, "subscribe")
         if self.closing:
             raise UnavailableError("server is shutting down")
         sub = Subscription(
@@ -242,13 +259,15 @@ class Gateway:
         await self.bus.subscribe(sub)
         self._subs.add(sub)
         self.metrics.conns[protocol].inc()
+        if identity.expires is not None:
+            self._expire_at(sub, identity.expires, lambda: self._unsubscribe_expired(sub))
         return sub
 
     async def last(self, identity: Identity, topic: str | Topic) -> Message | None:
         """The latest message on exactly this topic (a subscriber's right), or None."""
         if isinstance(topic, str):
             topic = _topic(topic)
-        await self._authorize(identity, topic.domain, topic.channel, "subscribe")
+        await self._authorize(identity, topic, "subscribe")
         try:
             return await self.bus.last(topic.domain, topic.channel, topic.subtopic)
         except ConduitError:
@@ -259,7 +278,7 @@ class Gateway:
     async def retained(self, identity: Identity, topic: str | TopicFilter) -> list[Message]:
         """The retained messages matching a filter (a subscriber's right), oldest topic first."""
         flt = _filter(topic) if isinstance(topic, str) else topic
-        await self._authorize(identity, flt.domain, flt.channel, "subscribe")
+        await self._authorize(identity, flt, "subscribe")
         try:
             stored = await self.store.retained(flt.domain, flt.channel)
         except Exception as exc:
@@ -271,6 +290,7 @@ class Gateway:
         if sub not in self._subs:
             return
         self._subs.discard(sub)
+        self._cancel_expiry(sub)
         self.metrics.conns[sub.protocol].dec()
         with contextlib.suppress(Exception):
             await self.bus.unsubscribe(sub)
@@ -281,15 +301,43 @@ class Gateway:
     ) -> Callable[[], None]:
         """Register an open connection authenticated as ``identity``. ``on_revoked(reason)`` is
         called once its client is disabled or deleted (at once for a change through this node's
-        API, within ``cache_ttl`` for one made elsewhere). Returns the function that unregisters
-        the connection when it ends."""
+        API, within ``cache_ttl`` for one made elsewhere), or when the identity expires
+        (:data:`EXPIRED`). Returns the function that unregisters the connection when it ends."""
         token = object()
         self._connections[token] = (identity, on_revoked)
 
         def unregister() -> None:
             self._connections.pop(token, None)
+            self._cancel_expiry(token)
 
+        if identity.expires is not None:
+
+            def expired() -> None:
+                if self._connections.pop(token, None) is not None:
+                    on_revoked(EXPIRED)
+
+            self._expire_at(token, identity.expires, expired)
         return unregister
+
+    def _expire_at(self, key: object, when: float, end: Callable[[], None]) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, when - time.time())
+
+        def fire() -> None:
+            self._expiries.pop(key, None)
+            end()
+
+        self._expiries[key] = loop.call_at(loop.time() + delay, fire)
+
+    def _cancel_expiry(self, key: object) -> None:
+        handle = self._expiries.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _unsubscribe_expired(self, sub: Subscription) -> None:
+        task = asyncio.get_running_loop().create_task(self.unsubscribe(sub, EXPIRED))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def delivered(self, protocol: str, n: int = 1) -> None:
         """Count messages an adapter wrote to its subscribers."""
@@ -321,17 +369,18 @@ class Gateway:
 
     # internals
     async def _authorize(
-        self, identity: Identity, domain: str, channel: str, action: Action
+        self, identity: Identity, target: Topic | TopicFilter, action: Action
     ) -> None:
         try:
-            await self.auth.authorize(identity, domain, channel, action)
+            await self.authorizer.authorize(identity, target, action)
         except ConduitError:
             raise
         except Exception as exc:
             raise UnavailableError(f"cannot check authorization: {exc}") from exc
 
     async def _changed(self) -> None:
-        self.auth.invalidate()
+        self.authenticator.invalidate()
+        self.authorizer.invalidate()
         await self.revalidate()
 
     async def revalidate(self) -> None:
@@ -342,15 +391,15 @@ class Gateway:
                 identity = sub.identity
                 assert isinstance(identity, Identity)
                 try:
-                    await self._authorize(
-                        identity, sub.filter.domain, sub.filter.channel, "subscribe"
-                    )
+                    await self._authorize(identity, sub.filter, "subscribe")
                 except UnavailableError:
                     raise
                 except ConduitError:
                     await self.unsubscribe(sub, REVOKED)
             gone: dict[str, bool] = {}
             for token, (identity, on_revoked) in list(self._connections.items()):
+                if identity.rules is not None:
+                    continue  # its rights are its own, until it expires
                 if identity.client_id not in gone:
                     gone[identity.client_id] = not await self._client_enabled(identity)
                 if gone[identity.client_id] and self._connections.pop(token, None) is not None:

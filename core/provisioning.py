@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 
-from core.auth import hash_secret, new_secret
+from core.auth.secrets import hash_secret, new_secret
 from core.store import Channel, Client, Connection, Domain, Store, StoreError
 from core.topics import NAME_RE
 

@@ -78,6 +78,25 @@ class TopicFilter:
                 return False
         return len(parts) == len(levels)
 
+    def covers(self, other: TopicFilter) -> bool:
+        """Whether every topic ``other`` matches is matched by this filter too."""
+        if self.domain != other.domain or self.channel != other.channel:
+            return False
+        mine, theirs = self.levels, other.levels
+        if mine is None:
+            return True
+        if theirs is None:
+            return False
+        for i, want in enumerate(mine):
+            if want == "#":
+                return True  # what "a/#" covers: "a" itself and anything below it
+            if i >= len(theirs):
+                return False
+            level = theirs[i]
+            if level == "#" or (want != "+" and want != level):
+                return False
+        return len(theirs) == len(mine)
+
     def __str__(self) -> str:
         base = f"m/{self.domain}/c/{self.channel}"
         if self.levels is None:

@@ -16,9 +16,10 @@ import pytest
 
 from adapters.http import HTTPAdapter
 from conduit.app import Adapter
-from core.auth import Credentials
+from core.auth import store_auth
 from core.bus import Subscription
 from core.bus.local import LocalBus
+from core.credentials import Credentials
 from core.gateway import Gateway
 from core.limits import Limits
 from core.message import Message
@@ -49,7 +50,8 @@ class World:
 
 
 async def make_gateway(tmp_path: Path, limits: Limits | None = None) -> Gateway:
-    gateway = Gateway(SQLiteStore(tmp_path / "conduit.db"), LocalBus(), limits=limits)
+    store = SQLiteStore(tmp_path / "conduit.db")
+    gateway = Gateway(store, LocalBus(), *store_auth(store), limits=limits)
     await gateway.start()
     return gateway
 

@@ -8,19 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from core.auth import Credentials, parse_authorization
+from core.credentials import Credentials, from_authorization
 from core.errors import AuthenticationError, AuthorizationError, Condition, SenMLError
 from core.provisioning import InvalidRequest
 from core.store import Conflict, NotFound
 from tests.conftest import World
 
 
-def test_parse_authorization_forms() -> None:
-    assert parse_authorization("Client s3cret") == Credentials("s3cret")
-    assert parse_authorization("client  s3cret ") == Credentials("s3cret")
+def test_authorization_forms() -> None:
+    assert from_authorization("Client s3cret") == Credentials("s3cret")
+    assert from_authorization("client  s3cret ") == Credentials("s3cret")
     basic = base64.b64encode(b"id-1:s3cret").decode()
-    assert parse_authorization(f"Basic {basic}") == Credentials("s3cret", "id-1")
-    assert parse_authorization("s3cret") == Credentials("s3cret")
+    assert from_authorization(f"Basic {basic}") == Credentials("s3cret", "id-1")
+    assert from_authorization("s3cret") == Credentials("s3cret")
 
 
 @pytest.mark.parametrize(
@@ -41,9 +41,9 @@ def test_parse_authorization_forms() -> None:
         ("Basic \udcff", Condition.BAD_CREDENTIALS, "credentials must be ASCII"),
     ],
 )
-def test_parse_authorization_refusals(value: str | None, condition: Condition, text: str) -> None:
+def test_authorization_refusals(value: str | None, condition: Condition, text: str) -> None:
     with pytest.raises(AuthenticationError, match=text) as err:
-        parse_authorization(value)
+        from_authorization(value)
     assert err.value.condition is condition
     assert "Sup3rSecretValue" not in err.value.detail
 
@@ -63,32 +63,32 @@ async def test_secret_authenticates_and_secret_is_only_hashed(world: World) -> N
 
 
 async def test_rights_follow_connections(world: World) -> None:
-    auth = world.gateway.auth
-    pub = await auth.authenticate(Credentials(world.publisher.secret))
-    await auth.authorize(pub, "acme", "temps", "publish")
+    gw = world.gateway
+    pub = await gw.authenticate(Credentials(world.publisher.secret))
+    await gw.authorize(pub, "m/acme/c/temps", "publish")
     with pytest.raises(AuthorizationError):
-        await auth.authorize(pub, "acme", "temps", "subscribe")
+        await gw.authorize(pub, "m/acme/c/temps", "subscribe")
     with pytest.raises(AuthorizationError):
-        await auth.authorize(pub, "acme", "other", "publish")
+        await gw.authorize(pub, "m/acme/c/other", "publish")
     with pytest.raises(AuthorizationError, match="not in domain"):
-        await auth.authorize(pub, "beta", "temps", "publish")
+        await gw.authorize(pub, "m/beta/c/temps", "publish")
 
 
 async def test_changes_through_provisioning_take_effect_at_once(world: World) -> None:
     gw = world.gateway
     prov = gw.provisioning
     ident = await gw.authenticate(Credentials(world.publisher.secret))
-    await gw.auth.authorize(ident, "acme", "temps", "publish")  # now cached
+    await gw.authorize(ident, "m/acme/c/temps", "publish")  # now cached
     await prov.disconnect("acme", world.publisher.id, "temps")
     with pytest.raises(AuthorizationError):
-        await gw.auth.authorize(ident, "acme", "temps", "publish")
+        await gw.authorize(ident, "m/acme/c/temps", "publish")
     await prov.connect("acme", world.publisher.id, "temps", True, False)
-    await gw.auth.authorize(ident, "acme", "temps", "publish")
+    await gw.authorize(ident, "m/acme/c/temps", "publish")
     await prov.set_client_enabled("acme", world.publisher.id, False)
     with pytest.raises(AuthenticationError):
         await gw.authenticate(Credentials(world.publisher.secret))
     with pytest.raises(AuthorizationError):  # an open connection loses its rights too
-        await gw.auth.authorize(ident, "acme", "temps", "publish")
+        await gw.authorize(ident, "m/acme/c/temps", "publish")
     await prov.set_client_enabled("acme", world.publisher.id, True)
     _, new_secret = await prov.rotate_secret("acme", world.publisher.id)
     with pytest.raises(AuthenticationError):
@@ -168,7 +168,7 @@ async def test_publish_nowait_needs_a_warm_cache(world: World) -> None:
     gw = world.gateway
     ident = await gw.authenticate(Credentials(world.both.secret))
     watch = await gw.subscribe(ident, "m/acme/c/temps/#", "mqtt")
-    gw.auth.invalidate()
+    gw.authorizer.invalidate()
     assert gw.publish_nowait(ident, "m/acme/c/temps/a", b"x", "text/plain", "mqtt") is None
     assert watch.get_nowait() is None  # nothing was published
     await gw.publish(ident, "m/acme/c/temps/a", b"1", "text/plain", "mqtt")  # warms the cache
@@ -208,7 +208,7 @@ async def test_store_outage_revokes_nothing(world: World) -> None:
     sub = await gw.subscribe(ident, "m/acme/c/temps", "http")
     gw.connected(ident, told.append)
     await gw.store.close()
-    gw.auth.invalidate()
+    gw.authorizer.invalidate()
     await gw.revalidate()
     assert told == [] and sub.closed is None
 

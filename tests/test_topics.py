@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.errors import Condition, TopicError
 from core.topics import (
@@ -153,3 +157,37 @@ def test_filter_subjects() -> None:
     assert filter_subject(parse_filter("m/a/c/b/#")) == "m.a.b.>"
     assert filter_subject(parse_filter("m/a/c/b/+/x.y")) == "m.a.b.*.x%2Ey"
     assert filter_subject(parse_filter("m/a/c/b")) == "m.a.b"
+
+
+# A filter covers another when every topic the other matches, it matches too. Checked against
+# the plain rule over every subtopic of up to 5 levels of a small alphabet (a filter of up to 3
+# levels can only differ from another within 4 levels, "+" needing a level of its own).
+_LEVELS = ("a", "b", "+", "#")
+_UNIVERSE = [""] + [
+    "/".join(levels)
+    for depth in range(1, 6)
+    for levels in itertools.product(("a", "b", "c"), repeat=depth)
+]
+
+
+def _filter_from(levels: list[str]) -> TopicFilter:
+    text = "/".join(["m/d/c/ch", *levels]) if levels else "m/d/c/ch"
+    return parse_filter(text)
+
+
+_filters = st.lists(st.sampled_from(_LEVELS), max_size=3).filter(
+    lambda levels: "#" not in levels[:-1]
+).map(_filter_from)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_filters, _filters)
+def test_covers_is_the_plain_rule(mine: TopicFilter, theirs: TopicFilter) -> None:
+    plain = all(mine.matches(s) for s in _UNIVERSE if theirs.matches(s))
+    assert mine.covers(theirs) == plain, (str(mine), str(theirs))
+
+
+def test_covers_needs_the_same_channel() -> None:
+    assert parse_filter("m/d/c/ch/#").covers(parse_filter("m/d/c/ch/a/+"))
+    assert not parse_filter("m/d/c/ch/#").covers(parse_filter("m/d/c/other/a"))
+    assert not parse_filter("m/d/c/ch/#").covers(parse_filter("m/e/c/ch/a"))

@@ -35,21 +35,20 @@ from aiocoap.util.linkformat import Link, LinkFormat
 
 from adapters.coap.formats import CONTENT_FORMATS, content_format, media_type
 from adapters.coap.observe import Backlog, Observation, Transfers, sequence
-from core.auth import Credentials, Identity
+from core.credentials import from_coap
 from core.errors import (
-    AuthenticationError,
     Condition,
     ConduitError,
     TooLargeError,
     TopicError,
 )
 from core.gateway import Gateway
+from core.identity import Identity
 
 log = logging.getLogger("conduit.coap")
 
 PROTOCOL = "coap"
 DIAGNOSTIC_LIMIT = 512  # bytes of diagnostic payload; it must fit one datagram with the header
-_NO_CREDENTIALS = "no credentials: add the Uri-Query auth=<secret>"
 _METHODS = "use POST or PUT to publish, GET to read the latest message or to observe"
 _NO_OPTIONS = Options()  # shared, never written: see Messaging.render_to_pipe
 
@@ -229,15 +228,7 @@ class Messaging(resource.Resource, resource.PathCapable):
         return None
 
     async def _identity(self, request: aiocoap.Message) -> Identity:
-        secret: str | None = None
-        for query in request.opt.uri_query:
-            if query.startswith("auth="):
-                if secret is not None:
-                    raise AuthenticationError("more than one auth= query")
-                secret = query[5:]
-        if not secret:
-            raise AuthenticationError(_NO_CREDENTIALS, Condition.NO_CREDENTIALS)
-        return await self.gateway.authenticate(Credentials(secret))
+        return await self.gateway.authenticate(from_coap(request.opt.uri_query))
 
     @staticmethod
     def _topic(request: aiocoap.Message) -> str:

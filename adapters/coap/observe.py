@@ -44,8 +44,11 @@ from aiocoap.pipe import Pipe
 
 from adapters.coap.formats import content_format
 from core.bus import Subscription, SubscriptionClosed
-from core.gateway import REVOKED, Gateway
+from core.gateway import EXPIRED, REVOKED, Gateway
 from core.message import Message
+
+# The last notification of an observation the server ends, by the reason it ends.
+_ENDINGS = {REVOKED: Code.FORBIDDEN, EXPIRED: Code.UNAUTHORIZED}
 
 log = logging.getLogger("conduit.coap")
 
@@ -210,7 +213,7 @@ class Observation:
                 if self._backlog(self._remote) >= BACKLOG_LIMIT:
                     await self._drained()
         except SubscriptionClosed as closed:
-            code = Code.FORBIDDEN if closed.reason == REVOKED else Code.SERVICE_UNAVAILABLE
+            code = _ENDINGS.get(closed.reason, Code.SERVICE_UNAVAILABLE)
             log.info("coap observation of %s ended: %s", sub.filter, closed.reason)
             self.pipe.add_response(
                 aiocoap.Message(code=code, payload=closed.reason.encode()), is_last=True

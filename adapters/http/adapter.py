@@ -25,9 +25,9 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import SERVER_SOFTWARE
 
 from adapters.http.server import Listener
-from core.auth import Identity, parse_authorization
 from core.bus import Subscription
 from core.content import normalize
+from core.credentials import from_authorization
 from core.errors import (
     PROBLEM_JSON,
     WWW_AUTHENTICATE,
@@ -41,6 +41,7 @@ from core.errors import (
 )
 from core.errors import problem as problem_document
 from core.gateway import Gateway
+from core.identity import Identity
 from core.limits import ListenerLimits
 from core.message import Message, envelope_json
 from core.topics import parse_path, path_topic
@@ -215,7 +216,7 @@ class HTTPAdapter:
         return problem(error)
 
     async def _identity(self, request: web.BaseRequest) -> Identity:
-        credentials = parse_authorization(request.headers.get("Authorization"))
+        credentials = from_authorization(request.headers.get("Authorization"))
         identity = self.gateway.authenticate_nowait(credentials)
         return identity or await self.gateway.authenticate(credentials)
 
@@ -232,7 +233,7 @@ class HTTPAdapter:
         identity: Identity | None = None
         try:
             # _identity() and _body(), with their common case inline (no coroutine each).
-            credentials = parse_authorization(request.headers.get("Authorization"))
+            credentials = from_authorization(request.headers.get("Authorization"))
             identity = self.gateway.authenticate_nowait(credentials)
             if identity is None:
                 identity = await self.gateway.authenticate(credentials)

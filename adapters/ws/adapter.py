@@ -54,9 +54,9 @@ from websockets.protocol import CONNECTING, OPEN
 
 from adapters.ws.frames import FORMATS, FrameCache
 from adapters.ws.outbox import Outbox
-from core.auth import Identity, parse_authorization
 from core.bus import Subscription
 from core.content import JSON, OCTETS, normalize
+from core.credentials import from_authorization
 from core.errors import (
     PROBLEM_JSON,
     WWW_AUTHENTICATE,
@@ -72,6 +72,7 @@ from core.errors import (
     problem,
 )
 from core.gateway import Gateway
+from core.identity import Identity
 from core.limits import ListenerLimits
 from core.noise import redact
 from core.topics import Topic, TopicFilter, parse_filter, parse_path
@@ -344,7 +345,7 @@ class WSAdapter:
             if len(headers) > 1:
                 raise AuthenticationError("more than one Authorization header")
             value = headers[0] if headers else _first(query, "authorization")
-            identity = await gateway.authenticate(parse_authorization(value))
+            identity = await gateway.authenticate(from_authorization(value))
             session = await self._session(identity, parse_path(path), query)
         except ConduitError as exc:
             gateway.refused(self.protocol, exc, identity.client_id if identity else None)
@@ -412,14 +413,11 @@ class WSAdapter:
         self, identity: Identity, flt: TopicFilter, action: Literal["publish", "subscribe"]
     ) -> AuthorizationError | None:
         """The refusal of ``action`` on the filter's channel, or None when allowed."""
+        target = flt if action == "subscribe" else Topic(flt.domain, flt.channel, flt.subtopic)
         try:
-            await self.gateway.auth.authorize(identity, flt.domain, flt.channel, action)
+            await self.gateway.authorize(identity, target, action)
         except AuthorizationError as exc:
             return exc
-        except ConduitError:
-            raise
-        except Exception as exc:
-            raise UnavailableError(f"cannot check authorization: {exc}") from exc
         return None
 
     # connection

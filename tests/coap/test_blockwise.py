@@ -10,8 +10,8 @@ import aiocoap
 import aiohttp
 from aiocoap.numbers.codes import Code
 
-from core.auth import Credentials
 from core.bus import Subscription
+from core.credentials import Credentials
 from tests.coap.conftest import Observer, RawClient, drain, request
 from tests.conftest import World
 

@@ -13,7 +13,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from adapters.coap import CoAPAdapter
-from core.auth import Credentials
+from core.credentials import Credentials
 from tests.coap.conftest import (
     Observer,
     RawClient,

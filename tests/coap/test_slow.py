@@ -10,7 +10,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from adapters.coap.observe import BACKLOG_LIMIT
-from core.auth import Credentials
+from core.credentials import Credentials
 from core.limits import Limits
 from tests.coap.conftest import RawClient, eventually, metric, observers
 from tests.conftest import World

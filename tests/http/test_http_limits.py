@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from core.auth import Credentials
+from core.credentials import Credentials
 from core.limits import Limits
 from tests.conftest import World
 

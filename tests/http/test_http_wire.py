@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from adapters.http import HTTPAdapter
-from core.auth import Credentials
+from core.credentials import Credentials
 from tests.conftest import World, running
 
 

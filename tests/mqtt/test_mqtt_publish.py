@@ -256,7 +256,7 @@ async def test_store_unavailable_on_cold_publish(
     """Rights not cached and the store down: 0x88 has no PUBACK or DISCONNECT form in MQTT 5,
     which gets DISCONNECT 0x89 (server busy); 3.1.1 a close."""
     client = await connected(raw, world.both, "dev", level)
-    world.gateway.auth.invalidate()
+    world.gateway.authorizer.invalidate()
     await world.gateway.store.close()
     await client.send(Publish("m/acme/c/temps/a", b"x", 1, packet_id=1))
     packets = await client.until_closed()
@@ -346,7 +346,7 @@ async def test_publish_order_kept_across_cold_cache(world: World, raw: Any) -> N
     sub = await connected(raw, world.subscriber, "sub", 4)
     await sub.subscribe("m/acme/c/temps/#", qos=0)
     pub: RawClient = await connected(raw, world.publisher, "pub", 4)
-    world.gateway.auth.invalidate()
+    world.gateway.authorizer.invalidate()
     data = b"".join(encode(Publish("m/acme/c/temps/a", b"%d" % i), 4) for i in range(50))
     await pub.send(data)
     got = [await sub.recv() for _ in range(50)]

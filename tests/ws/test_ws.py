@@ -13,8 +13,8 @@ import cbor2
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
-from core.auth import Credentials
 from core.bus import Subscription
+from core.credentials import Credentials
 from core.message import Message
 from tests.conftest import World
 from tests.ws.conftest import drain

@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from core.auth import Credentials
+from core.credentials import Credentials
 from core.limits import Limits
 from tests.conftest import World
 
