@@ -21,10 +21,12 @@ from adapters.mqtt import MQTTAdapter
 from adapters.ws import WSAdapter
 from conduit.api import ManagementAPI, WeakAdminKey, admin_key
 from conduit.settings import Settings
+from conduit.tls import TLSFileError, server_context
 from core.auth import store_auth
 from core.bus.local import LocalBus
 from core.gateway import Gateway
 from core.limits import Limits
+from core.listeners import Endpoint, ListenError
 from core.noise import printable, redact
 from core.store.sqlite import SQLiteStore
 
@@ -33,11 +35,20 @@ log = logging.getLogger("conduit")
 
 class Adapter(Protocol):
     protocol: str
-    port: int
+
+    @property
+    def ports(self) -> dict[str, int]: ...
 
     async def start(self) -> None: ...
 
     async def stop(self, timeout: float = 10.0) -> None: ...
+
+
+class _MQTT(MQTTAdapter):  # TEMPORARY until the MQTT adapter takes endpoints
+    @property
+    def ports(self) -> dict[str, int]:
+        ws = {"mqtt-ws": self.ws_port} if self.ws_port is not None else {}
+        return {"mqtt": self.port, **ws}
 
 
 class StartupError(Exception):
@@ -68,38 +79,49 @@ class Conduit:
             key = admin_key(s.data_dir, s.admin_key)
         except WeakAdminKey as exc:
             raise StartupError(str(exc)) from None
+        try:
+            tls = server_context(s.tls_cert, s.tls_key)
+        except TLSFileError as exc:
+            raise StartupError(str(exc)) from None
+
+        def plain(on: bool, name: str, port: int) -> list[Endpoint]:
+            return [Endpoint(name, s.host, port)] if on else []
+
+        def secure(name: str, port: int) -> list[Endpoint]:
+            return [Endpoint(name, s.host, port, tls)] if tls is not None else []
+
         self.api = Listener(
             self.gateway,
             "api",
             ManagementAPI(self.gateway, key, body_timeout=s.body_timeout).app,
-            s.api_host,
-            s.api_port,
+            Endpoint("api", s.api_host, s.api_port),
             limits=s.listener_limits(s.api_max_connections),
         )
+        http = plain(s.http_enabled, "http", s.http_port) + secure("https", s.https_port)
+        ws = plain(s.ws_enabled, "ws", s.ws_port) + secure("wss", s.wss_port)
+        coap = plain(s.coap_enabled, "coap", s.coap_port)
         factories: list[tuple[bool, Callable[[], Adapter]]] = [
             (
-                s.http_enabled,
+                bool(http),
                 lambda: HTTPAdapter(
                     self.gateway,
-                    s.host,
-                    s.http_port,
+                    endpoints=http,
                     limits=s.listener_limits(s.http_max_connections),
                 ),
             ),
             (
-                s.ws_enabled,
+                bool(ws),
                 lambda: WSAdapter(
                     self.gateway,
-                    s.host,
-                    s.ws_port,
+                    endpoints=ws,
                     dashboard=s.ws_dashboard,
                     limits=s.listener_limits(s.ws_max_connections),
                 ),
             ),
-            (s.coap_enabled, lambda: CoAPAdapter(self.gateway, s.host, s.coap_port)),
+            (bool(coap), lambda: CoAPAdapter(self.gateway, endpoints=coap)),
             (
                 s.mqtt_enabled,
-                lambda: MQTTAdapter(
+                lambda: _MQTT(
                     self.gateway,
                     s.host,
                     s.mqtt_port,
@@ -118,36 +140,30 @@ class Conduit:
 
     @property
     def endpoints(self) -> dict[str, int]:
-        ports = {}
+        """Every listener's name and port (the bound one once started)."""
+        ports: dict[str, int] = {}
         for a in [self.api, *self.adapters]:
-            ports[a.protocol] = a.port
-            ws_port = getattr(a, "ws_port", None)  # MQTT over WebSocket
-            if ws_port is not None:
-                ports[f"{a.protocol}-ws"] = ws_port
+            ports.update(a.ports)
         return ports
 
     async def start(self) -> None:
         await self.gateway.start()
         try:
-            for listener in [self.api, *self.adapters]:
+            for adapter in [self.api, *self.adapters]:
                 try:
-                    await listener.start()
-                except OSError as exc:
+                    await adapter.start()
+                except ListenError as exc:
+                    endpoint = exc.endpoint
                     if exc.errno == errno.EADDRINUSE:
-                        name, port = listener.protocol, str(listener.port)
-                        settings = [f"CONDUIT_{name.upper()}_PORT"]
-                        ws_port = getattr(listener, "ws_port", None)
-                        if ws_port is not None:
-                            port += f" or {ws_port} (WebSocket)"
-                            settings.append(f"CONDUIT_{name.upper()}_WS_PORT")
                         raise StartupError(
-                            f"{name} port {port} is already in use;"
-                            f" stop what holds it or choose another port ({', '.join(settings)})"
+                            f"{endpoint.name} port {endpoint.port} is already in use; stop what"
+                            f" holds it or choose another port ({endpoint.setting})"
                         ) from None
                     raise StartupError(
-                        f"cannot listen for {listener.protocol} on port {listener.port}: {exc}"
+                        f"cannot listen for {endpoint.name} on port {endpoint.port}:"
+                        f" {exc.cause}"
                     ) from None
-                self._started.append(listener)
+                self._started.append(adapter)
         except BaseException:
             await self.stop()
             raise

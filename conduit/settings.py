@@ -26,25 +26,41 @@ ADMIN_KEY_FILE = "admin.key"  # in the data directory, mode 0600
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CONDUIT_", extra="forbid")
 
-    # where state lives
+    # state and messages
     data_dir: Path = Field(Path("data"), description="Directory for the SQLite file and admin key")
     store: Literal["sqlite"] = Field("sqlite", description="State backend")
     sqlite_path: Path | None = Field(None, description="SQLite file; default <data_dir>/conduit.db")
     bus: Literal["local"] = Field("local", description="Message bus")
 
-    # listeners
-    host: str = Field("0.0.0.0", description="Address the protocol adapters bind to")
-    http_enabled: bool = Field(True, description="Serve the HTTP adapter")
-    http_port: int = Field(8008, ge=0, le=65535, description="HTTP adapter port")
-    ws_enabled: bool = Field(True, description="Serve the WebSocket adapter")
-    ws_port: int = Field(8186, ge=0, le=65535, description="WebSocket adapter port")
+    # listeners: plain
+    host: str = Field("0.0.0.0", description="Address the protocol listeners bind to")
+    http_enabled: bool = Field(True, description="Serve plain HTTP")
+    http_port: int = Field(8008, ge=0, le=65535, description="HTTP port")
+    ws_enabled: bool = Field(True, description="Serve plain WebSocket")
+    ws_port: int = Field(8186, ge=0, le=65535, description="WebSocket port")
     ws_dashboard: bool = Field(True, description="Serve the live dashboard page on GET / (WS port)")
-    coap_enabled: bool = Field(True, description="Serve the CoAP adapter (UDP)")
-    coap_port: int = Field(5683, ge=0, le=65535, description="CoAP adapter UDP port")
-    mqtt_enabled: bool = Field(True, description="Serve the MQTT adapter (TCP)")
+    coap_enabled: bool = Field(True, description="Serve CoAP (UDP)")
+    coap_port: int = Field(5683, ge=0, le=65535, description="CoAP UDP port")
+    mqtt_enabled: bool = Field(True, description="Serve plain MQTT (TCP)")
     mqtt_port: int = Field(1883, ge=0, le=65535, description="MQTT port")
-    mqtt_ws_enabled: bool = Field(True, description="Serve MQTT over WebSocket (path /mqtt)")
+    mqtt_ws_enabled: bool = Field(True, description="Serve plain MQTT over WebSocket (path /mqtt)")
     mqtt_ws_port: int = Field(8083, ge=0, le=65535, description="MQTT over WebSocket port")
+
+    # listeners: TLS, beside the plain ones, when a certificate and its key are set
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM file: the server certificate, then its chain; with tls_key it turns on"
+        " HTTPS, WSS, MQTTS and MQTT over WSS",
+    )
+    tls_key: Path | None = Field(None, description="PEM file: the private key of tls_cert")
+    https_port: int = Field(8443, ge=0, le=65535, description="HTTPS port")
+    wss_port: int = Field(8187, ge=0, le=65535, description="WebSocket over TLS port")
+    mqtts_port: int = Field(8883, ge=0, le=65535, description="MQTT over TLS port")
+    mqtt_wss_port: int = Field(
+        8084, ge=0, le=65535, description="MQTT over WebSocket over TLS port"
+    )
+
+    # MQTT
     mqtt_content_type: str = Field(
         "application/octet-stream",
         description="Content type of MQTT publishes without an MQTT 5 Content Type property"
@@ -65,6 +81,7 @@ class Settings(BaseSettings):
     mqtt_max_keep_alive: int = Field(
         0, ge=0, le=65535, description="Largest keep-alive granted, seconds; 0 = any"
     )
+    # management API
     api_host: str = Field("127.0.0.1", description="Address of the management API")
     api_port: int = Field(9009, ge=0, le=65535, description="Management API port")
     admin_key: str | None = Field(

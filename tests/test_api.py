@@ -13,6 +13,7 @@ from adapters.http.server import Listener
 from conduit.api import ManagementAPI
 from conduit.openapi import OPERATIONS, spec
 from core.limits import ListenerLimits
+from core.listeners import Endpoint
 from tests.conftest import World
 
 KEY = "test-admin-key"
@@ -21,7 +22,8 @@ KEY = "test-admin-key"
 @pytest.fixture
 async def api(world: World) -> AsyncIterator[str]:
     app = ManagementAPI(world.gateway, KEY).app
-    listener = Listener(world.gateway, "api", app, "127.0.0.1", 0, limits=ListenerLimits())
+    endpoint = Endpoint("api", "127.0.0.1", 0)
+    listener = Listener(world.gateway, "api", app, endpoint, limits=ListenerLimits())
     await listener.start()
     yield f"http://127.0.0.1:{listener.port}"
     await listener.stop(2)
@@ -143,7 +145,7 @@ async def test_guards_of_the_api_listener(world: World) -> None:
     too (408), and past its connection cap a connection gets 503."""
     app = ManagementAPI(world.gateway, KEY, body_timeout=0.3).app
     limits = ListenerLimits(header_timeout=0.3, max_connections=2)
-    listener = Listener(world.gateway, "api", app, "127.0.0.1", 0, limits=limits)
+    listener = Listener(world.gateway, "api", app, Endpoint("api", "127.0.0.1", 0), limits=limits)
     await listener.start()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import aiocoap
@@ -44,6 +45,7 @@ from core.errors import (
 )
 from core.gateway import Gateway
 from core.identity import Identity
+from core.listeners import Endpoint, ListenError
 
 log = logging.getLogger("conduit.coap")
 
@@ -315,10 +317,22 @@ class CoAPAdapter:
 
     protocol = PROTOCOL
 
-    def __init__(self, gateway: Gateway, host: str = "0.0.0.0", port: int = 5683) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        host: str = "0.0.0.0",
+        port: int = 5683,
+        *,
+        endpoints: Sequence[Endpoint] | None = None,
+    ) -> None:
+        """Serve one UDP endpoint (``endpoints`` of one, or ``host`` and ``port``). CoAP over
+        DTLS is not served yet: an endpoint with a TLS context is refused."""
         self.gateway = gateway
-        self.host = host
-        self.port = port
+        [endpoint] = endpoints or [Endpoint("coap", host, port)]
+        if endpoint.tls is not None:
+            raise ValueError("CoAP over DTLS is not served yet")
+        self.endpoint = endpoint
+        self.port = endpoint.port
         self.messaging = Messaging(gateway)
         self.site = ConduitSite(gateway, self.messaging)
         self._context: aiocoap.Context | None = None
@@ -328,13 +342,24 @@ class CoAPAdapter:
         # A logger of this context's own, so that the filter counts for this gateway only.
         logger = log.getChild(f"aiocoap{next(_contexts)}")
         logger.addFilter(_LibraryLog(self.gateway))
-        self._context = await aiocoap.Context.create_server_context(
-            self.site, bind=(self.host, self.port), transports=["udp6"], loggername=logger.name
-        )
+        endpoint = self.endpoint
+        try:
+            self._context = await aiocoap.Context.create_server_context(
+                self.site,
+                bind=(endpoint.host, endpoint.port),
+                transports=["udp6"],
+                loggername=logger.name,
+            )
+        except OSError as exc:
+            raise ListenError(endpoint, exc) from exc
         self.messaging.backlog = Backlog(self._context)
         _ignore_undecodable(self._context, self.gateway)
         if self.port == 0:
             self.port = _bound_port(self._context)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {self.endpoint.name: self.port}
 
     async def stop(self, timeout: float = 10.0) -> None:
         """End every observation with 5.03 "server shutting down", then close the socket."""

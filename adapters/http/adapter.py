@@ -17,7 +17,7 @@ import functools
 import logging
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 
 import orjson
 from aiohttp import HttpVersion11, web
@@ -43,6 +43,7 @@ from core.errors import problem as problem_document
 from core.gateway import Gateway
 from core.identity import Identity
 from core.limits import ListenerLimits
+from core.listeners import Endpoint
 from core.message import Message, envelope_json
 from core.topics import parse_path, path_topic
 
@@ -144,19 +145,33 @@ class HTTPAdapter:
         port: int = 8008,
         ssl_context: ssl.SSLContext | None = None,
         limits: ListenerLimits | None = None,
+        *,
+        endpoints: Sequence[Endpoint] | None = None,
     ) -> None:
+        """Serve ``endpoints`` (plain and TLS side by side), or one endpoint made of ``host``,
+        ``port`` and ``ssl_context``."""
         self.gateway = gateway
-        self.host = host
-        self.port = port
-        self.ssl_context = ssl_context
+        self.endpoints = list(endpoints or [Endpoint("http", host, port, ssl_context)])
         self.limits = limits or ListenerLimits()
         self._streams: dict[Subscription, EventStream] = {}
-        self._listener: Listener | None = None
+        self._listeners: list[Listener] = []
+        self._bound: dict[str, int] = {}
         self._to_flush: list[EventStream] = []
         self._loop: asyncio.AbstractEventLoop  # set by start()
 
+    @property
+    def ports(self) -> dict[str, int]:
+        """Each endpoint's name and port (the bound one once started)."""
+        return {e.name: self._bound.get(e.name, e.port) for e in self.endpoints}
+
+    @property
+    def port(self) -> int:
+        """The first endpoint's port."""
+        return next(iter(self.ports.values()))
+
     # lifecycle
     async def start(self) -> None:
+        """Listen on every endpoint (:class:`~core.listeners.ListenError` if one is taken)."""
         self._loop = asyncio.get_running_loop()
         # The request factory of the low-level server: aiohttp's own, with the gateway's payload
         # limit as the body limit.
@@ -165,30 +180,31 @@ class HTTPAdapter:
             loop=self._loop,
             client_max_size=self.gateway.limits.max_payload,
         )
-        listener = Listener(
-            self.gateway,
-            self.protocol,
-            self.handle,
-            self.host,
-            self.port,
-            limits=self.limits,
-            ssl_context=self.ssl_context,
-            request_factory=request_factory,
-        )
-        await listener.start()
-        self._listener = listener
-        self.port = listener.port
+        try:
+            for endpoint in self.endpoints:
+                listener = Listener(
+                    self.gateway,
+                    self.protocol,
+                    self.handle,
+                    endpoint,
+                    limits=self.limits,
+                    request_factory=request_factory,
+                )
+                await listener.start()
+                self._listeners.append(listener)
+                self._bound[endpoint.name] = listener.port
+        except BaseException:
+            await self.stop(0)
+            raise
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, end event streams, let in-flight requests finish."""
-        listener = self._listener
-        if listener is None:
-            return
-        self._listener = None
-        await listener.stop_accepting()
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            await listener.stop_accepting()
         for sub in list(self._streams):
             await self.gateway.unsubscribe(sub, "server shutting down")
-        await listener.stop(timeout)
+        await asyncio.gather(*(listener.stop(timeout) for listener in listeners))
 
     # dispatch
     def handle(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -38,6 +37,7 @@ from aiohttp.web_protocol import RequestHandler
 from core.errors import PROBLEM_JSON, plain_problem
 from core.gateway import Gateway
 from core.limits import ListenerLimits
+from core.listeners import Endpoint, ListenError
 
 log = logging.getLogger("conduit.http")
 
@@ -199,7 +199,7 @@ class _AppRunner(web.AppRunner):
 
 
 class Listener:
-    """One aiohttp server on one address, guarded (see the module docstring).
+    """One aiohttp server on one endpoint, guarded (see the module docstring).
 
     ``target`` is a low-level handler (``web.BaseRequest`` to response), with its
     ``request_factory`` if any, or a ``web.Application``.
@@ -210,19 +210,16 @@ class Listener:
         gateway: Gateway,
         protocol: str,
         target: Handler | web.Application,
-        host: str,
-        port: int,
+        endpoint: Endpoint,
         *,
         limits: ListenerLimits,
-        ssl_context: ssl.SSLContext | None = None,
         request_factory: Any = None,
     ) -> None:
         self.gateway = gateway
         self.protocol = protocol
-        self.host = host
-        self.port = port
+        self.endpoint = endpoint
+        self.port = endpoint.port  # the bound port once started
         self.limits = limits
-        self.ssl_context = ssl_context
         self.connections: set[Connection] = set()
         self._target = target
         self._request_factory = request_factory
@@ -247,11 +244,15 @@ class Listener:
             server = _Server(target, self, self._request_factory, options)
             runner = web.ServerRunner(server, access_log=None, handle_signals=False)
         await runner.setup()
+        endpoint = self.endpoint
         site = web.TCPSite(
-            runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True
+            runner, endpoint.host, endpoint.port, ssl_context=endpoint.tls, reuse_address=True
         )
         try:
             await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenError(endpoint, exc) from exc
         except BaseException:
             await runner.cleanup()
             raise
@@ -260,6 +261,11 @@ class Listener:
             self.port = runner.addresses[0][1]
         self._sweep_interval = min(SWEEP_INTERVAL, self.limits.header_timeout / 2)
         self._sweeper = asyncio.get_running_loop().call_later(self._sweep_interval, self._sweep)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """The endpoint's name and port (the bound one once started)."""
+        return {self.endpoint.name: self.port}
 
     async def stop_accepting(self) -> None:
         """Close the listening socket; open connections go on (:meth:`stop` ends them)."""

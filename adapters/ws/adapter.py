@@ -41,6 +41,7 @@ import importlib.resources
 import logging
 import re
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -74,6 +75,7 @@ from core.errors import (
 from core.gateway import Gateway
 from core.identity import Identity
 from core.limits import ListenerLimits
+from core.listeners import Endpoint, ListenError
 from core.noise import redact
 from core.topics import Topic, TopicFilter, parse_filter, parse_path
 
@@ -243,6 +245,7 @@ class WSAdapter:
         origins: list[str] | None = None,
         dashboard: bool = True,
         limits: ListenerLimits | None = None,
+        endpoints: Sequence[Endpoint] | None = None,
     ) -> None:
         """``ping_interval``/``ping_timeout``: keep-alive (None disables it); ``write_limit``:
         bytes a connection's transport buffers before its outbox backlog takes over;
@@ -250,11 +253,11 @@ class WSAdapter:
         ambient cookies; clients that send no ``Origin`` header, devices, are not browsers and
         are always allowed); ``dashboard``: serve the live page on ``GET /``; ``limits``:
         ``header_timeout`` bounds the whole upgrade (request head, checks, 101) and
-        ``max_connections`` the open connections."""
+        ``max_connections`` the open connections, of all endpoints together; ``endpoints``:
+        where to listen (plain and TLS), else one endpoint of ``host``, ``port`` and
+        ``ssl_context``."""
         self.gateway = gateway
-        self.host = host
-        self.port = port
-        self.ssl_context = ssl_context
+        self.endpoints = list(endpoints or [Endpoint("ws", host, port, ssl_context)])
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.close_timeout = close_timeout
@@ -265,63 +268,84 @@ class WSAdapter:
         # Every TCP connection, upgraded or not (websockets' own list has the upgraded ones).
         self.tcp_connections: set[WSConnection] = set()
         self._connection_class = type("WSConnection", (WSConnection,), {"adapter": self})
-        self._server: Server | None = None
+        self._servers: list[Server] = []
+        self._bound: dict[str, int] = {}
         self._frames = FrameCache()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._uncounted = 0
         self._count_scheduled = False
 
+    @property
+    def ports(self) -> dict[str, int]:
+        """Each endpoint's name and port (the bound one once started)."""
+        return {e.name: self._bound.get(e.name, e.port) for e in self.endpoints}
+
+    @property
+    def port(self) -> int:
+        """The first endpoint's port."""
+        return next(iter(self.ports.values()))
+
     # lifecycle
     async def start(self) -> None:
-        self._server = await serve(
-            self._serve,
-            self.host,
-            self.port,
-            process_request=self._upgrade,
-            create_connection=self._connection_class,
-            open_timeout=self.limits.header_timeout,
-            logger=_RedactingLogger(log.getChild("websockets"), {}),
-            compression=None,  # frames are encoded once for every subscriber
-            max_size=self.gateway.limits.max_payload,
-            ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout,
-            close_timeout=self.close_timeout,
-            write_limit=self.write_limit,
-            ssl=self.ssl_context,
-            server_header=None,
-            reuse_address=True,
-        )
-        if self.port == 0:
-            self.port = self._server.sockets[0].getsockname()[1]
+        """Listen on every endpoint (:class:`~core.listeners.ListenError` if one is taken)."""
+        try:
+            for endpoint in self.endpoints:
+                try:
+                    server = await serve(
+                        self._serve,
+                        endpoint.host,
+                        endpoint.port,
+                        process_request=self._upgrade,
+                        create_connection=self._connection_class,
+                        open_timeout=self.limits.header_timeout,
+                        logger=_RedactingLogger(log.getChild("websockets"), {}),
+                        compression=None,  # frames are encoded once for every subscriber
+                        max_size=self.gateway.limits.max_payload,
+                        ping_interval=self.ping_interval,
+                        ping_timeout=self.ping_timeout,
+                        close_timeout=self.close_timeout,
+                        write_limit=self.write_limit,
+                        ssl=endpoint.tls,
+                        server_header=None,
+                        reuse_address=True,
+                    )
+                except OSError as exc:
+                    raise ListenError(endpoint, exc) from exc
+                self._servers.append(server)
+                self._bound[endpoint.name] = server.sockets[0].getsockname()[1]
+        except BaseException:
+            await self.stop(0)
+            raise
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, close every connection with 1001, wait up to ``timeout``."""
-        server = self._server
-        if server is None:
+        servers, self._servers = self._servers, []
+        if not servers:
             return
         self._stopping = True
-        server.close(close_connections=True, code=GOING_AWAY, reason="server shutting down")
+        for server in servers:
+            server.close(close_connections=True, code=GOING_AWAY, reason="server shutting down")
         for pending in list(self.tcp_connections):  # not upgraded yet: nothing to finish
             if pending.protocol.state is CONNECTING:
                 pending.transport.abort()
         try:
             async with asyncio.timeout(timeout):
-                await server.wait_closed()
+                await asyncio.gather(*(server.wait_closed() for server in servers))
         except TimeoutError:
             # Peers that do not read cannot complete the closing handshake.
-            for connection in server.connections:
-                connection.transport.abort()
+            for server in servers:
+                for connection in server.connections:
+                    connection.transport.abort()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
-                    await server.wait_closed()
-        self._server = None
+                    await asyncio.gather(*(server.wait_closed() for server in servers))
         self._flush_count()
 
     @property
     def connections(self) -> list[ServerConnection]:
         """The open WebSocket connections."""
-        return list(self._server.connections) if self._server is not None else []
+        return [c for server in self._servers for c in server.connections]
 
     # upgrade
     async def _upgrade(self, connection: ServerConnection, request: Request) -> Response | None:

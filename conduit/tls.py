@@ -1,0 +1,73 @@
+"""The server TLS context of the TLS listeners, built once from the settings at start.
+
+TLS 1.2 at least, forward-secret AEAD ciphers for 1.2 (1.3 has only such), the certificate
+chain sent as the file holds it (leaf first). Every file is checked before a listener opens: a
+file that is missing or unreadable, a certificate that is expired or not yet valid, a key that
+does not match its certificate each stop the start with one line naming the file and the
+problem.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+
+# TLS 1.2 suites: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 (TLS 1.3's are fixed).
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+class TLSFileError(ValueError):
+    """A TLS setting names a file that cannot serve; the message says which and why."""
+
+
+def server_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The context for ``tls_cert`` and ``tls_key``; None when neither is set."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        missing, given = ("tls_cert", "tls_key") if cert is None else ("tls_key", "tls_cert")
+        raise TLSFileError(f"{given} is set but {missing} is not: TLS needs both")
+    _check_certificate(cert)
+    _readable(key, "tls_key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(CIPHERS)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise TLSFileError(
+                f"tls_key {key}: this key does not match the certificate in {cert}"
+            ) from None
+        raise TLSFileError(f"tls_key {key} or tls_cert {cert}: {exc.reason or exc}") from None
+    return context
+
+
+def _readable(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TLSFileError(f"{setting} {path}: no such file") from None
+    except OSError as exc:
+        raise TLSFileError(f"{setting} {path}: cannot be read ({exc.strerror})") from None
+
+
+def _check_certificate(path: Path) -> None:
+    data = _readable(path, "tls_cert")
+    try:
+        leaf = x509.load_pem_x509_certificates(data)[0]
+    except ValueError:
+        raise TLSFileError(f"tls_cert {path}: not a PEM certificate") from None
+    now = datetime.datetime.now(datetime.UTC)
+    if leaf.not_valid_after_utc < now:
+        raise TLSFileError(
+            f"tls_cert {path}: the certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d}"
+        )
+    if leaf.not_valid_before_utc > now:
+        raise TLSFileError(
+            f"tls_cert {path}: the certificate is not valid before"
+            f" {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        )

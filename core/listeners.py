@@ -1,0 +1,38 @@
+"""Where adapters listen: each serves a list of :class:`Endpoint` s, plain and TLS side by side
+(HTTP 8008 and HTTPS 8443, MQTT 1883 and MQTTS 8883, ...). The composition root builds them from
+the settings, with the TLS context of each; an adapter only binds them and reports the ports it
+got (:class:`Bound`). Core holds the type because every adapter and the composition root share
+it; nothing here opens a socket."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One address to listen on. ``name`` says what it serves (``http``, ``https``, ``mqtt``,
+    ``mqtts``, ``mqtt-ws``, ``mqtt-wss``, ``ws``, ``wss``, ``coap``, ``api``) and is how it is
+    reported; ``tls`` is its server context (None: plain); ``websocket`` marks MQTT carried in
+    WebSocket frames. Port 0 takes a free port."""
+
+    name: str
+    host: str
+    port: int
+    tls: ssl.SSLContext | None = None
+    websocket: bool = False
+
+    @property
+    def setting(self) -> str:
+        """The environment variable that sets this endpoint's port."""
+        return f"CONDUIT_{self.name.upper().replace('-', '_')}_PORT"
+
+
+class ListenError(OSError):
+    """An endpoint could not be bound; ``endpoint`` says which, the cause says why."""
+
+    def __init__(self, endpoint: Endpoint, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.endpoint = endpoint
+        self.cause = cause
