@@ -23,12 +23,12 @@ from conduit.api import ManagementAPI, WeakAdminKey, admin_key
 from conduit.settings import Settings
 from conduit.tls import TLSFileError, server_context
 from core.auth import store_auth
-from core.bus.local import LocalBus
+from core.bus import make_bus
 from core.gateway import Gateway
 from core.limits import Limits
 from core.listeners import Endpoint, ListenError
 from core.noise import printable, redact
-from core.store.sqlite import SQLiteStore
+from core.store import make_store
 
 log = logging.getLogger("conduit")
 
@@ -59,11 +59,11 @@ class Conduit:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         s = settings
-        store = SQLiteStore(s.database)
+        store = make_store(s.store, sqlite_path=s.database)
         authenticator, authorizer = store_auth(store, s.cache_ttl)
         self.gateway = Gateway(
             store,
-            LocalBus(),
+            make_bus(s.bus),
             authenticator,
             authorizer,
             limits=Limits(

@@ -20,7 +20,7 @@ from typing import Any
 
 from core import senml
 from core.auth import Authenticator, Authorizer
-from core.bus import Bus, Sink, Subscription
+from core.bus import Bus, Change, Sink, Subscription
 from core.content import SENML
 from core.credentials import Credentials
 from core.errors import ConduitError, TooLargeError, UnavailableError
@@ -68,7 +68,7 @@ class Gateway:
         self.cache_ttl = cache_ttl
         self.metrics = Metrics()
         self.noise = NoiseLog(log)
-        self.provisioning = Provisioning(store, self._changed)
+        self.provisioning = Provisioning(store, bus.announce)
         self._rate = (
             RateLimiter(self.limits.rate, self.limits.burst) if self.limits.rate > 0 else None
         )
@@ -85,6 +85,7 @@ class Gateway:
     async def start(self) -> None:
         await self.store.open()
         await self.bus.start()
+        self.bus.on_change(self._changed)
         self._recheck = asyncio.create_task(self._recheck_loop(), name="conduit-recheck")
 
     async def close(self) -> None:
@@ -378,7 +379,8 @@ class Gateway:
         except Exception as exc:
             raise UnavailableError(f"cannot check authorization: {exc}") from exc
 
-    async def _changed(self) -> None:
+    async def _changed(self, change: Change) -> None:
+        """A change on any node: forget what was cached, check what is open again."""
         self.authenticator.invalidate()
         self.authorizer.invalidate()
         await self.revalidate()

@@ -1,7 +1,8 @@
 """Provisioning: domains, clients, channels and connections, as the REST API and CLI see them.
 
-It checks names, makes ids and secrets, writes through the store and reports every change so the
-gateway can drop cached credentials and cut off subscriptions that lost their right at once.
+It checks names, makes ids and secrets, writes through the store and announces every change on
+the bus (:class:`~core.bus.Change`), so that every node drops cached credentials and cuts off
+connections and subscriptions that lost their right: this node before the call returns.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from core.auth.secrets import hash_secret, new_secret
+from core.bus import Change
 from core.store import Channel, Client, Connection, Domain, Store, StoreError
 from core.topics import NAME_RE
 
@@ -40,9 +42,9 @@ def _check_client_name(name: str) -> None:
 
 
 class Provisioning:
-    def __init__(self, store: Store, on_change: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, store: Store, announce: Callable[[Change], Awaitable[None]]) -> None:
         self.store = store
-        self._changed = on_change
+        self._announce = announce
 
     # domains
     async def create_domain(self, name: str, metadata: dict[str, str] | None = None) -> Domain:
@@ -57,7 +59,7 @@ class Provisioning:
 
     async def delete_domain(self, name: str) -> None:
         await self.store.delete_domain(name)
-        await self._changed()
+        await self._announce(Change("domain", name))
 
     # clients
     async def create_client(
@@ -79,18 +81,18 @@ class Provisioning:
 
     async def set_client_enabled(self, domain: str, ref: str, enabled: bool) -> Client:
         client = await self.store.set_client_enabled(domain, ref, enabled)
-        await self._changed()
+        await self._announce(Change("client", domain, client.id))
         return client
 
     async def rotate_secret(self, domain: str, ref: str) -> tuple[Client, str]:
         secret = new_secret()
         client = await self.store.set_client_secret(domain, ref, hash_secret(secret))
-        await self._changed()
+        await self._announce(Change("client", domain, client.id))
         return client, secret
 
     async def delete_client(self, domain: str, ref: str) -> None:
         await self.store.delete_client(domain, ref)
-        await self._changed()
+        await self._announce(Change("client", domain, ref))
 
     # channels
     async def create_channel(
@@ -107,7 +109,7 @@ class Provisioning:
 
     async def delete_channel(self, domain: str, ref: str) -> None:
         await self.store.delete_channel(domain, ref)
-        await self._changed()
+        await self._announce(Change("channel", domain, ref))
 
     # connections
     async def connect(
@@ -116,12 +118,12 @@ class Provisioning:
         if not (publish or subscribe):
             raise InvalidRequest("a connection needs publish, subscribe or both")
         conn = await self.store.connect(domain, client, channel, publish, subscribe)
-        await self._changed()
+        await self._announce(Change("connection", domain, f"{conn.client_id}/{conn.channel}"))
         return conn
 
     async def disconnect(self, domain: str, client: str, channel: str) -> None:
         await self.store.disconnect(domain, client, channel)
-        await self._changed()
+        await self._announce(Change("connection", domain, f"{client}/{channel}"))
 
     async def list_connections(
         self, domain: str, client: str | None = None, channel: str | None = None

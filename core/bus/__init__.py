@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
+
+import msgspec
 
 from core.message import Message
 from core.topics import TopicFilter
@@ -218,8 +220,23 @@ class Router:
         return n
 
 
+class Change(msgspec.Struct, frozen=True, gc=False):
+    """A change to what clients may do, for every node to hear: its caches of credentials and
+    rights must go, and open connections and subscriptions be checked again. ``kind`` is what
+    changed (``domain``, ``client``, ``channel``, ``connection``), ``domain`` where, ``ref``
+    which one (a client or channel reference; empty for a whole domain)."""
+
+    kind: str
+    domain: str
+    ref: str = ""
+
+
+ChangeHandler = Callable[[Change], Awaitable[None]]
+
+
 class Bus(Protocol):
-    """Carries published messages to every matching subscription, on any node."""
+    """Carries published messages to every matching subscription, on any node, and changes to
+    what clients may do (:class:`Change`) to every node."""
 
     name: str
 
@@ -241,3 +258,19 @@ class Bus(Protocol):
 
     async def last(self, domain: str, channel: str, subtopic: str) -> Message | None:
         """The latest message published on exactly this topic, if the bus still knows it."""
+
+    async def announce(self, change: Change) -> None:
+        """Tell every node, this one included, of a change; returns once this node's handlers
+        have run (other nodes hear it as soon as the bus carries it)."""
+
+    def on_change(self, handler: ChangeHandler) -> None:
+        """Have ``handler`` run for every change announced on any node."""
+
+
+def make_bus(kind: str) -> Bus:
+    """The bus a deployment's ``bus`` setting names."""
+    if kind == "local":
+        from core.bus.local import LocalBus
+
+        return LocalBus()
+    raise ValueError(f"unknown bus {kind!r}: the bus is 'local'")

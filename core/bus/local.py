@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.bus import Router, Subscription
+from core.bus import Change, ChangeHandler, Router, Subscription
 from core.errors import UnavailableError
 from core.message import Message
 
@@ -16,6 +16,7 @@ class LocalBus:
         # The latest message of each topic, oldest topic forgotten first past keep_last.
         self._last: dict[tuple[str, str, str], Message] = {}
         self._keep_last = keep_last
+        self._handlers: list[ChangeHandler] = []
 
     async def start(self) -> None:
         self._open = True
@@ -51,3 +52,10 @@ class LocalBus:
 
     async def last(self, domain: str, channel: str, subtopic: str) -> Message | None:
         return self._last.get((domain, channel, subtopic))
+
+    async def announce(self, change: Change) -> None:
+        for handler in self._handlers:
+            await handler(change)
+
+    def on_change(self, handler: ChangeHandler) -> None:
+        self._handlers.append(handler)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 
@@ -128,3 +129,12 @@ class Store(Protocol):
 
     async def retained(self, domain: str, channel: str) -> list[bytes]:
         """Every retained message of a channel."""
+
+
+def make_store(kind: str, *, sqlite_path: str | Path) -> Store:
+    """The store a deployment's ``store`` setting names."""
+    if kind == "sqlite":
+        from core.store.sqlite import SQLiteStore
+
+        return SQLiteStore(sqlite_path)
+    raise ValueError(f"unknown store {kind!r}: the store is 'sqlite'")

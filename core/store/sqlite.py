@@ -73,6 +73,17 @@ MIGRATIONS: list[str] = [
     DROP INDEX clients_domain;
     CREATE UNIQUE INDEX clients_domain_name ON clients(domain, name);
     """,
+    # Retained messages go with their channel (and so with their domain): a channel or domain
+    # made again with the same name starts empty. Those left by deletions before are removed.
+    """
+    DELETE FROM retained WHERE NOT EXISTS (
+        SELECT 1 FROM channels WHERE channels.domain = retained.domain
+        AND channels.name = retained.channel
+    );
+    CREATE TRIGGER channel_deleted AFTER DELETE ON channels BEGIN
+        DELETE FROM retained WHERE domain = OLD.domain AND channel = OLD.name;
+    END;
+    """,
 ]
 
 

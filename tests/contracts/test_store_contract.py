@@ -1,0 +1,139 @@
+"""What every Store must do (core.store.Store), whatever keeps the state."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.errors import UnavailableError
+from core.store import Conflict, NotFound, Store
+
+
+async def _acme(store: Store) -> None:
+    await store.create_domain("acme", {"tier": "gold"})
+    await store.create_client("acme", "id-1", "lamp", "hash-1", {"room": "hall"})
+    await store.create_client("acme", "id-2", "fan", "hash-2", {})
+    await store.create_channel("acme", "ch-1", "temps", {})
+    await store.create_channel("acme", "ch-2", "other", {})
+
+
+async def test_domains(store: Store) -> None:
+    await store.create_domain("beta", {})
+    await store.create_domain("acme", {"tier": "gold"})
+    assert (await store.get_domain("acme")).metadata == {"tier": "gold"}
+    assert [d.name for d in await store.list_domains()] == ["acme", "beta"]
+    with pytest.raises(Conflict):
+        await store.create_domain("acme", {})
+    await store.delete_domain("beta")
+    with pytest.raises(NotFound):
+        await store.get_domain("beta")
+    with pytest.raises(NotFound):
+        await store.delete_domain("beta")
+
+
+async def test_clients(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.create_client("nope", "id-0", "x", "hash-0", {})
+    await _acme(store)
+    lamp = await store.get_client("acme", "id-1")
+    assert (lamp.name, lamp.enabled, lamp.metadata) == ("lamp", True, {"room": "hall"})
+    assert await store.get_client("acme", "lamp") == lamp  # by name too
+    assert [c.name for c in await store.list_clients("acme")] == ["fan", "lamp"]
+    with pytest.raises(Conflict):  # names are unique in a domain
+        await store.create_client("acme", "id-3", "lamp", "hash-3", {})
+    await store.create_domain("beta", {})
+    await store.create_client("beta", "id-4", "lamp", "hash-4", {})  # not across domains
+    with pytest.raises(NotFound):
+        await store.get_client("acme", "id-4")
+    assert (await store.client_by_secret("hash-1")) == lamp
+    assert await store.client_by_secret("hash-x") is None
+    assert not (await store.set_client_enabled("acme", "lamp", False)).enabled
+    assert not (await store.get_client("acme", "id-1")).enabled
+    await store.set_client_secret("acme", "id-1", "hash-new")
+    assert await store.client_by_secret("hash-1") is None
+    assert (await store.client_by_secret("hash-new")).id == "id-1"  # type: ignore[union-attr]
+    await store.delete_client("acme", "fan")
+    with pytest.raises(NotFound):
+        await store.get_client("acme", "id-2")
+    with pytest.raises(NotFound):
+        await store.delete_client("acme", "id-2")
+
+
+async def test_channels(store: Store) -> None:
+    await _acme(store)
+    temps = await store.get_channel("acme", "temps")
+    assert temps.id == "ch-1" and await store.get_channel("acme", "ch-1") == temps
+    assert [c.name for c in await store.list_channels("acme")] == ["other", "temps"]
+    with pytest.raises(Conflict):
+        await store.create_channel("acme", "ch-3", "temps", {})
+    await store.delete_channel("acme", "other")
+    with pytest.raises(NotFound):
+        await store.get_channel("acme", "other")
+
+
+async def test_connections_and_permissions(store: Store) -> None:
+    await _acme(store)
+    await store.connect("acme", "lamp", "temps", True, False)
+    await store.connect("acme", "id-2", "temps", True, True)
+    await store.connect("acme", "id-2", "other", False, True)
+    perms = await store.permissions("id-1", "acme", "temps")
+    assert perms is not None and (perms.publish, perms.subscribe) == (True, False)
+    await store.connect("acme", "lamp", "temps", False, True)  # replaces the rights
+    perms = await store.permissions("id-1", "acme", "temps")
+    assert perms is not None and (perms.publish, perms.subscribe) == (False, True)
+    assert await store.permissions("id-1", "acme", "other") is None
+    assert len(await store.list_connections("acme")) == 3
+    assert {c.channel for c in await store.list_connections("acme", client_id="fan")} == {
+        "temps", "other",
+    }  # fmt: skip
+    assert {c.client_id for c in await store.list_connections("acme", channel="temps")} == {
+        "id-1", "id-2",
+    }  # fmt: skip
+    await store.set_client_enabled("acme", "id-1", False)
+    assert await store.permissions("id-1", "acme", "temps") is None  # a disabled client: none
+    await store.disconnect("acme", "fan", "other")
+    with pytest.raises(NotFound):
+        await store.disconnect("acme", "fan", "other")
+    await store.delete_channel("acme", "temps")  # its connections go with it
+    assert await store.list_connections("acme") == []
+
+
+async def test_deleting_a_domain_deletes_what_it_holds(store: Store) -> None:
+    await _acme(store)
+    await store.connect("acme", "lamp", "temps", True, True)
+    await store.put_retained("acme", "temps", "a", b"x")
+    await store.delete_domain("acme")
+    assert await store.client_by_secret("hash-1") is None
+    await store.create_domain("acme", {})  # a new tenant of the same name inherits nothing
+    assert await store.list_clients("acme") == []
+    assert await store.list_channels("acme") == []
+    assert await store.retained("acme", "temps") == []
+
+
+async def test_deleting_a_channel_deletes_its_retained_messages(store: Store) -> None:
+    await _acme(store)
+    await store.put_retained("acme", "temps", "a", b"x")
+    await store.put_retained("acme", "other", "a", b"y")
+    await store.delete_channel("acme", "temps")
+    await store.create_channel("acme", "ch-9", "temps", {})
+    assert await store.retained("acme", "temps") == []
+    assert await store.retained("acme", "other") == [b"y"]
+
+
+async def test_retained_messages(store: Store) -> None:
+    await _acme(store)
+    await store.put_retained("acme", "temps", "b/c", b"2")
+    await store.put_retained("acme", "temps", "a", b"1")
+    await store.put_retained("acme", "temps", "a", b"3")  # replaces
+    await store.put_retained("acme", "other", "a", b"4")
+    assert await store.retained("acme", "temps") == [b"3", b"2"]  # by subtopic
+    await store.put_retained("acme", "temps", "a", b"")  # empty: removed
+    assert await store.retained("acme", "temps") == [b"2"]
+
+
+async def test_a_closed_store_is_unavailable(store: Store) -> None:
+    await store.ping()
+    await store.close()
+    with pytest.raises(UnavailableError):
+        await store.ping()
+    with pytest.raises(UnavailableError):
+        await store.list_domains()
