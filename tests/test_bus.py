@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from core.bus import Subscription, SubscriptionClosed
+from core.bus import Router, Subscription, SubscriptionClosed
 from core.bus.local import LocalBus
 from core.errors import UnavailableError
 from core.message import Message, decode, encode, envelope, envelope_json
@@ -217,3 +220,76 @@ async def test_next_times_out_then_delivers_then_reports_close() -> None:
     asyncio.get_running_loop().call_soon(sub.close, "bye")
     with pytest.raises(SubscriptionClosed, match="bye"):
         await sub.next(5)
+
+
+# The router's index against the plain rule: random filters on one channel (and another),
+# random topics, subscriptions added and removed in any order.
+_LEVEL = st.sampled_from(["a", "b", "c"])
+_FILTER_LEVEL = st.sampled_from(["a", "b", "+", "#"])
+
+
+def _filter_text(levels: list[str], channel: str) -> str:
+    if "#" in levels:
+        levels = levels[: levels.index("#") + 1]
+    return "/".join([f"m/acme/c/{channel}", *levels])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(_FILTER_LEVEL, max_size=4), st.sampled_from(["temps", "other"])),
+        min_size=1,
+        max_size=12,
+    ),
+    st.lists(st.integers(min_value=0, max_value=11), max_size=6),
+    st.lists(st.lists(_LEVEL, max_size=4), min_size=1, max_size=8),
+)
+def test_router_index_is_the_plain_rule(
+    filters: list[tuple[list[str], str]], removed: list[int], topics: list[list[str]]
+) -> None:
+    router = Router()
+    subs = [Subscription(parse_filter(_filter_text(levels, ch))) for levels, ch in filters]
+    for sub in subs:
+        router.add(sub)
+    gone = {i for i in removed if i < len(subs)}
+    for i in gone:
+        router.remove(subs[i])
+    live = [s for i, s in enumerate(subs) if i not in gone]
+    for levels in topics:
+        message = Message("acme", "temps", "/".join(levels), "p", "http", "x", b"", 0, None)
+        assert router.route(message) == sum(
+            1 for s in live if s.filter.channel == "temps" and s.filter.matches(message.subtopic)
+        )
+        for sub in subs:
+            got = sub.get_nowait() is not None
+            wanted = sub in live and sub.filter.channel == "temps" and sub.filter.matches(
+                message.subtopic
+            )
+            assert got == wanted, (str(sub.filter), message.subtopic)
+    for sub in live:  # empty again: the channel's index is gone
+        router.remove(sub)
+    assert router._channels == {}
+
+
+def test_a_sink_may_unsubscribe_while_the_message_is_routed() -> None:
+    """A route in progress delivers to the subscriptions it started with."""
+    router = Router()
+    got: list[str] = []
+    subs: list[Subscription] = []
+
+    def sink(name: str) -> Callable[[Message], bool]:
+        def take(message: Message) -> bool:
+            got.append(name)
+            for sub in subs:  # the first one to take it removes everyone
+                router.remove(sub)
+            return True
+
+        return take
+
+    for name in ("one", "two", "three"):
+        subs.append(Subscription(parse_filter("m/acme/c/temps/#"), sink=sink(name)))
+        router.add(subs[-1])
+    message = Message("acme", "temps", "a", "p", "http", "x", b"", 0, None)
+    assert router.route(message) == 3
+    assert got == ["one", "two", "three"]
+    assert router.route(message) == 0

@@ -163,48 +163,85 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-class Router:
-    """The subscriptions of this process, indexed by (domain, channel)."""
+class _Level:
+    """One level of a channel's subscription index: the subscriptions whose filter ends here,
+    those ending in ``#`` here, and the next levels by literal and ``+``.
+
+    Lists are replaced, never changed in place: a route in progress keeps iterating the list it
+    started with while a subscriber comes or goes (a sink may unsubscribe from inside it)."""
+
+    __slots__ = ("exact", "levels", "plus", "rest")
 
     def __init__(self) -> None:
-        self._by_channel: dict[tuple[str, str], list[Subscription]] = {}
+        self.exact: list[Subscription] = []  # filter ends at this level
+        self.rest: list[Subscription] = []  # filter ends with "#" after this level
+        self.levels: dict[str, _Level] = {}
+        self.plus: _Level | None = None
+
+    def empty(self) -> bool:
+        return not (self.exact or self.rest or self.levels or self.plus)
+
+
+class Router:
+    """The subscriptions of this process, indexed by channel and then level by level, as the
+    MQTT brokers do: routing a message costs in proportion to its topic's levels and to the
+    subscriptions it matches, never to the number of subscriptions of its channel; adding and
+    removing one cost the levels of its filter."""
+
+    def __init__(self) -> None:
+        self._channels: dict[tuple[str, str], _Level] = {}
         self._turn = itertools.count()
 
     def add(self, sub: Subscription) -> bool:
         """Index a subscription; True when it is the first on its channel."""
         key = (sub.filter.domain, sub.filter.channel)
-        subs = self._by_channel.get(key)
-        if subs is None:
-            self._by_channel[key] = [sub]
-            return True
-        # Copy on write: route() may be iterating the old list.
-        self._by_channel[key] = [*subs, sub]
-        return False
+        root = self._channels.get(key)
+        first = root is None
+        if root is None:
+            root = self._channels[key] = _Level()
+        node, slot = _place(root, sub.filter.levels, create=True)
+        assert node is not None
+        setattr(node, slot, [*getattr(node, slot), sub])
+        return first
 
     def remove(self, sub: Subscription) -> bool:
         """Drop a subscription; True when it was the last on its channel."""
         key = (sub.filter.domain, sub.filter.channel)
-        subs = self._by_channel.get(key)
-        if not subs or sub not in subs:
+        root = self._channels.get(key)
+        if root is None:
             return False
-        rest = [s for s in subs if s is not sub]
-        if rest:
-            self._by_channel[key] = rest
+        path: list[tuple[_Level, str]] = []
+        node, slot = _place(root, sub.filter.levels, create=False, path=path)
+        if node is None:
             return False
-        del self._by_channel[key]
-        return True
+        subs: list[Subscription] = getattr(node, slot)
+        if sub not in subs:
+            return False
+        setattr(node, slot, [s for s in subs if s is not sub])
+        # Prune the levels nothing goes through any more, from the deepest up.
+        while path and node.empty():
+            parent, level = path.pop()
+            if level == "+":
+                parent.plus = None
+            else:
+                del parent.levels[level]
+            node = parent
+        if root.empty():
+            del self._channels[key]
+            return True
+        return False
 
     def route(self, message: Message) -> int:
         """Offer a message to every matching subscription; returns how many were offered."""
-        subs = self._by_channel.get((message.domain, message.channel))
-        if not subs:
+        root = self._channels.get((message.domain, message.channel))
+        if root is None:
             return 0
         subtopic = message.subtopic
+        matched: list[Subscription] = []
+        _collect(root, subtopic.split("/") if subtopic else [], 0, matched)
         groups: dict[tuple[str, str], list[Subscription]] | None = None
         n = 0
-        for sub in subs:
-            if not sub.filter.matches(subtopic):
-                continue
+        for sub in matched:
             if sub.group is None:
                 sub.offer(message)
                 n += 1
@@ -218,6 +255,51 @@ class Router:
                 members[turn % len(members)].offer(message)
                 n += 1
         return n
+
+
+def _place(
+    root: _Level,
+    levels: tuple[str, ...] | None,
+    *,
+    create: bool,
+    path: list[tuple[_Level, str]] | None = None,
+) -> tuple[_Level | None, str]:
+    """The level a filter ends at, and which of its lists holds the filter's subscriptions."""
+    if levels is None:  # the whole channel: m/<domain>/c/<channel>/#
+        return root, "rest"
+    node = root
+    for level in levels:
+        if level == "#":
+            return node, "rest"
+        nxt = node.plus if level == "+" else node.levels.get(level)
+        if nxt is None:
+            if not create:
+                return None, ""
+            nxt = _Level()
+            if level == "+":
+                node.plus = nxt
+            else:
+                node.levels[level] = nxt
+        if path is not None:
+            path.append((node, level))
+        node = nxt
+    return node, "exact"
+
+
+def _collect(node: _Level, levels: list[str], i: int, out: list[Subscription]) -> None:
+    """The subscriptions below ``node`` that match ``levels[i:]`` (MQTT 4.7: ``#`` also
+    matches its parent level; ``+`` matches exactly one level)."""
+    if node.rest:
+        out.extend(node.rest)
+    if i == len(levels):
+        if node.exact:
+            out.extend(node.exact)
+        return
+    nxt = node.levels.get(levels[i])
+    if nxt is not None:
+        _collect(nxt, levels, i + 1, out)
+    if node.plus is not None:
+        _collect(node.plus, levels, i + 1, out)
 
 
 class Change(msgspec.Struct, frozen=True, gc=False):
