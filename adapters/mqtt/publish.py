@@ -40,6 +40,9 @@ from adapters.mqtt.codec import EMPTY_PROPERTIES, Properties, PublishTemplate, p
 from core.content import OCTETS, SENML
 from core.message import Message
 
+#: The ``protocol`` of the messages MQTT publishes, and the label of its metrics.
+PROTOCOL: Final = "mqtt"
+
 RESPONSE_TOPIC: Final = "mqtt:response_topic"
 CORRELATION_DATA: Final = "mqtt:correlation_data"
 PAYLOAD_FORMAT: Final = "mqtt:payload_format"

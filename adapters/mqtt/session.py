@@ -6,8 +6,9 @@ to the client with their packet identifiers, the messages queued while the clien
 its receive window is full, the QoS 2 packet identifiers received and awaiting PUBREL, the will,
 and the expiry. Sessions live in memory (a single node's state; they do not survive a restart).
 
-The session writes nothing itself: it hands packet bytes to its :class:`Outlet` (the connection
+The session writes nothing itself: it hands packet bytes to its :class:`Outlet` (the channel
 currently attached, or None while the client is offline). Tests drive it with a fake outlet.
+Which sessions exist, and their timers, is :mod:`adapters.mqtt.sessions`' business.
 
 Delivery rules (MQTT 3.1.1 section 4.3, MQTT 5 sections 3.3 and 4.9):
 
@@ -28,8 +29,9 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Protocol
 
+from adapters.mqtt.codec import encode_pubrel
 from adapters.mqtt.publish import MessageInfo, PublishCache
-from core.auth import Identity
+from core.identity import Identity
 from core.message import Message
 
 if TYPE_CHECKING:
@@ -44,7 +46,7 @@ MAX_PACKET_ID = 0xFFFF
 
 
 class Outlet(Protocol):
-    """What a session needs of the connection it is attached to."""
+    """What a session needs of the channel it is attached to."""
 
     level: int  # 4 or 5
     congested: bool  # the connection's write buffer is over its limit
@@ -188,7 +190,7 @@ class Session:
         cache = self.cache
         for packet_id, out in list(self.inflight.items()):
             if out.released:
-                outlet.send(b"\x62\x02" + packet_id.to_bytes(2, "big"))
+                outlet.send(encode_pubrel(packet_id))
                 continue
             template = cache.template(
                 cache.info(out.message),
@@ -205,6 +207,36 @@ class Session:
 
     def detach(self) -> None:
         self.outlet = None
+
+    # subscriptions (the No Local count follows them)
+    def add_sub(self, sub: Sub) -> None:
+        """Keep a new subscription under its filter (the caller ended the one it replaces)."""
+        self.subs[sub.filter] = sub
+        if sub.no_local:
+            self.no_local += 1
+
+    def set_no_local(self, sub: Sub, no_local: bool) -> None:
+        if sub.no_local != no_local:
+            self.no_local += 1 if no_local else -1
+            sub.no_local = no_local
+
+    def pop_sub(self, filter: str) -> Sub | None:
+        """Remove and end the subscription of this filter, if there is one."""
+        sub = self.subs.pop(filter, None)
+        if sub is not None:
+            sub.active = False
+            if sub.no_local:
+                self.no_local -= 1
+        return sub
+
+    def drop_sub(self, sub: Sub) -> bool:
+        """Remove ``sub`` if it is still the subscription of its filter (not replaced)."""
+        if self.subs.get(sub.filter) is not sub:
+            return False
+        del self.subs[sub.filter]
+        if sub.no_local:
+            self.no_local -= 1
+        return True
 
     # delivering
     def offer(self, sub: Sub, message: Message, retained: bool) -> bool:

@@ -22,11 +22,9 @@ import time
 from collections.abc import Sequence
 from typing import Generic, Protocol, TypeVar
 
-from core.credentials import Credentials as Credentials  # the MQTT adapter's import, for now
-from core.credentials import Kind
+from core.credentials import Credentials, Kind
 from core.errors import AuthenticationError, AuthorizationError, Condition
-from core.identity import Action, Rules
-from core.identity import Identity as Identity  # the MQTT adapter's import, for now
+from core.identity import Action, Identity, Rules
 from core.store import Store
 from core.topics import Topic, TopicFilter
 

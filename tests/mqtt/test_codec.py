@@ -355,7 +355,7 @@ def test_level_4_drops_what_311_cannot_express() -> None:
 
 
 def test_properties_field_order_matches_the_property_table() -> None:
-    from adapters.mqtt.codec import _PROPERTY_TABLE
+    from adapters.mqtt.codec.properties import PROPERTY_TABLE as _PROPERTY_TABLE
 
     assert Properties.__struct_fields__ == tuple(name for _, name, _ in _PROPERTY_TABLE)
     ids = [pid for pid, _, _ in _PROPERTY_TABLE]
@@ -918,7 +918,7 @@ def test_encode_rejects_what_cannot_be_represented() -> None:
 
 
 def test_encoders_refuse_oversized_fields() -> None:
-    from adapters.mqtt.codec import _varint
+    from adapters.mqtt.codec.primitives import varint as _varint
 
     with pytest.raises(ValueError):
         _varint(268_435_456)

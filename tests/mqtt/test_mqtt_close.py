@@ -27,6 +27,7 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from adapters.mqtt import MQTTAdapter, connection
+from adapters.mqtt.channel import State as ChannelState
 from adapters.mqtt.codec import (
     ConnAck,
     Connect,
@@ -382,7 +383,7 @@ async def test_ws_text_frame_first_is_1003(
 
 
 def conn_of(adapter: MQTTAdapter, party_id: str) -> Any:
-    (conn,) = [c for c in adapter.conns if c.identity and c.identity.client_id == party_id]
+    (conn,) = [c for c in adapter.conns if c.channel.client == party_id]
     return conn
 
 
@@ -424,7 +425,7 @@ async def test_client_that_never_reads_is_aborted_after_close_timeout(
             break
     assert conn.transport.get_write_buffer_size()
     await world.gateway.provisioning.set_client_enabled("acme", world.subscriber.id, False)
-    await until(lambda: conn.state == connection.CLOSED)
+    await until(lambda: conn.channel.state is ChannelState.CLOSED)
     await asyncio.sleep(0.7)  # past the linger: still there, its bytes are not out
     assert conn in mqtt_adapter.conns
     await until(lambda: conn not in mqtt_adapter.conns, timeout=3)

@@ -12,7 +12,7 @@ from adapters.mqtt.codec import (
 )
 from adapters.mqtt.publish import PublishCache, inbound, outbound_properties
 from adapters.mqtt.session import Session, Sub
-from core.auth import Identity
+from core.identity import Identity
 from core.message import Message, now_ns
 
 
