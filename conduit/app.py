@@ -44,13 +44,6 @@ class Adapter(Protocol):
     async def stop(self, timeout: float = 10.0) -> None: ...
 
 
-class _MQTT(MQTTAdapter):  # TEMPORARY until the MQTT adapter takes endpoints
-    @property
-    def ports(self) -> dict[str, int]:
-        ws = {"mqtt-ws": self.ws_port} if self.ws_port is not None else {}
-        return {"mqtt": self.port, **ws}
-
-
 class StartupError(Exception):
     """Conduit cannot start as configured; the message says what to change."""
 
@@ -84,11 +77,11 @@ class Conduit:
         except TLSFileError as exc:
             raise StartupError(str(exc)) from None
 
-        def plain(on: bool, name: str, port: int) -> list[Endpoint]:
-            return [Endpoint(name, s.host, port)] if on else []
+        def plain(on: bool, name: str, port: int, websocket: bool = False) -> list[Endpoint]:
+            return [Endpoint(name, s.host, port, None, websocket)] if on else []
 
-        def secure(name: str, port: int) -> list[Endpoint]:
-            return [Endpoint(name, s.host, port, tls)] if tls is not None else []
+        def secure(name: str, port: int, websocket: bool = False) -> list[Endpoint]:
+            return [Endpoint(name, s.host, port, tls, websocket)] if tls is not None else []
 
         self.api = Listener(
             self.gateway,
@@ -100,6 +93,12 @@ class Conduit:
         http = plain(s.http_enabled, "http", s.http_port) + secure("https", s.https_port)
         ws = plain(s.ws_enabled, "ws", s.ws_port) + secure("wss", s.wss_port)
         coap = plain(s.coap_enabled, "coap", s.coap_port)
+        mqtt = [
+            *plain(s.mqtt_enabled, "mqtt", s.mqtt_port),
+            *secure("mqtts", s.mqtts_port),
+            *plain(s.mqtt_ws_enabled, "mqtt-ws", s.mqtt_ws_port, websocket=True),
+            *secure("mqtt-wss", s.mqtt_wss_port, websocket=True),
+        ]
         factories: list[tuple[bool, Callable[[], Adapter]]] = [
             (
                 bool(http),
@@ -120,12 +119,10 @@ class Conduit:
             ),
             (bool(coap), lambda: CoAPAdapter(self.gateway, endpoints=coap)),
             (
-                s.mqtt_enabled,
-                lambda: _MQTT(
+                bool(mqtt),
+                lambda: MQTTAdapter(
                     self.gateway,
-                    s.host,
-                    s.mqtt_port,
-                    s.mqtt_ws_port if s.mqtt_ws_enabled else None,
+                    endpoints=mqtt,
                     content_type=s.mqtt_content_type,
                     max_inflight=s.mqtt_max_inflight,
                     max_queued=s.mqtt_max_queued,

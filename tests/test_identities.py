@@ -20,6 +20,8 @@ from aiocoap.numbers.codes import Code
 
 from adapters.coap import CoAPAdapter
 from adapters.http import HTTPAdapter
+from adapters.mqtt import MQTTAdapter
+from adapters.mqtt.codec import Disconnect, Properties, Publish, ReasonCode
 from adapters.ws import WSAdapter
 from core.bus import Subscription
 from core.credentials import Credentials, Kind
@@ -28,7 +30,8 @@ from core.gateway import EXPIRED
 from core.identity import Identity, Rules
 from core.topics import parse_filter
 from tests.coap.conftest import Observer
-from tests.conftest import World, drain, running
+from tests.conftest import Party, World, drain, running
+from tests.mqtt.conftest import RawClient
 
 
 class IssuedTokens:
@@ -141,29 +144,38 @@ async def test_an_expired_identity_has_no_rights(world: World) -> None:
 
 
 @pytest.fixture
-async def adapters(world: World) -> AsyncIterator[tuple[str, str, str]]:
+async def adapters(world: World) -> AsyncIterator[tuple[str, str, str, int]]:
     async with (
         running(HTTPAdapter(world.gateway, "127.0.0.1", 0)) as http,
         running(WSAdapter(world.gateway, "127.0.0.1", 0, dashboard=False)) as ws,
         running(CoAPAdapter(world.gateway, "127.0.0.1", 0)) as coap,
+        running(MQTTAdapter(world.gateway, "127.0.0.1", 0, ws_port=None)) as mqtt,
     ):
         yield (
             f"http://127.0.0.1:{http.port}",
             f"ws://127.0.0.1:{ws.port}",
             f"coap://127.0.0.1:{coap.port}",
+            mqtt.port,
         )
 
 
 async def test_expiry_cuts_off_every_protocol(
-    world: World, tokens: IssuedTokens, adapters: tuple[str, str, str]
+    world: World, tokens: IssuedTokens, adapters: tuple[str, str, str, int]
 ) -> None:
-    """One token, valid for a short while: an SSE stream, a WebSocket and a CoAP observation
-    opened with it end when it expires, each in its protocol's idiom, with the reason; the
-    gateway keeps nothing of them. A publish with it after that is refused."""
-    http, ws, coap = adapters
+    """One token, valid for a short while: an SSE stream, a WebSocket, a CoAP observation and
+    MQTT 5 and 3.1.1 connections opened with it end when it expires, each in its protocol's
+    idiom, with the reason; the gateway keeps nothing of them. A publish with it after that is
+    refused."""
+    http, ws, coap, mqtt = adapters
     expires = time.time() + 1.5
     token = tokens.issue(device(world, expires))
     bearer = {"Authorization": f"Bearer {token}"}
+    mqtt5, mqtt4 = await RawClient.open(mqtt, 5), await RawClient.open(mqtt, 4)
+    # MQTT 5 may send the token alone; 3.1.1 has no password without a user name: the client id.
+    assert (await mqtt5.connect(None, "a", password=token.encode())).reason_code == 0
+    assert (await mqtt4.connect(Party("dev-1", token), "b")).reason_code == 0
+    for mqtt_client in (mqtt5, mqtt4):
+        assert (await mqtt_client.subscribe("m/acme/c/temps/dev-1/#")).reason_codes == [0]
     async with aiohttp.ClientSession() as s:
         sse = await s.get(f"{http}/m/acme/c/temps/dev-1/%23",
                           headers={**bearer, "Accept": "text/event-stream"})  # fmt: skip
@@ -182,6 +194,8 @@ async def test_expiry_cuts_off_every_protocol(
                 assert r.status == 202
             assert await asyncio.wait_for(socket.recv(), 10) == b"before"
             assert (await observer.next()).payload == b"before"
+            for mqtt_client in (mqtt5, mqtt4):
+                assert (await mqtt_client.expect(Publish)).payload == b"before"
             # Then it expires.
             body = (await asyncio.wait_for(sse.content.read(), 10)).decode()
             assert body.endswith('event: close\ndata: {"reason":"credentials expired"}\n\n')
@@ -191,6 +205,10 @@ async def test_expiry_cuts_off_every_protocol(
             assert (last.code, last.payload) == (Code.UNAUTHORIZED, EXPIRED.encode())
             with pytest.raises(StopAsyncIteration):
                 await observer.next()
+            assert await mqtt5.until_closed(10) == [
+                Disconnect(ReasonCode.NOT_AUTHORIZED, Properties(reason_string=EXPIRED))
+            ]
+            assert await mqtt4.until_closed(10) == []  # 3.1.1 has no DISCONNECT from a server
         finally:
             await client.shutdown()
         assert time.time() >= expires
@@ -198,3 +216,4 @@ async def test_expiry_cuts_off_every_protocol(
             assert r.status == 403
             assert (await r.json())["detail"] == "credentials expired"
     assert world.gateway._expiries == {}  # nothing left scheduled
+    assert not world.gateway._subs

@@ -163,21 +163,25 @@ def test_wrong_admin_key_is_refused(server: Server) -> None:
     assert r.returncode != 0 and "401" in r.stderr
 
 
-def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["http", "mqtt", "mqtt-ws"])
+def test_port_in_use_is_a_clear_error(tmp_path: Path, name: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         env = {**os.environ, "CONDUIT_DATA_DIR": str(tmp_path)}
+        ports = {"http": "0", "mqtt": "0", "mqtt-ws": "0", name: str(port)}
         r = subprocess.run(
             [*CONDUIT, "serve", "--host", "127.0.0.1", "--api-port", "0", "--ws-port", "0",
-             "--coap-port", "0", "--mqtt-port", "0", "--mqtt-ws-port", "0",
-             "--http-port", str(port)],
+             "--coap-port", "0", "--mqtt-port", ports["mqtt"],
+             "--mqtt-ws-port", ports["mqtt-ws"], "--http-port", ports["http"]],
             env=env, capture_output=True, text=True, timeout=30,
         )
     assert r.returncode == 1
-    assert f"http port {port} is already in use" in r.stderr
-    assert "CONDUIT_HTTP_PORT" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (  # after the log of listeners started
+        f"Error: {name} port {port} is already in use; stop what holds it or choose another"
+        f" port (CONDUIT_{name.upper().replace('-', '_')}_PORT)"
+    )
 
 
 def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""TLS listeners beside the plain ones, as `conduit serve` builds them from its settings: HTTPS
-and WSS with real clients that verify the server, the ports on the ready line, and one clear
-line for a certificate or key that cannot serve."""
+"""TLS listeners beside the plain ones, as `conduit serve` builds them from its settings: HTTPS,
+WSS, MQTTS and MQTT over WSS with real clients that verify the server, the ports on the ready
+line, and one clear line for a certificate or key that cannot serve."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
+import aiomqtt
 import pytest
 import websockets
 from cryptography import x509
@@ -119,15 +120,61 @@ def test_https_and_wss_beside_http_and_ws(tmp_path: Path) -> None:
         server.proc.wait()
 
 
+def test_mqtts_and_mqtt_over_wss_beside_mqtt(tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path, "server")
+    server = start(tmp_path / "data", "--tls-cert", str(cert), "--tls-key", str(key),
+                   "--mqtts-port", "0", "--mqtt-wss-port", "0")  # fmt: skip
+    try:
+        assert {"mqtt", "mqtts", "mqtt-ws", "mqtt-wss"} <= set(server.ports)
+        server.cli("domains", "create", "acme")
+        server.cli("channels", "create", "--domain", "acme", "temps")
+        dev = server.cli_json("clients", "create", "--domain", "acme", "dev")
+        server.cli("connect", "--domain", "acme", "--client", "dev", "--channel", "temps")
+        auth = {"username": dev["id"], "password": dev["secret"]}  # type: ignore[index]
+        trust = ssl.create_default_context(cafile=str(cert))
+
+        def client(port: str, name: str, **options: object) -> aiomqtt.Client:
+            return aiomqtt.Client("127.0.0.1", server.ports[port], identifier=name, timeout=10,
+                                  **auth, **options)  # type: ignore[arg-type]  # fmt: skip
+
+        async def flow() -> None:
+            async with client("mqtts", "sub", tls_context=trust) as sub:
+                await sub.subscribe("m/acme/c/temps/#", qos=1)
+                ws = {"transport": "websockets", "websocket_path": "/mqtt"}
+                async with client("mqtt-wss", "pub-wss", tls_context=trust, **ws) as pub:
+                    await pub.publish("m/acme/c/temps/t", b"over wss", qos=1)
+                async with client("mqtt", "pub-plain") as pub:
+                    await pub.publish("m/acme/c/temps/t", b"in the clear", qos=1)
+                got: list[bytes] = []
+                async with asyncio.timeout(10):
+                    async for message in sub.messages:
+                        got.append(message.payload)  # type: ignore[arg-type]
+                        if len(got) == 2:
+                            break
+                assert got == [b"over wss", b"in the clear"]
+            # A client that does not trust the certificate is refused by its own TLS check.
+            with pytest.raises(aiomqtt.MqttError):
+                async with client("mqtts", "untrusting", tls_context=ssl.create_default_context()):
+                    pass
+
+        asyncio.run(flow())
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
 def test_tls_only(tmp_path: Path) -> None:
     """With the plain listeners off, only the TLS ones are served."""
     cert, key = make_certificate(tmp_path, "server")
     server = start(tmp_path / "data", "--tls-cert", str(cert), "--tls-key", str(key),
-                   "--no-http-enabled", "--no-ws-enabled", "--https-port", "0",
-                   "--wss-port", "0")  # fmt: skip
+                   "--no-http-enabled", "--no-ws-enabled", "--no-mqtt-enabled",
+                   "--no-mqtt-ws-enabled", "--https-port", "0", "--wss-port", "0",
+                   "--mqtts-port", "0", "--mqtt-wss-port", "0")  # fmt: skip
     try:
         assert "https" in server.ports and "wss" in server.ports
         assert "http" not in server.ports and "ws" not in server.ports
+        assert "mqtts" in server.ports and "mqtt-wss" in server.ports
+        assert "mqtt" not in server.ports and "mqtt-ws" not in server.ports
     finally:
         server.proc.kill()
         server.proc.wait()

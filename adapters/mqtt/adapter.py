@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import ssl
+from collections.abc import Sequence
 
 from adapters.mqtt.connection import ConnectionSet, TCPConnection
 from adapters.mqtt.options import Options
@@ -21,13 +22,16 @@ from adapters.mqtt.sessions import SessionRegistry
 from adapters.mqtt.ws import WebSocketConnection
 from core.content import OCTETS
 from core.gateway import Gateway
+from core.listeners import Endpoint, ListenError
 
 SWEEP_INTERVAL = 0.5  # seconds between keep-alive / CONNECT timeout checks
 
 
 class MQTTAdapter:
-    """MQTT 3.1.1 and 5.0 over TCP (``port``) and over WebSocket (``ws_port``, path ``ws_path``,
-    subprotocol ``mqtt``); see ``docs/mqtt.md``.
+    """MQTT 3.1.1 and 5.0 over TCP and over WebSocket (path ``ws_path``, subprotocol ``mqtt``),
+    plain or TLS, on every endpoint of ``endpoints`` (those marked ``websocket`` carry MQTT in
+    WebSocket frames); without ``endpoints``, on ``port`` and ``ws_port`` (None: no WebSocket)
+    of ``host``, with ``ssl_context`` on both. See ``docs/mqtt.md``.
 
     Limits: ``max_packet_size`` (bytes, fixed header included; default: the gateway's maximum
     payload plus 64 KiB for topic and properties), ``max_inflight`` (QoS 1/2 messages
@@ -60,12 +64,16 @@ class MQTTAdapter:
         max_keep_alive: int = 0,
         topic_alias_maximum: int = 64,
         max_write_buffer: int = 1024 * 1024,
+        endpoints: Sequence[Endpoint] | None = None,
     ) -> None:
         self.gateway = gateway
-        self.host = host
-        self.port = port
-        self.ws_port = ws_port
-        self.ssl_context = ssl_context
+        if endpoints is None:
+            tls = "s" if ssl_context is not None else ""
+            endpoints = [Endpoint(f"mqtt{tls}", host, port, ssl_context)]
+            if ws_port is not None:
+                endpoints.append(Endpoint(f"mqtt-ws{tls}", host, ws_port, ssl_context, True))
+        self.endpoints = list(endpoints)
+        self._bound: dict[str, int] = {}
         self.options = Options(
             max_packet_size=max_packet_size or gateway.limits.max_payload + 65_536,
             content_type=content_type_of(content_type, OCTETS),
@@ -84,6 +92,27 @@ class MQTTAdapter:
         self._sweeper: asyncio.TimerHandle | None = None
 
     # What tests and operators read of a running adapter.
+    @property
+    def ports(self) -> dict[str, int]:
+        """Each endpoint's name and port (the bound one once started)."""
+        return {e.name: self._bound.get(e.name, e.port) for e in self.endpoints}
+
+    @property
+    def port(self) -> int:
+        """The port of the first MQTT-over-TCP endpoint."""
+        return self._port(websocket=False) or 0
+
+    @property
+    def ws_port(self) -> int | None:
+        """The port of the first MQTT-over-WebSocket endpoint, if any."""
+        return self._port(websocket=True)
+
+    def _port(self, websocket: bool) -> int | None:
+        for e in self.endpoints:
+            if e.websocket is websocket:
+                return self._bound.get(e.name, e.port)
+        return None
+
     @property
     def conns(self) -> set[TCPConnection | WebSocketConnection]:
         return self.connections.open  # type: ignore[return-value]
@@ -108,36 +137,27 @@ class MQTTAdapter:
     # lifecycle
 
     async def start(self) -> None:
-        """Listen on the TCP port and, if set, the WebSocket port (OSError if one is taken)."""
+        """Listen on every endpoint (:class:`~core.listeners.ListenError` if one cannot be
+        bound: then none is)."""
         loop = self.connections.loop = asyncio.get_running_loop()
-        tcp = await loop.create_server(
-            functools.partial(TCPConnection, self.connections, self.registry),
-            self.host,
-            self.port,
-            ssl=self.ssl_context,
-            reuse_address=True,
-            backlog=4096,
-        )
-        self._servers.append(tcp)
-        if self.port == 0:
-            self.port = tcp.sockets[0].getsockname()[1]
-        if self.ws_port is not None:
+        for endpoint in self.endpoints:
+            kind = WebSocketConnection if endpoint.websocket else TCPConnection
             try:
-                ws = await loop.create_server(
-                    functools.partial(WebSocketConnection, self.connections, self.registry),
-                    self.host,
-                    self.ws_port,
-                    ssl=self.ssl_context,
+                server = await loop.create_server(
+                    functools.partial(kind, self.connections, self.registry),
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=endpoint.tls,
                     reuse_address=True,
-                    backlog=1024,
+                    backlog=4096,
                 )
-            except OSError:
-                tcp.close()
+            except OSError as exc:
+                for server in self._servers:
+                    server.close()
                 self._servers.clear()
-                raise
-            self._servers.append(ws)
-            if self.ws_port == 0:
-                self.ws_port = ws.sockets[0].getsockname()[1]
+                raise ListenError(endpoint, exc) from exc
+            self._servers.append(server)
+            self._bound[endpoint.name] = server.sockets[0].getsockname()[1]
         self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     async def stop(self, timeout: float = 10.0) -> None:

@@ -1,9 +1,10 @@
-"""The adapter's life: ports (taken ports raise OSError), graceful stop (MQTT 5 DISCONNECT 0x8B),
-slow subscribers cut off with a reason, MQTT over WebSocket refusals."""
+"""The adapter's life: ports (a taken port raises ListenError), graceful stop (MQTT 5
+DISCONNECT 0x8B), slow subscribers cut off with a reason, MQTT over WebSocket refusals."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import ssl
 from pathlib import Path
@@ -16,25 +17,42 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from adapters.mqtt import MQTTAdapter
 from adapters.mqtt.codec import Connect, Decoder, Disconnect, Properties, Publish, encode
 from core.limits import Limits
+from core.listeners import Endpoint, ListenError
 from tests.conftest import World
 from tests.mqtt.conftest import RawClient, connected, paho_client, refusals, until
 
 
-@pytest.mark.parametrize("which", ["port", "ws_port"])
-async def test_taken_port_raises_oserror(world: World, which: str) -> None:
+@pytest.mark.parametrize("which", ["mqtt", "mqtt-ws"])
+async def test_taken_port_raises_listen_error(world: World, which: str) -> None:
+    """The endpoint that cannot be bound is named; none of the others stays bound."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         taken = s.getsockname()[1]
-        ports = {"port": 0, "ws_port": 0, which: taken}
-        adapter = MQTTAdapter(world.gateway, "127.0.0.1", **ports)
-        with pytest.raises(OSError):
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        other = free.getsockname()[1]
+        free.close()
+        ports = {"mqtt": other, "mqtt-ws": other, which: taken}
+        adapter = MQTTAdapter(
+            world.gateway,
+            endpoints=[
+                Endpoint("mqtt", "127.0.0.1", ports["mqtt"]),
+                Endpoint("mqtt-ws", "127.0.0.1", ports["mqtt-ws"], websocket=True),
+            ],
+        )
+        with pytest.raises(ListenError) as info:
             await adapter.start()
+        assert info.value.endpoint.name == which
+        assert info.value.errno == errno.EADDRINUSE
+        with pytest.raises(OSError):  # the endpoint bound before the failure is closed
+            await RawClient.open(other, 4)
         await adapter.stop()
 
 
 async def test_bound_ports_reported(world: World, mqtt_adapter: MQTTAdapter) -> None:
     assert mqtt_adapter.port > 0 and mqtt_adapter.ws_port and mqtt_adapter.ws_port > 0
+    assert mqtt_adapter.ports == {"mqtt": mqtt_adapter.port, "mqtt-ws": mqtt_adapter.ws_port}
 
 
 async def test_stop_disconnects_with_0x8b(world: World) -> None:
