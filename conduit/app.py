@@ -28,6 +28,7 @@ from core.gateway import Gateway
 from core.limits import Limits
 from core.listeners import Endpoint, ListenError
 from core.noise import printable, redact
+from core.sessions import make_sessions
 from core.store import make_store
 
 log = logging.getLogger("conduit")
@@ -67,6 +68,7 @@ class Conduit:
                 burst=s.burst,
             ),
             cache_ttl=s.cache_ttl,
+            sessions=make_sessions(s.sessions, store),
         )
         try:
             key = admin_key(s.data_dir, s.admin_key)

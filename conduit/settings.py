@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     store: Literal["sqlite"] = Field("sqlite", description="State backend")
     sqlite_path: Path | None = Field(None, description="SQLite file; default <data_dir>/conduit.db")
     bus: Literal["local"] = Field("local", description="Message bus")
+    sessions: Literal["store", "memory"] = Field(
+        "store",
+        description="Where MQTT persistent sessions are kept: store (they survive a restart)"
+        " or memory",
+    )
 
     # listeners: plain
     host: str = Field("0.0.0.0", description="Address the protocol listeners bind to")

@@ -32,6 +32,7 @@ from core.message import encode as encode_message
 from core.metrics import Metrics
 from core.noise import NoiseLog, printable
 from core.provisioning import Provisioning
+from core.sessions import MemorySessions, SessionStore
 from core.store import NotFound, Store
 from core.topics import Topic, TopicFilter, parse_filter, parse_topic
 
@@ -59,9 +60,12 @@ class Gateway:
         *,
         limits: Limits | None = None,
         cache_ttl: float = 30.0,
+        sessions: SessionStore | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
+        # Where protocol sessions that outlive their connection are kept (MQTT).
+        self.sessions: SessionStore = sessions if sessions is not None else MemorySessions()
         self.authenticator = authenticator
         self.authorizer = authorizer
         self.limits = limits or Limits()
@@ -99,6 +103,7 @@ class Gateway:
         self._expiries.clear()
         for sub in list(self._subs):
             await self.unsubscribe(sub, "server shutting down")
+        await self.sessions.close()
         await self.bus.close()
         await self.store.close()
         self.noise.flush()

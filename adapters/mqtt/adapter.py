@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import ssl
 from collections.abc import Sequence
 
+from adapters.mqtt.channel import subscription_closed
 from adapters.mqtt.connection import ConnectionSet, TCPConnection
 from adapters.mqtt.options import Options
 from adapters.mqtt.publish import PROTOCOL, content_type_of
@@ -23,6 +25,8 @@ from adapters.mqtt.ws import WebSocketConnection
 from core.content import OCTETS
 from core.gateway import Gateway
 from core.listeners import Endpoint, ListenError
+
+log = logging.getLogger("conduit.mqtt")
 
 SWEEP_INTERVAL = 0.5  # seconds between keep-alive / CONNECT timeout checks
 
@@ -137,9 +141,12 @@ class MQTTAdapter:
     # lifecycle
 
     async def start(self) -> None:
-        """Listen on every endpoint (:class:`~core.listeners.ListenError` if one cannot be
-        bound: then none is)."""
+        """Restore the persistent sessions of the session store, then listen on every endpoint
+        (:class:`~core.listeners.ListenError` if one cannot be bound: then none is)."""
         loop = self.connections.loop = asyncio.get_running_loop()
+        restored = await self.registry.restore(subscription_closed)
+        if restored:
+            log.info("mqtt: %d persistent sessions restored", restored)
         for endpoint in self.endpoints:
             kind = WebSocketConnection if endpoint.websocket else TCPConnection
             try:

@@ -89,7 +89,7 @@ from adapters.mqtt.codec.reasons import (
 )
 from adapters.mqtt.options import Options
 from adapters.mqtt.publish import PROTOCOL, content_type_of, inbound
-from adapters.mqtt.session import Session, Sub
+from adapters.mqtt.session import Session, Sub, shared
 from adapters.mqtt.sessions import SessionRegistry
 from core import senml
 from core.bus import Subscription
@@ -105,9 +105,6 @@ log = logging.getLogger("conduit.mqtt")
 
 #: Asynchronous work a packet needs; the connection runs it before the next packet.
 Pending: TypeAlias = Coroutine[Any, Any, None]
-
-SHARE_PREFIX: Final = "$share/"
-
 
 class State(enum.Enum):
     """Where a channel is in its life."""
@@ -133,18 +130,6 @@ class Link(Protocol):
     def close(self, reason_code: int) -> None:
         """Write what is queued, then end the connection (the client gets it even while it is
         still sending). ``reason_code``: the MQTT 5 reason code the connection ends with."""
-
-
-def shared(topic_filter: str) -> tuple[str | None, str] | None:
-    """The share group and the filter of a SUBSCRIBE's topic filter: ``(None, topic_filter)``
-    unless it starts with ``$share/``, ``(group, filter)`` for ``$share/<group>/<filter>``, and
-    None when what follows ``$share/`` is not a group (non-empty, no wildcard) and a filter."""
-    if not topic_filter.startswith(SHARE_PREFIX):
-        return None, topic_filter
-    _, group, rest = [*topic_filter.split("/", 2), "", ""][:3]
-    if not group or "+" in group or "#" in group or not rest:
-        return None
-    return group, rest
 
 
 class Channel:
@@ -466,10 +451,10 @@ class Channel:
         old = self.registry.get(identity, client_id)
         if old is not None and isinstance(old.outlet, Channel):
             old.outlet.take_over()  # detaches: may end a session that had no expiry
-        session, present = self.registry.open(identity, client_id, p.clean_start)
+        session, present = self.registry.open(
+            identity, client_id, p.clean_start, granted_expiry, will
+        )
         self.gateway.metrics.conns[PROTOCOL].inc()
-        session.expiry = granted_expiry
-        session.will = will
         self.session = session
         self.state = CONNECTED
         if keep_alive:
@@ -601,6 +586,8 @@ class Channel:
         if message is None:
             return self._publish_async(p, topic, content_type, metadata)
         if qos:
+            if self.registry.store.pending:  # a session keeps it: acknowledge once it is stored
+                return self._acknowledge_when_kept(p)
             self._published(p)
         return None
 
@@ -642,7 +629,17 @@ class Channel:
             if self.state is not CLOSED:
                 self._refuse_publish(p, exc)
             return
-        if self.state is not CLOSED and p.qos:
+        if p.qos:
+            if self.registry.store.pending:
+                await self.registry.store.flush()
+            if self.state is not CLOSED:
+                self._published(p)
+
+    async def _acknowledge_when_kept(self, p: Publish) -> None:
+        """A persistent session queued the message (its client is offline or slow): the
+        publisher hears it is safe once the session store has it."""
+        await self.registry.store.flush()
+        if self.state is not CLOSED:
             self._published(p)
 
     def _published(self, p: Publish) -> None:
@@ -708,6 +705,7 @@ class Channel:
                 existing.retain_handling = s.retain_handling
                 existing.subscription_id = subscription_id
                 session.set_no_local(existing, s.no_local)
+                session.save()
                 codes.append(s.qos)
                 if group is None and s.retain_handling == 0:
                     retained.append(existing)
@@ -751,6 +749,7 @@ class Channel:
                 if old.bus is not None:
                     await self.gateway.unsubscribe(old.bus, "replaced")
             session.add_sub(sub)
+            session.save()
             codes.append(s.qos)
             if group is None and s.retain_handling in (0, 1):
                 retained.append(sub)
@@ -788,6 +787,7 @@ class Channel:
             if sub.bus is not None:
                 await self.gateway.unsubscribe(sub.bus, "unsubscribed")
             codes.append(ReasonCode.SUCCESS)
+        session.save()
         if self.state is not CLOSED:
             self.send_packet(UnsubAck(p.packet_id, codes if self.level == 5 else []))
 
@@ -821,7 +821,8 @@ def subscription_closed(bus: Subscription, reason: str) -> None:
         return
     sub.active = False
     session = sub.session
-    session.drop_sub(sub)
+    if session.drop_sub(sub):
+        session.save()
     log.info(
         "mqtt: subscription closed client=%s filter=%s: %s",
         session.identity.client_id,

@@ -29,8 +29,12 @@ import logging
 import secrets
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
+
+from adapters.mqtt import persist
 from adapters.mqtt.codec import encode_pubrel
 from adapters.mqtt.publish import MessageInfo, PublishCache
+from core import message as messages
 from core.identity import Identity
 from core.message import Message
 
@@ -39,10 +43,12 @@ if TYPE_CHECKING:
 
     from adapters.mqtt.codec import Will
     from core.bus import Subscription
+    from core.sessions import SessionStore
 
 log = logging.getLogger("conduit.mqtt")
 
 MAX_PACKET_ID = 0xFFFF
+SHARE_PREFIX = "$share/"
 
 
 class Outlet(Protocol):
@@ -113,7 +119,7 @@ class Sub:
 class Outgoing:
     """A QoS 1 or 2 message on its way to the client (queued or in flight)."""
 
-    __slots__ = ("message", "qos", "released", "retain", "sub")
+    __slots__ = ("message", "qos", "released", "retain", "seq", "sub")
 
     def __init__(self, message: Message, qos: int, retain: bool, sub: Sub) -> None:
         self.message = message
@@ -121,6 +127,24 @@ class Outgoing:
         self.retain = retain
         self.sub = sub
         self.released = False  # QoS 2: PUBREC received, PUBREL sent
+        self.seq = 0  # its number in the session store; 0: not stored
+
+
+def shared(topic_filter: str) -> tuple[str | None, str] | None:
+    """The share group and the filter of a SUBSCRIBE's topic filter: ``(None, topic_filter)``
+    unless it starts with ``$share/``, ``(group, filter)`` for ``$share/<group>/<filter>``, and
+    None when what follows ``$share/`` is not a group (non-empty, no wildcard) and a filter."""
+    if not topic_filter.startswith(SHARE_PREFIX):
+        return None, topic_filter
+    _, group, rest = [*topic_filter.split("/", 2), "", ""][:3]
+    if not group or "+" in group or "#" in group or not rest:
+        return None
+    return group, rest
+
+
+def store_key(identity: Identity, client_id: str) -> str:
+    """A session's key in the session store."""
+    return msgspec.json.encode(["mqtt", identity.client_id, client_id]).decode()
 
 
 class Session:
@@ -128,6 +152,7 @@ class Session:
 
     __slots__ = (
         "_next_id",
+        "_seq",
         "awaiting_rel",
         "cache",
         "client_id",
@@ -142,6 +167,7 @@ class Session:
         "no_local",
         "outlet",
         "queue",
+        "store",
         "subs",
         "token",
         "will",
@@ -181,6 +207,9 @@ class Session:
         self.will_handle: asyncio.TimerHandle | None = None
         self.expiry_handle: asyncio.TimerHandle | None = None
         self._next_id = 1
+        # Persistent sessions only: where they are kept, and the next message number there.
+        self.store: SessionStore | None = None
+        self._seq = 1
 
     # attaching
     def attach(self, outlet: Outlet, receive_maximum: int = MAX_PACKET_ID) -> None:
@@ -201,6 +230,7 @@ class Session:
             )
             if template is None:  # expired while the client was away
                 del self.inflight[packet_id]
+                self._forget(out)
                 continue
             outlet.deliver(template.packet(packet_id, dup=True))
         self.pump()
@@ -273,7 +303,10 @@ class Session:
         if queue is None:
             queue = self.queue = collections.deque()
         if len(queue) < self.max_queued:
-            queue.append(Outgoing(message, qos, retain, sub))
+            out = Outgoing(message, qos, retain, sub)
+            queue.append(out)
+            if self.store is not None:
+                self._save(out)
             return True
         self.dropped += 1
         if outlet is not None:
@@ -291,9 +324,12 @@ class Session:
             info, outlet.level, out.qos, out.retain, out.sub.subscription_id
         )
         if template is None or len(template.data) > outlet.max_packet_size:
-            return  # expired, or more than the client accepts: discarded (MQTT 5 3.1.2.25)
+            self._forget(out)  # expired, or more than the client accepts: discarded (3.1.2.25)
+            return
         packet_id = self._packet_id()
         self.inflight[packet_id] = out
+        if out.seq:
+            self._save(out, packet_id)  # stored while queued: now in flight
         outlet.deliver(template.packet(packet_id))
 
     def pump(self) -> None:
@@ -324,6 +360,8 @@ class Session:
         if out is None or out.qos != 1:
             return False
         del self.inflight[packet_id]
+        if out.seq:
+            self._forget(out)
         return True
 
     def pubrec(self, packet_id: int) -> bool:
@@ -332,6 +370,8 @@ class Session:
         if out is None or out.qos != 2:
             return False
         out.released = True
+        if out.seq:
+            self._save(out, packet_id)
         return True
 
     def pubcomp(self, packet_id: int) -> bool:
@@ -339,11 +379,15 @@ class Session:
         if out is None or out.qos != 2:
             return False
         del self.inflight[packet_id]
+        if out.seq:
+            self._forget(out)
         return True
 
     def discard(self, packet_id: int) -> None:
         """The client refused a delivery (PUBACK/PUBREC reason code 0x80 or above)."""
-        self.inflight.pop(packet_id, None)
+        out = self.inflight.pop(packet_id, None)
+        if out is not None:
+            self._forget(out)
 
     # QoS 2 from the client
     def received(self, packet_id: int) -> bool:
@@ -375,3 +419,77 @@ class Session:
     @property
     def queued(self) -> int:
         return len(self.queue) if self.queue else 0
+
+    # ---------------------------------------------------------------------------------------
+    # the session store (persistent sessions only): what an offline or slow session must keep
+
+    def save(self, expires_at: float | None = None, will_at: float | None = None) -> None:
+        """Keep the session's state (``expires_at``, ``will_at``: wall-clock times once it is
+        offline)."""
+        store = self.store
+        if store is None:
+            return
+        subs = [
+            persist.SavedSub(
+                s.filter,
+                s.qos,
+                s.no_local,
+                s.retain_as_published,
+                s.retain_handling,
+                s.subscription_id,
+            )
+            for s in self.subs.values()
+        ]
+        state = persist.SavedSession(
+            persist.SavedIdentity.of(self.identity),
+            self.client_id,
+            self.expiry,
+            subs,
+            sorted(self.awaiting_rel or ()),
+            self.will,
+            expires_at,
+            will_at,
+        )
+        store.put_session(store_key(self.identity, self.client_id), persist.encode(state))
+
+    def save_messages(self) -> None:
+        """Keep what is in flight and was not stored yet (sent while the client was keeping
+        up): the connection ended, the session must still deliver it."""
+        if self.store is None:
+            return
+        for packet_id, out in self.inflight.items():
+            if not out.seq:
+                self._save(out, packet_id)
+
+    def _save(self, out: Outgoing, packet_id: int = 0) -> None:
+        store = self.store
+        assert store is not None
+        if not out.seq:
+            out.seq = self._seq
+            self._seq += 1
+        record = persist.SavedMessage(
+            messages.encode(out.message),
+            out.qos,
+            out.retain,
+            out.sub.filter,
+            out.sub.subscription_id,
+            packet_id,
+            out.released,
+        )
+        store.put_message(store_key(self.identity, self.client_id), out.seq, persist.encode(record))
+
+    def _forget(self, out: Outgoing) -> None:
+        if out.seq and self.store is not None:
+            self.store.delete_message(store_key(self.identity, self.client_id), out.seq)
+
+    def restore(self, out: Outgoing, seq: int, packet_id: int) -> None:
+        """Put back a stored message: in flight under ``packet_id``, or queued (0)."""
+        out.seq = seq
+        self._seq = max(self._seq, seq + 1)
+        if packet_id:
+            self.inflight[packet_id] = out
+            self._next_id = packet_id % MAX_PACKET_ID + 1
+        else:
+            if self.queue is None:
+                self.queue = collections.deque()
+            self.queue.append(out)

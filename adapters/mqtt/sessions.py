@@ -6,28 +6,43 @@ client can never take over another's session. The registry opens a session for a
 will (MQTT 5 Will Delay Interval) and ends the session then (no expiry) or when it expires. A
 server shutdown publishes no wills.
 
-Sessions live in memory: a persistent session (3.1.1 clean session 0, MQTT 5 session expiry)
-survives its connection until it expires, not a restart of the server. The state of one session
-is :class:`~adapters.mqtt.session.Session`'s; this module holds none of it but the map. Who holds
-a session is the session's ``outlet`` (the attached channel): taking a session over is the
-channel's rule (:mod:`adapters.mqtt.channel`), not the registry's.
+A persistent session (3.1.1 clean session 0, MQTT 5 session expiry) survives its connection
+until it expires, and is kept in the gateway's session store (:mod:`core.sessions`; records in
+:mod:`adapters.mqtt.persist`): with the SQLite store it survives a crash and a restart too, and
+:meth:`SessionRegistry.restore` brings it back when the adapter starts. Sessions without expiry
+write nothing. The state of one session is :class:`~adapters.mqtt.session.Session`'s; this
+module holds none of it but the map. Who holds a session is the session's ``outlet`` (the
+attached channel): taking a session over is the channel's rule (:mod:`adapters.mqtt.channel`),
+not the registry's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import msgspec
+
+from adapters.mqtt import persist
 from adapters.mqtt.codec import Will
 from adapters.mqtt.options import Options
 from adapters.mqtt.publish import PROTOCOL, PublishCache, inbound
-from adapters.mqtt.session import Session, Sub
+from adapters.mqtt.session import Outgoing, Session, Sub, shared, store_key
+from core import message as messages
+from core.bus import Subscription
 from core.errors import ConduitError
 from core.gateway import Gateway
 from core.identity import Identity
+from core.noise import printable
+
+log = logging.getLogger("conduit.mqtt")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
+#: What the gateway calls when it ends a subscription (the channel's ``subscription_closed``).
+OnClose = Callable[[Subscription, str], None]
 
 
 class SessionRegistry:
@@ -37,12 +52,13 @@ class SessionRegistry:
     unsubscriptions of an ended session).
     """
 
-    __slots__ = ("cache", "closing", "gateway", "options", "sessions", "spawn")
+    __slots__ = ("cache", "closing", "gateway", "options", "sessions", "spawn", "store")
 
     def __init__(self, gateway: Gateway, options: Options, spawn: Spawn) -> None:
         self.gateway = gateway
         self.options = options
         self.spawn = spawn
+        self.store = gateway.sessions
         self.sessions: dict[tuple[str, str], Session] = {}
         # One for all sessions: the bus offers a message to every subscription in turn.
         self.cache = PublishCache()
@@ -51,9 +67,26 @@ class SessionRegistry:
     def get(self, identity: Identity, client_id: str) -> Session | None:
         return self.sessions.get((identity.client_id, client_id))
 
-    def open(self, identity: Identity, client_id: str, clean_start: bool) -> tuple[Session, bool]:
-        """The session a CONNECT takes, and whether it existed (session present). The caller
-        has ended the connection that held it (takeover)."""
+    def open(
+        self,
+        identity: Identity,
+        client_id: str,
+        clean_start: bool,
+        expiry: int = 0,
+        will: Will | None = None,
+    ) -> tuple[Session, bool]:
+        """The session a CONNECT takes (with its session expiry and will), and whether it
+        existed (session present). The caller has ended the connection that held it
+        (takeover). A persistent session is kept in the session store from now on."""
+        session, present = self._open(identity, client_id, clean_start)
+        session.expiry = expiry
+        session.will = will
+        if expiry and session.store is None:
+            session.store = self.store
+        session.save()
+        return session, present
+
+    def _open(self, identity: Identity, client_id: str, clean_start: bool) -> tuple[Session, bool]:
         key = (identity.client_id, client_id)
         old = self.sessions.get(key)
         if old is not None:
@@ -87,7 +120,10 @@ class SessionRegistry:
         will; end the session now or when it expires."""
         pending = session.will if will else None
         session.will = None
-        if self.closing:
+        if self.closing:  # no will; a persistent session is kept for after the restart
+            if session.expiry:
+                session.save_messages()
+                session.save(expires_at=time.time() + session.expiry)
             return
         if session.expiry == 0:
             if self.sessions.get(session.key) is session:
@@ -97,16 +133,19 @@ class SessionRegistry:
             self._end(session)
             return
         loop = asyncio.get_running_loop()
+        now = time.time()
+        will_at = None
         if pending is not None:
             delay = pending.properties.will_delay_interval or 0
             if delay == 0:
                 self.spawn(self.publish_will(session.identity, pending))
             else:
                 session.will = pending
-                session.will_handle = loop.call_later(
-                    min(delay, session.expiry), self._will_due, session
-                )
+                will_at = now + min(delay, session.expiry)
+                session.will_handle = loop.call_later(will_at - now, self._will_due, session)
         session.expiry_handle = loop.call_later(session.expiry, self._expire, session)
+        session.save_messages()
+        session.save(expires_at=now + session.expiry, will_at=will_at)
 
     async def publish_will(self, identity: Identity, will: Will) -> None:
         content_type, metadata = inbound(
@@ -141,6 +180,9 @@ class SessionRegistry:
         will, session.will = session.will, None
         if will is not None:
             self.spawn(self.publish_will(session.identity, will))
+        handle = session.expiry_handle
+        if handle is not None:  # published: not again after a restart
+            session.save(expires_at=time.time() + handle.when() - asyncio.get_running_loop().time())
 
     def _expire(self, session: Session) -> None:
         session.expiry_handle = None
@@ -157,6 +199,9 @@ class SessionRegistry:
             if will is not None:
                 self.spawn(self.publish_will(session.identity, will))
         _cancel_timers(session)
+        if session.store is not None:
+            session.store.delete_session(store_key(session.identity, session.client_id))
+            session.store = None
         subs = list(session.subs.values())
         session.subs.clear()
         for sub in subs:
@@ -168,6 +213,113 @@ class SessionRegistry:
         for sub in subs:
             if sub.bus is not None:
                 await self.gateway.unsubscribe(sub.bus, reason)
+
+
+    # ---------------------------------------------------------------------------------------
+    # restart
+
+    async def restore(self, on_close: OnClose) -> int:
+        """Bring back the persistent sessions of the session store (at start, before the
+        listeners open): their subscriptions (each authorized again: a right revoked meanwhile
+        drops it), their messages, their timers. A session that was connected when the server
+        stopped without closing it ended then: its will is due after its delay. A session
+        that expired meanwhile ends (its will, if still due, is published). Returns how many
+        came back."""
+        now = time.time()
+        loop = asyncio.get_running_loop()
+        restored = 0
+        for stored in await self.store.load():
+            try:
+                saved = persist.decode_session(stored.state)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("mqtt: session %s unreadable, dropped: %s", printable(stored.key), exc)
+                self.store.delete_session(stored.key)
+                continue
+            identity = saved.identity.identity()
+            expires_at = saved.expires_at
+            will_at = saved.will_at
+            if expires_at is None:  # connected when the server went: it ended at the restart
+                expires_at = now + saved.expiry
+                if saved.will is not None:
+                    delay = saved.will.properties.will_delay_interval or 0
+                    will_at = now + min(delay, saved.expiry)
+            if expires_at <= now or (identity.expires is not None and identity.expires <= now):
+                self.store.delete_session(stored.key)
+                if saved.will is not None and will_at is not None:
+                    self.spawn(self.publish_will(identity, saved.will))
+                continue
+            session = Session(
+                identity,
+                saved.client_id,
+                self.cache,
+                expiry=saved.expiry,
+                max_inflight=self.options.max_inflight,
+                max_queued=self.options.max_queued,
+            )
+            session.store = self.store
+            session.awaiting_rel = set(saved.awaiting_rel) or None
+            for s in saved.subs:
+                await self._resubscribe(session, s, on_close)
+            self._restore_messages(session, stored.messages)
+            if saved.will is not None and will_at is not None:
+                session.will = saved.will
+                session.will_handle = loop.call_later(
+                    max(0.0, will_at - now), self._will_due, session
+                )
+            session.expiry_handle = loop.call_later(expires_at - now, self._expire, session)
+            self.sessions[session.key] = session
+            session.save(expires_at=expires_at, will_at=will_at if session.will else None)
+            restored += 1
+        return restored
+
+    async def _resubscribe(
+        self, session: Session, saved: persist.SavedSub, on_close: OnClose
+    ) -> None:
+        share = shared(saved.filter)
+        if share is None:
+            return
+        group, topic_filter = share
+        sub = Sub(
+            session,
+            saved.filter,
+            topic_filter,
+            group,
+            saved.qos,
+            saved.no_local,
+            saved.retain_as_published,
+            saved.retain_handling,
+            saved.subscription_id,
+        )
+        try:
+            sub.bus = await self.gateway.subscribe(
+                session.identity, topic_filter, PROTOCOL, sink=sub, group=group, on_close=on_close
+            )
+        except ConduitError as exc:
+            log.warning(
+                "mqtt: subscription not restored client=%s filter=%s: %s",
+                session.identity.client_id,
+                printable(saved.filter),
+                printable(exc.detail),
+            )
+            return
+        session.add_sub(sub)
+
+    def _restore_messages(self, session: Session, stored: list[tuple[int, bytes]]) -> None:
+        for seq, data in stored:
+            try:
+                saved = persist.decode_message(data)
+                message = messages.decode(saved.message)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                log.error("mqtt: a message of session %s unreadable, dropped", session.client_id)
+                continue
+            sub = session.subs.get(saved.filter)
+            if sub is None:  # its subscription is gone: delivered as it was matched
+                sub = Sub(session, saved.filter, saved.filter, None, saved.qos)
+                sub.subscription_id = saved.subscription_id
+                sub.active = False
+            out = Outgoing(message, saved.qos, saved.retain, sub)
+            out.released = saved.released
+            session.restore(out, seq, saved.packet_id)
 
 
 def _cancel_timers(session: Session) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from core.sessions import SessionStore
 
 
 class StoreError(Exception):
@@ -129,6 +132,10 @@ class Store(Protocol):
 
     async def retained(self, domain: str, channel: str) -> list[bytes]:
         """Every retained message of a channel."""
+
+    # sessions that outlive their connection
+    def sessions(self) -> SessionStore:
+        """A session store kept by this backend (see :mod:`core.sessions`)."""
 
 
 def make_store(kind: str, *, sqlite_path: str | Path) -> Store:

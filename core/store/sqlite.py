@@ -14,6 +14,7 @@ from typing import Any
 import aiosqlite
 
 from core.errors import UnavailableError
+from core.sessions import Batch, Buffered, StoredSession
 from core.store import Channel, Client, Conflict, Connection, Domain, NotFound
 
 # Each entry migrates the schema from version i to i + 1. Append only; never edit a shipped one.
@@ -84,6 +85,19 @@ MIGRATIONS: list[str] = [
         DELETE FROM retained WHERE domain = OLD.domain AND channel = OLD.name;
     END;
     """,
+    # Sessions that outlive their connection (core.sessions): opaque state and messages.
+    """
+    CREATE TABLE sessions (
+        key TEXT PRIMARY KEY,
+        state BLOB NOT NULL
+    );
+    CREATE TABLE session_messages (
+        session TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (session, seq)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -141,6 +155,10 @@ class SQLiteStore:
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+    def sessions(self) -> SQLiteSessions:
+        """A session store on this database (see :mod:`core.sessions`)."""
+        return SQLiteSessions(self.path)
 
     async def ping(self) -> None:
         try:
@@ -370,3 +388,70 @@ class SQLiteStore:
             (domain, channel),
         )
         return [bytes(r["message"]) for r in rows]
+
+
+class SQLiteSessions(Buffered):
+    """:class:`~core.sessions.SessionStore` in the store's SQLite file (tables ``sessions`` and
+    ``session_messages``), on a connection of its own so that a batch is one transaction of
+    its own. Opened by :meth:`load`."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def load(self) -> list[StoredSession]:
+        if self._db is None:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            self._db = db
+        async with self._db.execute("SELECT key, state FROM sessions") as cur:
+            sessions = list(await cur.fetchall())
+        async with self._db.execute(
+            "SELECT session, seq, data FROM session_messages ORDER BY session, seq"
+        ) as cur:
+            rows = list(await cur.fetchall())
+        messages: dict[str, list[tuple[int, bytes]]] = {}
+        for key, seq, data in rows:
+            messages.setdefault(key, []).append((seq, data))
+        return [StoredSession(key, state, messages.get(key, [])) for key, state in sessions]
+
+    async def _write(self, batch: Batch) -> None:
+        db = self._db
+        if db is None:
+            raise UnavailableError("sessions: not loaded")
+        puts = [(k, s, d) for (k, s), d in batch.messages.items() if d is not None]
+        deletes = [(k, s) for (k, s), d in batch.messages.items() if d is None]
+        await db.execute("BEGIN")
+        try:
+            if batch.deleted:
+                keys = [(key,) for key in batch.deleted]
+                await db.executemany("DELETE FROM session_messages WHERE session = ?", keys)
+                await db.executemany("DELETE FROM sessions WHERE key = ?", keys)
+            if batch.sessions:
+                await db.executemany(
+                    "INSERT INTO sessions (key, state) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET state = excluded.state",
+                    list(batch.sessions.items()),
+                )
+            if puts:
+                await db.executemany(
+                    "INSERT INTO session_messages (session, seq, data) VALUES (?, ?, ?)"
+                    " ON CONFLICT (session, seq) DO UPDATE SET data = excluded.data",
+                    puts,
+                )
+            if deletes:
+                await db.executemany(
+                    "DELETE FROM session_messages WHERE session = ? AND seq = ?", deletes
+                )
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        await super().close()
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
