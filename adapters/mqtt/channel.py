@@ -132,6 +132,22 @@ class Link(Protocol):
         still sending). ``reason_code``: the MQTT 5 reason code the connection ends with."""
 
 
+class _Gone:
+    """The link of a channel whose connection is gone: what it is told goes nowhere."""
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    def deliver(self, data: bytes) -> None:
+        pass
+
+    def close(self, reason_code: int) -> None:
+        pass
+
+
+_GONE: Final = _Gone()
+
+
 class Channel:
     """The MQTT side of one client connection; see the module docstring.
 
@@ -361,6 +377,10 @@ class Channel:
             self._detach(will=not self.clean_exit)
         if self.identity is not None and self.session is not None:
             self.gateway.metrics.conns[PROTOCOL].dec()
+        # Let go of the connection (it holds this channel): freed without the cycle collector.
+        self.link = _GONE
+        self.send = _GONE.send
+        self.deliver = _GONE.deliver
 
     def _detach(self, will: bool) -> None:
         session = self.session
@@ -740,14 +760,14 @@ class Channel:
                 continue
             sub.bus = bus
             if self.state is CLOSED or session.outlet is not self:
-                sub.active = False
+                sub.end()
                 await self.gateway.unsubscribe(bus, "connection closed")
                 return
             old = session.subs.get(sub_filter)  # another SUBSCRIBE cannot interleave; be safe
             if old is not None:
-                old.active = False
-                if old.bus is not None:
-                    await self.gateway.unsubscribe(old.bus, "replaced")
+                old_bus = old.end()
+                if old_bus is not None:
+                    await self.gateway.unsubscribe(old_bus, "replaced")
             session.add_sub(sub)
             session.save()
             codes.append(s.qos)
@@ -784,8 +804,9 @@ class Channel:
             if sub is None:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
                 continue
-            if sub.bus is not None:
-                await self.gateway.unsubscribe(sub.bus, "unsubscribed")
+            bus = sub.end()
+            if bus is not None:
+                await self.gateway.unsubscribe(bus, "unsubscribed")
             codes.append(ReasonCode.SUCCESS)
         session.save()
         if self.state is not CLOSED:
@@ -819,7 +840,7 @@ def subscription_closed(bus: Subscription, reason: str) -> None:
     sub = bus.sink
     if not isinstance(sub, Sub) or not sub.active:
         return
-    sub.active = False
+    sub.end()
     session = sub.session
     if session.drop_sub(sub):
         session.save()

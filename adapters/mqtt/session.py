@@ -106,6 +106,13 @@ class Sub:
         self.bus: Subscription | None = None
         self.active = True
 
+    def end(self) -> Subscription | None:
+        """Stop delivering. Returns the bus subscription for the caller to end, and lets go of
+        it (the bus subscription holds this one as its sink: no cycle is left behind)."""
+        self.active = False
+        bus, self.bus = self.bus, None
+        return bus
+
     def __call__(self, message: Message) -> bool:
         if not self.active:  # ended here, not yet removed from the bus
             return True
@@ -237,6 +244,12 @@ class Session:
 
     def detach(self) -> None:
         self.outlet = None
+
+    def clear(self) -> None:
+        """The session ended: let go of what it still holds (each holds the session back)."""
+        self.inflight.clear()
+        self.queue = None
+        self.subs.clear()
 
     # subscriptions (the No Local count follows them)
     def add_sub(self, sub: Sub) -> None:

@@ -170,9 +170,10 @@ class SessionRegistry:
         for session in list(self.sessions.values()):
             _cancel_timers(session)
             for sub in list(session.subs.values()):
-                sub.active = False
-                if sub.bus is not None:
-                    await self.gateway.unsubscribe(sub.bus, "server shutting down")
+                bus = sub.end()
+                if bus is not None:
+                    await self.gateway.unsubscribe(bus, "server shutting down")
+            session.clear()
         self.sessions.clear()
 
     def _will_due(self, session: Session) -> None:
@@ -202,17 +203,14 @@ class SessionRegistry:
         if session.store is not None:
             session.store.delete_session(store_key(session.identity, session.client_id))
             session.store = None
-        subs = list(session.subs.values())
-        session.subs.clear()
-        for sub in subs:
-            sub.active = False
-        if subs:
-            self.spawn(self._unsubscribe(subs, "session ended"))
+        buses = [bus for sub in session.subs.values() if (bus := sub.end()) is not None]
+        session.clear()
+        if buses:
+            self.spawn(self._unsubscribe(buses, "session ended"))
 
-    async def _unsubscribe(self, subs: list[Sub], reason: str) -> None:
-        for sub in subs:
-            if sub.bus is not None:
-                await self.gateway.unsubscribe(sub.bus, reason)
+    async def _unsubscribe(self, buses: list[Subscription], reason: str) -> None:
+        for bus in buses:
+            await self.gateway.unsubscribe(bus, reason)
 
 
     # ---------------------------------------------------------------------------------------
