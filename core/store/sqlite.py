@@ -14,7 +14,7 @@ from typing import Any
 import aiosqlite
 
 from core.errors import UnavailableError
-from core.sessions import Batch, Buffered, StoredSession
+from core.sessions import Batch, Buffered, MemorySessions, SessionStore, StoredSession
 from core.store import Channel, Client, Conflict, Connection, Domain, NotFound
 
 # Each entry migrates the schema from version i to i + 1. Append only; never edit a shipped one.
@@ -156,8 +156,11 @@ class SQLiteStore:
             await self._db.close()
             self._db = None
 
-    def sessions(self) -> SQLiteSessions:
-        """A session store on this database (see :mod:`core.sessions`)."""
+    def sessions(self) -> SessionStore:
+        """A session store on this database (see :mod:`core.sessions`); an in-memory database
+        keeps nothing across a restart, and nor do its sessions."""
+        if self.path == ":memory:":
+            return MemorySessions()
         return SQLiteSessions(self.path)
 
     async def ping(self) -> None:

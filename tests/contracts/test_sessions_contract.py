@@ -117,3 +117,19 @@ async def test_close_flushes(sessions: Sessions) -> None:
     store.put_session("a", b"s")
     await store.close()
     assert await (await sessions.open()).load() == [StoredSession("a", b"s", [])]
+
+
+async def test_an_in_memory_database_keeps_sessions_in_memory() -> None:
+    """``sqlite_path = ":memory:"``: sessions work, and last as long as the process."""
+    from core.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(":memory:")
+    await store.open()
+    try:
+        sessions = store.sessions()
+        assert await sessions.load() == []
+        sessions.put_session("a", b"s")
+        await sessions.flush()
+        assert await sessions.load() == [StoredSession("a", b"s", [])]
+    finally:
+        await store.close()
