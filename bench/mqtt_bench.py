@@ -98,11 +98,13 @@ async def serve(loop_name: str) -> None:
     from core.auth import store_auth
     from core.bus.local import LocalBus
     from core.gateway import Gateway
+    from core.limits import Limits
     from core.store.sqlite import SQLiteStore
 
     with tempfile.TemporaryDirectory(prefix="conduit-mqtt-bench-") as tmp:
         store = SQLiteStore(Path(tmp) / "conduit.db")
-        gateway = Gateway(store, LocalBus(), *store_auth(store))
+        # One client holds every benchmark connection: no cap on its subscriptions.
+        gateway = Gateway(store, LocalBus(), *store_auth(store), limits=Limits(max_subscriptions=0))
         await gateway.start()
         prov = gateway.provisioning
         await prov.create_domain("bench")

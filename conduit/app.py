@@ -57,7 +57,7 @@ class Conduit:
         authenticator, authorizer = store_auth(store, s.cache_ttl)
         self.gateway = Gateway(
             store,
-            make_bus(s.bus),
+            make_bus(s.bus, keep_last_bytes=s.last_cache_bytes),
             authenticator,
             authorizer,
             limits=Limits(
@@ -66,6 +66,7 @@ class Conduit:
                 max_dropped=s.max_dropped,
                 rate=s.rate,
                 burst=s.burst,
+                max_subscriptions=s.max_subscriptions,
             ),
             cache_ttl=s.cache_ttl,
             sessions=make_sessions(s.sessions, store),
@@ -128,6 +129,9 @@ class Conduit:
                     content_type=s.mqtt_content_type,
                     max_inflight=s.mqtt_max_inflight,
                     max_queued=s.mqtt_max_queued,
+                    max_queued_bytes=s.mqtt_max_queued_bytes,
+                    max_sessions=s.mqtt_max_sessions,
+                    max_subscriptions=s.mqtt_max_subscriptions,
                     max_session_expiry=s.mqtt_max_session_expiry,
                     connect_timeout=s.mqtt_connect_timeout,
                     max_keep_alive=s.mqtt_max_keep_alive,

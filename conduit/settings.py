@@ -77,6 +77,17 @@ class Settings(BaseSettings):
     mqtt_max_queued: int = Field(
         1000, ge=0, description="QoS 1/2 messages kept per session while offline or slow"
     )
+    mqtt_max_queued_bytes: int = Field(
+        16777216,
+        ge=0,
+        description="Payload bytes of the QoS 1/2 messages kept per session while offline or slow",
+    )
+    mqtt_max_sessions: int = Field(
+        1000, ge=0, description="MQTT sessions one client may hold, connected or not; 0 = any"
+    )
+    mqtt_max_subscriptions: int = Field(
+        1000, ge=0, description="Subscriptions of one MQTT session; 0 = any"
+    )
     mqtt_max_session_expiry: int = Field(
         604800, ge=0, description="Seconds a persistent session outlives its connection, at most"
     )
@@ -101,6 +112,15 @@ class Settings(BaseSettings):
     )
     rate: float = Field(0.0, ge=0, description="Publishes per second per client; 0 = unlimited")
     burst: int = Field(100, gt=0, description="Publishes a client may send at once above rate")
+    max_subscriptions: int = Field(
+        10000, ge=0, description="Open subscriptions of one client, all protocols; 0 = any"
+    )
+    last_cache_bytes: int = Field(
+        67108864,
+        gt=0,
+        description="Payload bytes of the latest messages kept for CoAP GET (10,000 topics at"
+        " most)",
+    )
     cache_ttl: float = Field(
         30.0, gt=0, description="Seconds credentials and rights are cached; revocation bound"
     )

@@ -161,6 +161,14 @@ class RateLimitError(ConduitError):
     condition = Condition.RATE_LIMITED
 
 
+class QuotaError(RateLimitError):
+    """A limit that bounds what one client may hold was reached; ``limit`` names the setting."""
+
+    def __init__(self, detail: str, limit: str) -> None:
+        super().__init__(detail)
+        self.limit = limit
+
+
 class RequestTimeoutError(ConduitError):
     condition = Condition.REQUEST_TIMEOUT
 

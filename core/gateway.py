@@ -23,7 +23,7 @@ from core.auth import Authenticator, Authorizer
 from core.bus import Bus, Change, Sink, Subscription
 from core.content import SENML
 from core.credentials import Credentials
-from core.errors import ConduitError, TooLargeError, UnavailableError
+from core.errors import ConduitError, QuotaError, TooLargeError, UnavailableError
 from core.identity import Action, Identity
 from core.limits import Limits, RateLimiter
 from core.message import Message
@@ -34,7 +34,7 @@ from core.noise import NoiseLog, printable
 from core.provisioning import Provisioning
 from core.sessions import MemorySessions, SessionStore
 from core.store import NotFound, Store
-from core.topics import Topic, TopicFilter, parse_filter, parse_topic
+from core.topics import TOPIC_CACHE, Topic, TopicFilter, parse_filter, parse_topic
 
 log = logging.getLogger("conduit.gateway")
 
@@ -46,8 +46,8 @@ CLIENT_REVOKED = "client disabled or deleted"
 EXPIRED = "credentials expired"
 
 # Topics repeat: parse each once.
-_topic = functools.lru_cache(maxsize=8192)(parse_topic)
-_filter = functools.lru_cache(maxsize=4096)(parse_filter)
+_topic = functools.lru_cache(maxsize=TOPIC_CACHE)(parse_topic)
+_filter = functools.lru_cache(maxsize=TOPIC_CACHE)(parse_filter)
 
 
 class Gateway:
@@ -76,7 +76,8 @@ class Gateway:
         self._rate = (
             RateLimiter(self.limits.rate, self.limits.burst) if self.limits.rate > 0 else None
         )
-        self._subs: set[Subscription] = set()
+        self._subs: dict[Subscription, str] = {}  # open subscriptions, and their client's id
+        self._subs_of: dict[str, int] = {}  # how many each client holds
         # Open connections (MQTT, WebSocket) by their identity, told when their client goes.
         self._connections: dict[object, tuple[Identity, Callable[[str], None]]] = {}
         # What ends when an identity expires: a connection's unregister, a subscription's end.
@@ -251,6 +252,14 @@ class Gateway:
         await self._authorize(identity, flt, "subscribe")
         if self.closing:
             raise UnavailableError("server is shutting down")
+        client = identity.client_id
+        held = self._subs_of.get(client, 0)
+        maximum = self.limits.max_subscriptions
+        if maximum and held >= maximum:
+            self.metrics.limit("max_subscriptions")
+            raise QuotaError(
+                f"client holds {held} subscriptions, the most allowed", "max_subscriptions"
+            )
         sub = Subscription(
             flt,
             protocol=protocol,
@@ -263,7 +272,8 @@ class Gateway:
             on_drop=self.metrics.drops[protocol].inc,
         )
         await self.bus.subscribe(sub)
-        self._subs.add(sub)
+        self._subs[sub] = client
+        self._subs_of[client] = self._subs_of.get(client, 0) + 1
         self.metrics.conns[protocol].inc()
         if identity.expires is not None:
             self._expire_at(sub, identity.expires, lambda: self._unsubscribe_expired(sub))
@@ -293,9 +303,14 @@ class Gateway:
         return [m for m in messages if flt.matches(m.subtopic)]
 
     async def unsubscribe(self, sub: Subscription, reason: str = "unsubscribed") -> None:
-        if sub not in self._subs:
+        client = self._subs.pop(sub, None)
+        if client is None:
             return
-        self._subs.discard(sub)
+        held = self._subs_of.get(client, 1) - 1
+        if held > 0:
+            self._subs_of[client] = held
+        else:
+            self._subs_of.pop(client, None)
         self._cancel_expiry(sub)
         self.metrics.conns[sub.protocol].dec()
         with contextlib.suppress(Exception):

@@ -16,6 +16,7 @@ class Limits:
     max_dropped: int = 1000  # consecutive drops before a slow subscriber is cut off
     rate: float = 0.0  # messages per second per client; 0 means unlimited
     burst: int = 100  # messages a client may send at once above the rate
+    max_subscriptions: int = 10_000  # open subscriptions of one client, all protocols; 0: any
 
 
 @dataclass(frozen=True, slots=True)

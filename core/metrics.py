@@ -81,8 +81,16 @@ class Metrics:
         self.conns = {p: Count() for p in PROTOCOLS}
         self.latency = {p: Latency() for p in PROTOCOLS}
         self.refusals = Refusals()
+        self.limits: dict[str, Count] = {}
         self.registry = CollectorRegistry()
         self.registry.register(self)
+
+    def limit(self, name: str) -> None:
+        """Count one time the limit ``name`` (its setting) was reached."""
+        count = self.limits.get(name)
+        if count is None:
+            count = self.limits[name] = Count()
+        count.inc()
 
     def collect(self) -> Iterator[Metric]:
         """The Prometheus families, built at scrape time."""
@@ -107,6 +115,14 @@ class Metrics:
         for (protocol, reason), count in sorted(self.refusals.counts.items()):
             refusals.add_metric([protocol, reason], count.value)
         yield refusals
+        limits = CounterMetricFamily(
+            "conduit_limit_reached",
+            "Times a limit on what one client or session may hold was reached, by setting",
+            labels=["limit"],
+        )
+        for limit, count in sorted(self.limits.items()):
+            limits.add_metric([limit], count.value)
+        yield limits
         gauge = GaugeMetricFamily(
             "conduit_connections", "Open client connections and subscriptions",
             labels=["protocol"],

@@ -41,6 +41,8 @@ class MQTTAdapter:
     payload plus 64 KiB for topic and properties), ``max_inflight`` (QoS 1/2 messages
     unacknowledged per direction: the server's Receive Maximum and its send window),
     ``max_queued`` (QoS 1/2 messages kept per session while the client is offline or slow),
+    ``max_queued_bytes`` (their payload bytes), ``max_sessions`` (sessions one client may
+    hold), ``max_subscriptions`` (per session),
     ``max_session_expiry`` (seconds a persistent session outlives its connection),
     ``connect_timeout`` (seconds a connection may take to send CONNECT), ``max_keep_alive``
     (seconds; 0: any), ``topic_alias_maximum`` (aliases a client may set up, MQTT 5),
@@ -63,6 +65,9 @@ class MQTTAdapter:
         max_packet_size: int | None = None,
         max_inflight: int = 100,
         max_queued: int = 1000,
+        max_queued_bytes: int = 16 * 1024 * 1024,
+        max_sessions: int = 1000,
+        max_subscriptions: int = 1000,
         max_session_expiry: int = 7 * 86_400,
         connect_timeout: float = 10.0,
         max_keep_alive: int = 0,
@@ -83,6 +88,9 @@ class MQTTAdapter:
             content_type=content_type_of(content_type, OCTETS),
             max_inflight=max_inflight,
             max_queued=max_queued,
+            max_queued_bytes=max_queued_bytes,
+            max_sessions=max_sessions,
+            max_subscriptions=max_subscriptions,
             max_session_expiry=max_session_expiry,
             connect_timeout=connect_timeout,
             max_keep_alive=max_keep_alive,

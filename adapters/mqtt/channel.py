@@ -95,7 +95,7 @@ from core import senml
 from core.bus import Subscription
 from core.content import SENML
 from core.credentials import from_mqtt
-from core.errors import Condition, ConduitError, TooLargeError
+from core.errors import Condition, ConduitError, QuotaError, TooLargeError
 from core.gateway import Gateway
 from core.identity import Identity
 from core.noise import claimed_client, printable
@@ -467,6 +467,11 @@ class Channel:
         else:
             expiry = 0 if p.clean_start else options.max_session_expiry
         granted_expiry = min(expiry, options.max_session_expiry)
+        try:
+            self.registry.check_room(identity, client_id)
+        except ConduitError as exc:
+            self._refuse_connect(exc, identity.client_id)
+            return
         # A connection holding the session is ended first (MQTT-3.1.4-3: session taken over).
         old = self.registry.get(identity, client_id)
         if old is not None and isinstance(old.outlet, Channel):
@@ -729,6 +734,18 @@ class Channel:
                 codes.append(s.qos)
                 if group is None and s.retain_handling == 0:
                     retained.append(existing)
+                continue
+            maximum = self.options.max_subscriptions
+            if maximum and len(session.subs) >= maximum:
+                error = QuotaError(
+                    f"{sub_filter}: the session holds {len(session.subs)} subscriptions,"
+                    " the most allowed",
+                    "mqtt_max_subscriptions",
+                )
+                self.gateway.metrics.limit(error.limit)
+                self.refused(error)
+                codes.append(for_suback(error.condition.answer.mqtt5))
+                details.append(error.detail)
                 continue
             sub = Sub(
                 session,

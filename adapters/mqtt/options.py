@@ -16,7 +16,9 @@ class Options:
     see :func:`~adapters.mqtt.publish.content_type_of`). ``max_packet_size``: bytes, fixed header
     included (CONNACK Maximum Packet Size). ``max_inflight``: QoS 1/2 messages unacknowledged
     per direction (the server's Receive Maximum and its send window). ``max_queued``: QoS 1/2
-    messages kept per session while the client is offline or slow. ``max_session_expiry``:
+    messages kept per session while the client is offline or slow, ``max_queued_bytes`` their
+    payload bytes. ``max_sessions``: sessions one client may hold (connected or persistent).
+    ``max_subscriptions``: subscriptions per session. ``max_session_expiry``:
     seconds a persistent session outlives its connection. ``connect_timeout``: seconds a
     connection may take to send CONNECT. ``max_keep_alive``: seconds, 0 for any.
     ``topic_alias_maximum``: aliases a client may set up (MQTT 5). ``max_write_buffer``: bytes
@@ -28,6 +30,9 @@ class Options:
     content_type: str = OCTETS
     max_inflight: int = 100
     max_queued: int = 1000
+    max_queued_bytes: int = 16 * 1024 * 1024
+    max_sessions: int = 1000
+    max_subscriptions: int = 1000
     max_session_expiry: int = 7 * 86_400
     connect_timeout: float = 10.0
     max_keep_alive: int = 0

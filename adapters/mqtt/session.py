@@ -17,7 +17,8 @@ Delivery rules (MQTT 3.1.1 section 4.3, MQTT 5 sections 3.3 and 4.9):
   and the drop counted); QoS 1 and 2 wait in the queue while the client is offline, its receive
   window (``window``: the smaller of its Receive Maximum and the server's maximum in-flight) is
   full, or its connection is congested;
-- the queue holds at most ``max_queued`` messages; past that a message is dropped and counted;
+- the queue holds at most ``max_queued`` messages and ``max_queued_bytes`` bytes of payload;
+  past either a message is dropped and counted (and the limit reported: ``limit_reached``);
 - on resume, messages in flight are sent again with DUP set (PUBREL again for those already
   acknowledged by PUBREC), then the queue drains as the window allows.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import msgspec
@@ -169,11 +171,14 @@ class Session:
         "identity",
         "inflight",
         "key",
+        "limit_reached",
         "max_inflight",
         "max_queued",
+        "max_queued_bytes",
         "no_local",
         "outlet",
         "queue",
+        "queued_bytes",
         "store",
         "subs",
         "token",
@@ -191,6 +196,8 @@ class Session:
         expiry: int = 0,
         max_inflight: int = 100,
         max_queued: int = 1000,
+        max_queued_bytes: int = 16 * 1024 * 1024,
+        limit_reached: Callable[[str], None] | None = None,
     ) -> None:
         self.identity = identity
         self.client_id = client_id
@@ -202,6 +209,9 @@ class Session:
         self.expiry = expiry  # seconds the session outlives its connection
         self.max_inflight = max_inflight
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0  # payload bytes in the queue
+        self.limit_reached = limit_reached
         self.window = max_inflight
         self.subs: dict[str, Sub] = {}
         self.inflight: dict[int, Outgoing] = {}
@@ -249,6 +259,7 @@ class Session:
         """The session ended: let go of what it still holds (each holds the session back)."""
         self.inflight.clear()
         self.queue = None
+        self.queued_bytes = 0
         self.subs.clear()
 
     # subscriptions (the No Local count follows them)
@@ -315,13 +326,18 @@ class Session:
         queue = self.queue
         if queue is None:
             queue = self.queue = collections.deque()
-        if len(queue) < self.max_queued:
+        size = len(message.payload)
+        if len(queue) < self.max_queued and self.queued_bytes + size <= self.max_queued_bytes:
             out = Outgoing(message, qos, retain, sub)
             queue.append(out)
+            self.queued_bytes += size
             if self.store is not None:
                 self._save(out)
             return True
         self.dropped += 1
+        if self.limit_reached is not None:
+            full = len(queue) >= self.max_queued
+            self.limit_reached("mqtt_max_queued" if full else "mqtt_max_queued_bytes")
         if outlet is not None:
             return False
         # Offline: count the loss, but an absent client is not a slow one to cut off.
@@ -356,6 +372,7 @@ class Session:
         cache = self.cache
         while queue and len(inflight) < window and not outlet.congested:
             out = queue.popleft()
+            self.queued_bytes -= len(out.message.payload)
             self._send(out, cache.info(out.message), outlet)
 
     def _packet_id(self) -> int:
@@ -506,3 +523,4 @@ class Session:
             if self.queue is None:
                 self.queue = collections.deque()
             self.queue.append(out)
+            self.queued_bytes += len(out.message.payload)

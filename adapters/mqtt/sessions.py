@@ -33,7 +33,7 @@ from adapters.mqtt.publish import PROTOCOL, PublishCache, inbound
 from adapters.mqtt.session import Outgoing, Session, Sub, shared, store_key
 from core import message as messages
 from core.bus import Subscription
-from core.errors import ConduitError
+from core.errors import ConduitError, QuotaError
 from core.gateway import Gateway
 from core.identity import Identity
 from core.noise import printable
@@ -52,7 +52,7 @@ class SessionRegistry:
     unsubscriptions of an ended session).
     """
 
-    __slots__ = ("cache", "closing", "gateway", "options", "sessions", "spawn", "store")
+    __slots__ = ("_held", "cache", "closing", "gateway", "options", "sessions", "spawn", "store")
 
     def __init__(self, gateway: Gateway, options: Options, spawn: Spawn) -> None:
         self.gateway = gateway
@@ -60,12 +60,36 @@ class SessionRegistry:
         self.spawn = spawn
         self.store = gateway.sessions
         self.sessions: dict[tuple[str, str], Session] = {}
+        self._held: dict[str, int] = {}  # sessions by Conduit client id
         # One for all sessions: the bus offers a message to every subscription in turn.
         self.cache = PublishCache()
         self.closing = False  # the server is stopping: no wills, no expiry timers
 
     def get(self, identity: Identity, client_id: str) -> Session | None:
         return self.sessions.get((identity.client_id, client_id))
+
+    def check_room(self, identity: Identity, client_id: str) -> None:
+        """Raise QuotaError if a new session for this client id would be one more than the
+        client may hold (``max_sessions``); resuming or taking over one it has is always fine."""
+        held = self._held.get(identity.client_id, 0)
+        maximum = self.options.max_sessions
+        if maximum and held >= maximum and (identity.client_id, client_id) not in self.sessions:
+            self.gateway.metrics.limit("mqtt_max_sessions")
+            raise QuotaError(f"client holds {held} sessions, the most allowed", "mqtt_max_sessions")
+
+    def _add(self, session: Session) -> None:
+        self.sessions[session.key] = session
+        client = session.key[0]
+        self._held[client] = self._held.get(client, 0) + 1
+
+    def _remove(self, session: Session) -> None:
+        if self.sessions.pop(session.key, None) is session:
+            client = session.key[0]
+            held = self._held.get(client, 1) - 1
+            if held > 0:
+                self._held[client] = held
+            else:
+                self._held.pop(client, None)
 
     def open(
         self,
@@ -94,7 +118,7 @@ class SessionRegistry:
                 old.expiry_handle.cancel()
                 old.expiry_handle = None
             if clean_start:
-                del self.sessions[key]
+                self._remove(old)
                 self._end(old)
                 old = None
             elif old.will_handle is not None:
@@ -111,8 +135,10 @@ class SessionRegistry:
             self.cache,
             max_inflight=self.options.max_inflight,
             max_queued=self.options.max_queued,
+            max_queued_bytes=self.options.max_queued_bytes,
+            limit_reached=self.gateway.metrics.limit,
         )
-        self.sessions[key] = session
+        self._add(session)
         return session, False
 
     def detached(self, session: Session, will: bool) -> None:
@@ -127,7 +153,7 @@ class SessionRegistry:
             return
         if session.expiry == 0:
             if self.sessions.get(session.key) is session:
-                del self.sessions[session.key]
+                self._remove(session)
             if pending is not None:
                 self.spawn(self.publish_will(session.identity, pending))
             self._end(session)
@@ -175,6 +201,7 @@ class SessionRegistry:
                     await self.gateway.unsubscribe(bus, "server shutting down")
             session.clear()
         self.sessions.clear()
+        self._held.clear()
 
     def _will_due(self, session: Session) -> None:
         session.will_handle = None
@@ -188,7 +215,7 @@ class SessionRegistry:
     def _expire(self, session: Session) -> None:
         session.expiry_handle = None
         if self.sessions.get(session.key) is session and session.outlet is None:
-            del self.sessions[session.key]
+            self._remove(session)
             self._end(session)
 
     def _end(self, session: Session) -> None:
@@ -253,6 +280,8 @@ class SessionRegistry:
                 expiry=saved.expiry,
                 max_inflight=self.options.max_inflight,
                 max_queued=self.options.max_queued,
+                max_queued_bytes=self.options.max_queued_bytes,
+                limit_reached=self.gateway.metrics.limit,
             )
             session.store = self.store
             session.awaiting_rel = set(saved.awaiting_rel) or None
@@ -265,7 +294,7 @@ class SessionRegistry:
                     max(0.0, will_at - now), self._will_due, session
                 )
             session.expiry_handle = loop.call_later(expires_at - now, self._expire, session)
-            self.sessions[session.key] = session
+            self._add(session)
             session.save(expires_at=expires_at, will_at=will_at if session.will else None)
             restored += 1
         return restored

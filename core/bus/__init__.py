@@ -349,10 +349,11 @@ class Bus(Protocol):
         """Have ``handler`` run for every change announced on any node."""
 
 
-def make_bus(kind: str) -> Bus:
-    """The bus a deployment's ``bus`` setting names."""
+def make_bus(kind: str, *, keep_last_bytes: int = 64 * 1024 * 1024) -> Bus:
+    """The bus a deployment's ``bus`` setting names; ``keep_last_bytes`` bounds the payload
+    bytes of the latest-message cache (CoAP GET)."""
     if kind == "local":
         from core.bus.local import LocalBus
 
-        return LocalBus()
+        return LocalBus(keep_last_bytes=keep_last_bytes)
     raise ValueError(f"unknown bus {kind!r}: the bus is 'local'")

@@ -10,12 +10,15 @@ from core.message import Message
 class LocalBus:
     name = "local"
 
-    def __init__(self, keep_last: int = 10_000) -> None:
+    def __init__(self, keep_last: int = 10_000, keep_last_bytes: int = 64 * 1024 * 1024) -> None:
         self.router = Router()
         self._open = False
-        # The latest message of each topic, oldest topic forgotten first past keep_last.
+        # The latest message of each topic, oldest topic forgotten first past keep_last topics
+        # or keep_last_bytes of payload.
         self._last: dict[tuple[str, str, str], Message] = {}
         self._keep_last = keep_last
+        self._keep_last_bytes = keep_last_bytes
+        self.last_bytes = 0
         self._handlers: list[ChangeHandler] = []
 
     async def start(self) -> None:
@@ -36,8 +39,15 @@ class LocalBus:
             raise UnavailableError("bus is closed")
         key = (message.domain, message.channel, message.subtopic)
         last = self._last
-        if last.pop(key, None) is None and len(last) >= self._keep_last:
-            del last[next(iter(last))]
+        old = last.pop(key, None)
+        size = self.last_bytes + len(message.payload)
+        if old is not None:
+            size -= len(old.payload)
+        elif len(last) >= self._keep_last:
+            size -= len(last.pop(next(iter(last))).payload)
+        while size > self._keep_last_bytes and last:
+            size -= len(last.pop(next(iter(last))).payload)
+        self.last_bytes = size
         last[key] = message
         self.router.route(message)
         return True
