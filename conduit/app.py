@@ -120,7 +120,12 @@ class Conduit:
                     limits=s.listener_limits(s.ws_max_connections),
                 ),
             ),
-            (bool(coap), lambda: CoAPAdapter(self.gateway, endpoints=coap)),
+            (
+                bool(coap),
+                lambda: CoAPAdapter(
+                    self.gateway, endpoints=coap, max_uploads=s.coap_max_uploads
+                ),
+            ),
             (
                 bool(mqtt),
                 lambda: MQTTAdapter(

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     ws_dashboard: bool = Field(True, description="Serve the live dashboard page on GET / (WS port)")
     coap_enabled: bool = Field(True, description="Serve CoAP (UDP)")
     coap_port: int = Field(5683, ge=0, le=65535, description="CoAP UDP port")
+    coap_max_uploads: int = Field(
+        16, ge=0, description="CoAP block-wise uploads assembled at once; 0 = any"
+    )
     mqtt_enabled: bool = Field(True, description="Serve plain MQTT (TCP)")
     mqtt_port: int = Field(1883, ge=0, le=65535, description="MQTT port")
     mqtt_ws_enabled: bool = Field(True, description="Serve plain MQTT over WebSocket (path /mqtt)")

@@ -1,5 +1,6 @@
 """CoAP refusals that need tight limits: too large (4.13 with Size1, also in the middle of a
-block-wise upload, before the rest is sent) and rate exceeded (4.29)."""
+block-wise upload, before the rest is sent), rate exceeded (4.29) and too many block-wise uploads
+at once (4.29)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
 
+from adapters.coap import CoAPAdapter
 from core.bus import Subscription
 from core.limits import Limits
-from tests.coap.conftest import TIMEOUT, drain, refusals, request
-from tests.conftest import World
+from tests.coap.conftest import TIMEOUT, RawClient, drain, refusals, request
+from tests.conftest import World, running
 
 LIMIT = 1000
 
@@ -82,3 +84,41 @@ async def test_rate_limited(
     assert answers[3].payload == b"more than 0.001 messages per second"
     assert refusals(world, "rate_limited") == 1
     assert len(drain(watch)) == 3
+
+
+async def test_block_wise_uploads_at_once_are_bounded(world: World) -> None:
+    """Past ``max_uploads`` uploads being assembled, a new one is refused at its first block
+    (4.29, the limit counted); a block of one already under way still goes on."""
+    async with running(CoAPAdapter(world.gateway, "127.0.0.1", 0, max_uploads=2)) as adapter:
+        raw = await RawClient.connect(adapter.port)
+        try:
+            answers = []
+            for n, subtopic in enumerate("abc"):
+                raw.send(
+                    aiocoap.Message(
+                        code=Code.POST, payload=b"y" * 512, content_format=0,
+                        uri_path=("m", "acme", "c", "temps", subtopic),
+                        uri_query=(f"auth={world.publisher.secret}",), block1=(0, True, 5),
+                    ),
+                    token=bytes([n + 1]),
+                )  # fmt: skip
+                answers.append(await raw.recv())
+            codes = [a.code for a in answers]
+            assert codes == [Code.CONTINUE, Code.CONTINUE, Code.TOO_MANY_REQUESTS]
+            assert answers[2].payload.startswith(b"2 block-wise uploads are being assembled")
+            assert refusals(world, "rate_limited") == 1
+            limit = world.gateway.metrics.registry.get_sample_value(
+                "conduit_limit_reached_total", {"limit": "coap_max_uploads"}
+            )
+            assert limit == 1
+            raw.send(
+                aiocoap.Message(
+                    code=Code.POST, payload=b"z" * 10, content_format=0,
+                    uri_path=("m", "acme", "c", "temps", "a"),
+                    uri_query=(f"auth={world.publisher.secret}",), block1=(1, False, 5),
+                ),
+                token=b"\x01",
+            )  # fmt: skip
+            assert (await raw.recv()).code == Code.CHANGED
+        finally:
+            raw.close()
