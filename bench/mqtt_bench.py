@@ -95,6 +95,7 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 async def serve(loop_name: str) -> None:
     """Gateway + MQTT adapter; prints one JSON line with the port and credentials."""
     from adapters.mqtt import MQTTAdapter
+    from conduit.app import tune_gc
     from core.auth import store_auth
     from core.bus.local import LocalBus
     from core.gateway import Gateway
@@ -111,8 +112,12 @@ async def serve(loop_name: str) -> None:
         await prov.create_channel("bench", "data")
         client, secret = await prov.create_client("bench", "bench")
         await prov.connect("bench", client.id, "data", True, True)
-        adapter = MQTTAdapter(gateway, "127.0.0.1", 0, ws_port=None)
+        # Limits per client off: every benchmark connection is the same client.
+        adapter = MQTTAdapter(
+            gateway, "127.0.0.1", 0, ws_port=None, max_sessions=0, max_subscriptions=0
+        )
         await adapter.start()
+        tune_gc()  # as conduit serve does
         print(
             json.dumps(
                 {"port": adapter.port, "client_id": client.id, "secret": secret, "loop": loop_name}
