@@ -42,12 +42,13 @@ class Outbox:
         self._encode = encode
         self._count = count
         self._loop = asyncio.get_running_loop()
-        self._queue: collections.deque[bytes] = collections.deque()
+        # Made when a message comes and dropped once written: an idle subscriber holds none.
+        self._queue: collections.deque[bytes] | None = None
         self._scheduled = False
         self.limit = limit
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     def offer(self, message: Message) -> bool:
         """Queue one message for this turn's write; False when the queue is full (a loss)."""
@@ -55,7 +56,9 @@ class Outbox:
         if conn.protocol.state is not OPEN:
             return True  # closing: the subscription goes with the connection, nothing to count
         queue = self._queue
-        if len(queue) >= self.limit:
+        if queue is None:
+            queue = self._queue = collections.deque()
+        elif len(queue) >= self.limit:
             return False
         queue.append(self._encode(message))
         if not self._scheduled and not conn.paused:
@@ -68,8 +71,10 @@ class Outbox:
         self._scheduled = False
         conn = self._connection
         queue = self._queue
+        if queue is None:
+            return
         if conn.protocol.state is not OPEN:
-            queue.clear()
+            self._queue = None
             return
         written = 0
         while queue and not conn.paused:
@@ -85,8 +90,10 @@ class Outbox:
                 size += len(frame)
             conn.transport.write(b"".join(chunk))
             written += len(chunk)
+        if not queue:
+            self._queue = None
         if written:
             self._count(written)
 
     def clear(self) -> None:
-        self._queue.clear()
+        self._queue = None

@@ -18,7 +18,7 @@ import asyncio
 import collections
 import itertools
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 import msgspec
 
@@ -26,6 +26,11 @@ from core.message import Message
 from core.topics import TopicFilter
 
 Sink = Callable[[Message], bool]
+
+
+# The queue of every subscription with a sink: always empty (nothing is put in it; maxlen 0
+# would drop anything that were).
+_NO_QUEUE: Final[collections.deque[Message]] = collections.deque(maxlen=0)
 
 
 class SubscriptionClosed(Exception):
@@ -81,7 +86,11 @@ class Subscription:
         self.dropped = 0
         self.streak = 0  # losses since the last message taken
         self.closed: str | None = None
-        self._queue: collections.deque[Message] = collections.deque()
+        # A sink takes every message itself: no queue of its own (an empty deque is 760 bytes,
+        # per subscription of every MQTT, WebSocket and SSE subscriber).
+        self._queue: collections.deque[Message] = (
+            _NO_QUEUE if sink is not None else collections.deque()
+        )
         self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, message: Message) -> None:
