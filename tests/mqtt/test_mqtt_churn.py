@@ -19,7 +19,7 @@ from tests.conftest import World
 from tests.mqtt.conftest import RawClient, until
 
 ROUNDS = 5
-PER_WAY = 40
+PER_WAY = 100
 
 
 def alive(kind: type) -> int:
