@@ -13,8 +13,6 @@ import datetime
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-
 # TLS 1.2 suites: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 (TLS 1.3's are fixed).
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -56,6 +54,8 @@ def _readable(path: Path, setting: str) -> bytes:
 
 
 def _check_certificate(path: Path) -> None:
+    from cryptography import x509  # only with TLS configured: 10 MB of RSS otherwise
+
     data = _readable(path, "tls_cert")
     try:
         leaf = x509.load_pem_x509_certificates(data)[0]
