@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import click
 
+from certs import cli as certs_cli
 from conduit.settings import ADMIN_KEY_FILE as KEY_FILE
 from conduit.settings import Settings
 
@@ -47,6 +48,9 @@ def _setting_options(func: Any) -> Any:
 @click.group()
 def main() -> None:
     """Conduit: a multi-protocol IoT messaging gateway."""
+
+
+main.add_command(certs_cli.group)
 
 
 @main.command()
