@@ -59,7 +59,8 @@ class Conduit:
         self.settings = settings
         s = settings
         store = make_store(s.store, sqlite_path=s.database)
-        authenticator, authorizer = store_auth(store, s.cache_ttl)
+        mtls = s.mtls_identity if s.tls_client_auth != "none" else None
+        authenticator, authorizer = store_auth(store, s.cache_ttl, certificates=mtls)
         self.gateway = Gateway(
             store,
             make_bus(s.bus, keep_last_bytes=s.last_cache_bytes),
@@ -81,7 +82,7 @@ class Conduit:
         except WeakAdminKey as exc:
             raise StartupError(str(exc)) from None
         try:
-            tls = server_context(s.tls_cert, s.tls_key)
+            tls = server_context(s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_client_auth)
         except TLSFileError as exc:
             raise StartupError(str(exc)) from None
 

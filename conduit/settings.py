@@ -61,6 +61,19 @@ class Settings(BaseSettings):
         " HTTPS, WSS, MQTTS and MQTT over WSS",
     )
     tls_key: Path | None = Field(None, description="PEM file: the private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM file: the CA(s) whose client certificates are accepted (mutual TLS)"
+    )
+    tls_client_auth: Literal["none", "optional", "required"] = Field(
+        "none",
+        description="Client certificates on the TLS listeners: none, optional (a certificate"
+        " authenticates when given) or required",
+    )
+    mtls_identity: Literal["client_id", "secret"] = Field(
+        "client_id",
+        description="What a client certificate's CN is: the client's id, or its secret"
+        " (Magistrala's convention); matched exactly",
+    )
     https_port: int = Field(8443, ge=0, le=65535, description="HTTPS port")
     wss_port: int = Field(8187, ge=0, le=65535, description="WebSocket over TLS port")
     mqtts_port: int = Field(8883, ge=0, le=65535, description="MQTT over TLS port")

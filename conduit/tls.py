@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import ssl
 from pathlib import Path
+from typing import Literal
 
 # TLS 1.2 suites: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 (TLS 1.3's are fixed).
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -21,9 +22,23 @@ class TLSFileError(ValueError):
     """A TLS setting names a file that cannot serve; the message says which and why."""
 
 
-def server_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    """The context for ``tls_cert`` and ``tls_key``; None when neither is set."""
+ClientAuth = Literal["none", "optional", "required"]
+
+
+def server_context(
+    cert: Path | None,
+    key: Path | None,
+    client_ca: Path | None = None,
+    client_auth: ClientAuth = "none",
+) -> ssl.SSLContext | None:
+    """The context for ``tls_cert`` and ``tls_key``; None when neither is set. With
+    ``client_auth`` ``optional`` or ``required``, clients are asked for a certificate that
+    ``client_ca`` (``tls_client_ca``, PEM) issued (mutual TLS)."""
+    if client_auth != "none" and client_ca is None:
+        raise TLSFileError(f"tls_client_auth is {client_auth} but tls_client_ca is not set")
     if cert is None and key is None:
+        if client_auth != "none":
+            raise TLSFileError("tls_client_auth needs tls_cert and tls_key (a TLS listener)")
         return None
     if cert is None or key is None:
         missing, given = ("tls_cert", "tls_key") if cert is None else ("tls_key", "tls_cert")
@@ -41,7 +56,22 @@ def server_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None
                 f"tls_key {key}: this key does not match the certificate in {cert}"
             ) from None
         raise TLSFileError(f"tls_key {key} or tls_cert {cert}: {exc.reason or exc}") from None
+    if client_auth != "none":
+        assert client_ca is not None
+        _check_ca(client_ca)
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED if client_auth == "required" else ssl.CERT_OPTIONAL
     return context
+
+
+def _check_ca(path: Path) -> None:
+    from cryptography import x509
+
+    data = _readable(path, "tls_client_ca")
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSFileError(f"tls_client_ca {path}: not a PEM certificate") from None
 
 
 def _readable(path: Path, setting: str) -> bytes:

@@ -9,6 +9,8 @@ certificate. Each protocol's idiom is read here and nowhere else:
   ``Basic base64(client_id:secret)``, ``Bearer <token>``, or a bare secret;
 - MQTT: the CONNECT user name (the client id it claims) and password (:func:`from_mqtt`): the
   secret, or a token;
+- TLS: the peer's certificate (mutual TLS), alone or beside one of the above
+  (:func:`with_certificate`, :func:`from_mqtt`);
 - CoAP: the ``auth=`` Uri-Query option (:func:`from_coap`): a secret or a token.
 
 A token is told from a secret by its shape: a JWT is three base64url parts joined by dots and
@@ -116,9 +118,23 @@ def from_authorization(value: str | None) -> Credentials:
     raise AuthenticationError("unknown authorization scheme: use Client <secret>, Basic or Bearer")
 
 
-def from_mqtt(username: str | None, password: bytes | None) -> Credentials:
+def with_certificate(value: str | None, certificate: bytes) -> Credentials:
+    """An ``Authorization`` value (or none) beside the TLS peer's certificate: the certificate
+    alone authenticates; a credential sent with it must name the same client."""
+    if value is None or not value.strip():
+        return Credentials(certificate=certificate)
+    return from_authorization(value).with_certificate(certificate)
+
+
+def from_mqtt(
+    username: str | None, password: bytes | None, certificate: bytes | None = None
+) -> Credentials:
     """An MQTT CONNECT's user name (the client id it claims) and password (a secret or a
-    token)."""
+    token), and the TLS peer's certificate if there is one (then no password is needed)."""
+    if certificate is not None:
+        if not password:
+            return Credentials(client_id=username or None, certificate=certificate)
+        return from_mqtt(username, password).with_certificate(certificate)
     if not password:
         raise AuthenticationError(
             "no password: send the client secret as the password", Condition.NO_CREDENTIALS

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,20 @@ class Endpoint:
     def setting(self) -> str:
         """The environment variable that sets this endpoint's port."""
         return f"CONDUIT_{self.name.upper().replace('-', '_')}_PORT"
+
+
+def peer_certificate(transport: Any) -> bytes | None:
+    """The DER certificate a TLS client presented on this transport (mutual TLS), or None."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    der: bytes | None = ssl_object.getpeercert(binary_form=True)
+    return der
+
+
+def verifies_clients(endpoints: Any) -> bool:
+    """Whether any of these endpoints asks TLS clients for a certificate."""
+    return any(e.tls is not None and e.tls.verify_mode != ssl.CERT_NONE for e in endpoints)
 
 
 class ListenError(OSError):

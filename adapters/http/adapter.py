@@ -27,7 +27,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from adapters.http.server import Listener
 from core.bus import Subscription
 from core.content import normalize
-from core.credentials import from_authorization
+from core.credentials import Credentials, from_authorization, with_certificate
 from core.errors import (
     PROBLEM_JSON,
     WWW_AUTHENTICATE,
@@ -43,7 +43,7 @@ from core.errors import problem as problem_document
 from core.gateway import Gateway
 from core.identity import Identity
 from core.limits import ListenerLimits
-from core.listeners import Endpoint
+from core.listeners import Endpoint, peer_certificate, verifies_clients
 from core.message import Message, envelope_json
 from core.topics import parse_path, path_topic
 
@@ -152,6 +152,8 @@ class HTTPAdapter:
         ``port`` and ``ssl_context``."""
         self.gateway = gateway
         self.endpoints = list(endpoints or [Endpoint("http", host, port, ssl_context)])
+        # Client certificates are read only where a listener asks for them (mutual TLS).
+        self._mtls = verifies_clients(self.endpoints)
         self.limits = limits or ListenerLimits()
         self._streams: dict[Subscription, EventStream] = {}
         self._listeners: list[Listener] = []
@@ -231,8 +233,17 @@ class HTTPAdapter:
         self.gateway.refused(self.protocol, error, client_id)
         return problem(error)
 
+    def _credentials(self, request: web.BaseRequest) -> Credentials:
+        """The request's Authorization header, and its TLS client certificate if any."""
+        header = request.headers.get("Authorization")
+        if self._mtls:
+            der = peer_certificate(request.transport)
+            if der is not None:
+                return with_certificate(header, der)
+        return from_authorization(header)
+
     async def _identity(self, request: web.BaseRequest) -> Identity:
-        credentials = from_authorization(request.headers.get("Authorization"))
+        credentials = self._credentials(request)
         identity = self.gateway.authenticate_nowait(credentials)
         return identity or await self.gateway.authenticate(credentials)
 
@@ -249,7 +260,11 @@ class HTTPAdapter:
         identity: Identity | None = None
         try:
             # _identity() and _body(), with their common case inline (no coroutine each).
-            credentials = from_authorization(request.headers.get("Authorization"))
+            credentials = (
+                self._credentials(request)
+                if self._mtls
+                else from_authorization(request.headers.get("Authorization"))
+            )
             identity = self.gateway.authenticate_nowait(credentials)
             if identity is None:
                 identity = await self.gateway.authenticate(credentials)

@@ -160,6 +160,7 @@ class Channel:
     __slots__ = (
         "_unregister",
         "aliases",
+        "certificate",
         "clean_exit",
         "congested",
         "deliver",
@@ -197,6 +198,7 @@ class Channel:
         self.max_packet_size = MAX_PACKET_SIZE  # the client's (MQTT 5 Maximum Packet Size)
         self.aliases: dict[int, str] | None = None  # the client's topic aliases
         self.keep_alive = 0.0  # seconds of silence tolerated (1.5 x keep alive); 0: none
+        self.certificate: bytes | None = None  # the TLS client certificate (mutual TLS), DER
 
     @property
     def client(self) -> str | None:
@@ -437,7 +439,8 @@ class Channel:
                 return
             keep_alive = server_keep_alive = maximum
         try:
-            identity = await self.gateway.authenticate(from_mqtt(p.username, p.password))
+            credentials = from_mqtt(p.username, p.password, self.certificate)
+            identity = await self.gateway.authenticate(credentials)
         except ConduitError as exc:
             self._refuse_connect(exc, claimed_client(p.username))
             return

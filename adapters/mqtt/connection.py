@@ -41,6 +41,7 @@ from adapters.mqtt.options import Options
 from adapters.mqtt.publish import PROTOCOL
 from adapters.mqtt.sessions import SessionRegistry
 from core.gateway import Gateway
+from core.listeners import peer_certificate
 
 log = logging.getLogger("conduit.mqtt")
 
@@ -178,6 +179,7 @@ class Connection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=self.max_write_buffer)
+        self.channel.certificate = peer_certificate(transport)
         self.conns.add(self)
 
     def eof_received(self) -> bool | None:

@@ -57,7 +57,7 @@ from adapters.ws.frames import FORMATS, FrameCache
 from adapters.ws.outbox import Outbox
 from core.bus import Subscription
 from core.content import JSON, OCTETS, normalize
-from core.credentials import from_authorization
+from core.credentials import from_authorization, with_certificate
 from core.errors import (
     PROBLEM_JSON,
     WWW_AUTHENTICATE,
@@ -75,7 +75,7 @@ from core.errors import (
 from core.gateway import Gateway
 from core.identity import Identity
 from core.limits import ListenerLimits
-from core.listeners import Endpoint, ListenError
+from core.listeners import Endpoint, ListenError, peer_certificate, verifies_clients
 from core.noise import redact
 from core.topics import Topic, TopicFilter, parse_filter, parse_path
 
@@ -258,6 +258,7 @@ class WSAdapter:
         ``ssl_context``."""
         self.gateway = gateway
         self.endpoints = list(endpoints or [Endpoint("ws", host, port, ssl_context)])
+        self._mtls = verifies_clients(self.endpoints)
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.close_timeout = close_timeout
@@ -369,7 +370,11 @@ class WSAdapter:
             if len(headers) > 1:
                 raise AuthenticationError("more than one Authorization header")
             value = headers[0] if headers else _first(query, "authorization")
-            identity = await gateway.authenticate(from_authorization(value))
+            der = peer_certificate(connection.transport) if self._mtls else None
+            credentials = (
+                from_authorization(value) if der is None else with_certificate(value, der)
+            )
+            identity = await gateway.authenticate(credentials)
             session = await self._session(identity, parse_path(path), query)
         except ConduitError as exc:
             gateway.refused(self.protocol, exc, identity.client_id if identity else None)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 from core.credentials import Credentials, Kind
 from core.errors import AuthenticationError, AuthorizationError, Condition
@@ -223,8 +223,17 @@ def _levels(subtopic: str) -> tuple[str, ...]:
     return tuple(subtopic.split("/")) if subtopic else ()
 
 
-def store_auth(store: Store, ttl: float = 30.0) -> tuple[Authenticator, Authorizer]:
-    """The embedded chain: client secrets in the store, rights from the store's connections."""
+def store_auth(
+    store: Store, ttl: float = 30.0, certificates: Literal["client_id", "secret"] | None = None
+) -> tuple[Authenticator, Authorizer]:
+    """The embedded chain: client secrets in the store and, with ``certificates`` (the
+    ``mtls_identity`` mode), client certificates naming stored clients; rights from the
+    store's connections."""
     from core.auth.secrets import StoredSecrets
 
-    return Authenticator([StoredSecrets(store, ttl)]), Authorizer(store, ttl)
+    providers: list[Provider] = [StoredSecrets(store, ttl)]
+    if certificates is not None:
+        from core.auth.certificates import Certificates
+
+        providers.append(Certificates(store, certificates, ttl))
+    return Authenticator(providers), Authorizer(store, ttl)

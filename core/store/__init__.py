@@ -100,6 +100,9 @@ class Store(Protocol):
 
     async def client_by_secret(self, secret_hash: str) -> Client | None: ...
 
+    async def client_by_id(self, client_id: str) -> Client | None:
+        """A client by its id, whatever its domain (ids are unique across domains)."""
+
     # channels
     async def create_channel(
         self, domain: str, channel_id: str, name: str, metadata: dict[str, str]

@@ -273,6 +273,10 @@ class SQLiteStore:
         row = await self._one("SELECT * FROM clients WHERE secret_hash = ?", (secret_hash,))
         return self._client(row) if row else None
 
+    async def client_by_id(self, client_id: str) -> Client | None:
+        row = await self._one("SELECT * FROM clients WHERE id = ?", (client_id,))
+        return self._client(row) if row else None
+
     # channels
     @staticmethod
     def _channel(row: sqlite3.Row) -> Channel:

@@ -46,6 +46,9 @@ async def test_clients(store: Store) -> None:
         await store.get_client("acme", "id-4")
     assert (await store.client_by_secret("hash-1")) == lamp
     assert await store.client_by_secret("hash-x") is None
+    assert (await store.client_by_id("id-1")) == lamp
+    assert (await store.client_by_id("id-4")).domain == "beta"  # type: ignore[union-attr]
+    assert await store.client_by_id("lamp") is None  # an id, never a name
     assert not (await store.set_client_enabled("acme", "lamp", False)).enabled
     assert not (await store.get_client("acme", "id-1")).enabled
     await store.set_client_secret("acme", "id-1", "hash-new")

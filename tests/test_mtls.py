@@ -1,0 +1,183 @@
+"""Mutual TLS on `conduit serve`, with certificates made by the PKI tool and real clients
+(aiohttp over HTTPS, websockets over WSS, aiomqtt over MQTTS): a client certificate whose CN is a
+client's id authenticates alone; a credential sent beside it must name the same client, or the
+request is refused as bad credentials (401 / CONNACK 4 or 0x86) and nothing is published; a
+certificate of an unknown client is refused; with `optional`, clients without one use their
+secret; with `required`, a client without one does not get through the handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import aiomqtt
+import pytest
+import websockets
+from cryptography.hazmat.primitives import serialization
+
+import certs
+from tests.conftest import World
+from tests.test_serve import Server, start
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    directory = tmp_path / "pki"
+    ca = certs.create_ca()
+    certs.write(directory, "ca", ca)
+    certs.write(directory, "server", certs.issue_server(ca, ["localhost", "127.0.0.1"]))
+    return directory
+
+
+def serve(tmp_path: Path, pki: Path, mode: str) -> Server:
+    return start(tmp_path / "data", "--tls-cert", str(pki / "server.pem"),
+                 "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(pki / "ca.pem"),
+                 "--tls-client-auth", mode, "--https-port", "0", "--wss-port", "0",
+                 "--mqtts-port", "0", "--mqtt-wss-port", "0")  # fmt: skip
+
+
+@pytest.fixture
+def optional(tmp_path: Path, pki: Path) -> Iterator[tuple[Server, dict[str, dict[str, str]]]]:
+    server = serve(tmp_path, pki, "optional")
+    try:
+        server.cli("domains", "create", "acme")
+        server.cli("channels", "create", "--domain", "acme", "temps")
+        clients = {}
+        for name in ("dev", "other"):
+            clients[name] = server.cli_json("clients", "create", "--domain", "acme", name)
+            server.cli("connect", "--domain", "acme", "--client", name, "--channel", "temps")
+        ca = certs.load_ca(pki)
+        for name, cn in (("dev", clients["dev"]["id"]), ("nobody", "no-such-client")):  # type: ignore[index]
+            certs.write(pki, name, certs.issue_client(ca, cn))
+        yield server, clients  # type: ignore[misc]
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def context(pki: Path, holder: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=pki / "ca.pem")
+    if holder is not None:
+        ctx.load_cert_chain(pki / f"{holder}.pem", pki / f"{holder}.key")
+    return ctx
+
+
+def test_each_protocol_with_a_client_certificate(
+    optional: tuple[Server, dict[str, dict[str, str]]], pki: Path
+) -> None:
+    server, clients = optional
+    dev, other = clients["dev"], clients["other"]
+    ports = server.ports
+
+    async def flow() -> None:
+        # A watcher on the plain WebSocket listener: what it gets was published.
+        watch_url = f"ws://127.0.0.1:{ports['ws']}/m/acme/c/temps/%23"
+        async with websockets.connect(
+            watch_url, additional_headers={"Authorization": f"Client {other['secret']}"}
+        ) as watcher:
+            https = f"https://localhost:{ports['https']}/m/acme/c/temps/t"
+
+            async def post(holder: str | None, auth: str | None, body: bytes) -> int:
+                headers = {"Authorization": auth} if auth else {}
+                async with aiohttp.ClientSession() as s:
+                    async with s.post(https, data=body, headers=headers,
+                                      ssl=context(pki, holder)) as r:  # fmt: skip
+                        return r.status
+
+            assert await post("dev", None, b"cert alone") == 202
+            assert await post("dev", f"Client {dev['secret']}", b"cert and its secret") == 202
+            assert await post("dev", f"Client {other['secret']}", b"two clients") == 401
+            assert await post("nobody", None, b"unknown CN") == 401
+            assert await post(None, f"Client {other['secret']}", b"secret alone") == 202
+
+            # WSS: a subscriber with its certificate alone.
+            wss = f"wss://localhost:{ports['wss']}/m/acme/c/temps/%23"
+            async with websockets.connect(wss, ssl=context(pki, "dev")) as subscriber:
+                # MQTTS: the certificate alone; then with another client's password.
+                async with aiomqtt.Client(
+                    "localhost", ports["mqtts"], identifier="dev-mqtt",
+                    tls_context=context(pki, "dev"),
+                ) as mqtt:  # fmt: skip
+                    await mqtt.publish("m/acme/c/temps/t", b"over mqtts", qos=1)
+                assert await asyncio.wait_for(subscriber.recv(), 10) == b"over mqtts"
+            with pytest.raises(aiomqtt.MqttError, match=r"[Bb]ad user name or password"):
+                async with aiomqtt.Client(
+                    "localhost", ports["mqtts"], identifier="dev-mqtt-2",
+                    username=other["id"], password=other["secret"],
+                    tls_context=context(pki, "dev"),
+                ):  # fmt: skip
+                    pass
+            got = []
+            while True:
+                try:
+                    got.append(await asyncio.wait_for(watcher.recv(), 1))
+                except TimeoutError:
+                    break
+            assert got == [b"cert alone", b"cert and its secret", b"secret alone", b"over mqtts"]
+
+    asyncio.run(flow())
+
+
+def test_required_refuses_a_client_without_a_certificate(tmp_path: Path, pki: Path) -> None:
+    server = serve(tmp_path, pki, "required")
+    try:
+        async def health(holder: str | None) -> int:
+            async with aiohttp.ClientSession() as s:
+                url = f"https://localhost:{server.ports['https']}/health"
+                async with s.get(url, ssl=context(pki, holder)) as r:
+                    return r.status
+
+        certs.write(pki, "any", certs.issue_client(certs.load_ca(pki), "whoever"))
+        assert asyncio.run(health("any")) == 200  # health needs no identity, only TLS
+        with pytest.raises(aiohttp.ClientError):
+            asyncio.run(health(None))
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def test_client_auth_without_a_client_ca_stops_the_start(tmp_path: Path, pki: Path) -> None:
+    import subprocess
+
+    from tests.test_tls import serve_args
+
+    r = subprocess.run(
+        serve_args("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                   "--tls-client-auth", "required"),
+        env={"CONDUIT_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "Error: tls_client_auth is required but tls_client_ca is not set"
+    ]
+
+
+@pytest.mark.parametrize("mode", ["client_id", "secret"])
+async def test_the_cn_names_the_client_exactly(world: World, mode: str) -> None:
+    """Both modes, exact: a CN that is a prefix, a suffix or a superstring of the right value
+    names nobody; a disabled client's certificate is refused."""
+    from core.auth.certificates import Certificates
+    from core.credentials import Credentials
+    from core.errors import AuthenticationError
+
+    provider = Certificates(world.gateway.store, mode)  # type: ignore[arg-type]
+    ca = certs.create_ca()
+    right = world.publisher.id if mode == "client_id" else world.publisher.secret
+
+    def der(cn: str) -> Credentials:
+        cert = certs.issue_client(ca, cn).certificate
+        return Credentials(certificate=cert.public_bytes(serialization.Encoding.DER))
+
+    identity = await provider.identify(der(right), "certificate")
+    assert identity is not None and identity.client_id == world.publisher.id
+    for wrong in (right[:-1], right[1:], right + "x", "x" + right):
+        with pytest.raises(AuthenticationError):
+            await provider.identify(der(wrong), "certificate")
+    await world.gateway.provisioning.set_client_enabled("acme", world.publisher.id, False)
+    provider.invalidate()
+    with pytest.raises(AuthenticationError):
+        await provider.identify(der(right), "certificate")
