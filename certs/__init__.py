@@ -12,8 +12,9 @@ A PKI lives in a directory: ``ca.pem`` and ``ca.key`` (the CA), and what was iss
   signed and no key leaves the client.
 
 Keys are ECDSA P-256 by default; RSA 2048 or 4096 and Ed25519 on request. Serial numbers are
-random (RFC 5280 section 4.1.2.2). Revocation, the CRL and the store's record of what was issued
-come with the rest of issue 14; this module holds what needs no store.
+random (RFC 5280 section 4.1.2.2). :func:`revoke` lists serials in the directory's
+``revoked.txt`` and writes its CRL (``crl.pem``, :func:`write_crl`), which ``tls_crl`` serves;
+the store's record of what was issued and revoked comes with the rest of issue 14.
 """
 
 from __future__ import annotations
@@ -280,3 +281,64 @@ def load_ca(directory: Path) -> Issued:
     if not cert.exists() or not key.exists():
         raise PKIError(f"no CA in {directory}: run `conduit certs ca --dir {directory}` first")
     return import_ca(cert.read_bytes(), key.read_bytes())
+
+
+# --- revocation ---------------------------------------------------------------------------------
+
+CRL_DAYS = 7  # a CRL's nextUpdate: made again (conduit certs crl) before it passes
+
+
+def make_crl(ca: Issued, revoked: dict[int, datetime.datetime], days: int = CRL_DAYS) -> bytes:
+    """A CRL (PEM) signed by ``ca`` listing ``revoked`` (serial -> revocation time)."""
+    if ca.key is None:
+        raise PKIError("the CA's key is needed to sign a CRL")
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(now - BACKDATE)
+        .next_update(now + datetime.timedelta(days=days))
+    )
+    for serial, when in sorted(revoked.items()):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    crl = builder.sign(ca.key, _hash(ca.key))
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def revoked(directory: Path) -> dict[int, datetime.datetime]:
+    """The serials revoked in a PKI directory (``revoked.txt``: one ``<serial hex> <ISO time>``
+    per line), the file the CRL is made from."""
+    path = directory / "revoked.txt"
+    if not path.exists():
+        return {}
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            serial, when = line.split()
+            found[int(serial, 16)] = datetime.datetime.fromisoformat(when)
+    return found
+
+
+def revoke(directory: Path, serials: list[int]) -> Path:
+    """Revoke certificates of this PKI by serial and write the CRL again (``crl.pem``)."""
+    ca = load_ca(directory)
+    listed = revoked(directory)
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    for serial in serials:
+        listed.setdefault(serial, now)
+    (directory / "revoked.txt").write_text(
+        "".join(f"{serial:x} {when.isoformat()}\n" for serial, when in sorted(listed.items()))
+    )
+    return write_crl(directory, ca, listed)
+
+
+def write_crl(
+    directory: Path, ca: Issued | None = None, listed: dict[int, datetime.datetime] | None = None
+) -> Path:
+    """``crl.pem`` of this PKI, made now (``tls_crl`` of `conduit serve`)."""
+    ca = ca or load_ca(directory)
+    path = directory / "crl.pem"
+    path.write_bytes(make_crl(ca, revoked(directory) if listed is None else listed))
+    return path

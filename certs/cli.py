@@ -3,6 +3,8 @@
     conduit certs ca     --dir pki [--cn "Conduit CA"] [--import-cert F --import-key F]
     conduit certs server --dir pki --name example.com --name 192.0.2.10 [--out server]
     conduit certs client --dir pki CLIENT_ID [--csr client.csr] [--out NAME]
+    conduit certs revoke --dir pki --cert FILE | --serial HEX
+    conduit certs crl    --dir pki
     conduit certs show   FILE
 
 Every command takes ``--key-type`` (ec, rsa2048, rsa4096, ed25519) and ``--days`` where it makes
@@ -12,6 +14,7 @@ a certificate. Files are never overwritten; keys are written with mode 0600.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from cryptography import x509
@@ -28,7 +31,7 @@ KEY_TYPE = click.option(
 )  # fmt: skip
 
 
-def _fail(exc: certs.PKIError) -> None:
+def _fail(exc: certs.PKIError) -> NoReturn:
     raise click.ClickException(str(exc))
 
 
@@ -140,3 +143,36 @@ def show(file: Path) -> None:
         click.echo(f"names:     {', '.join(str(n.value) for n in sans)}")
     except x509.ExtensionNotFound:
         pass
+
+
+@group.command()
+@DIR
+@click.option("--serial", "serials", multiple=True, help="A serial number, in hex (repeat)")
+@click.option("--cert", "files", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="A certificate file whose serial is revoked (repeat)")  # fmt: skip
+def revoke(directory: Path, serials: tuple[str, ...], files: tuple[Path, ...]) -> None:
+    """Revoke certificates (by serial or file) and write the CRL again (crl.pem)."""
+    try:
+        numbers = [int(s, 16) for s in serials]
+    except ValueError:
+        raise click.ClickException("a serial is hexadecimal") from None
+    for file in files:
+        numbers.append(x509.load_pem_x509_certificate(file.read_bytes()).serial_number)
+    if not numbers:
+        raise click.ClickException("nothing to revoke: give --serial or --cert")
+    try:
+        path = certs.revoke(directory, numbers)
+    except certs.PKIError as exc:
+        _fail(exc)
+    click.echo(f"revoked: {', '.join(f'{n:x}' for n in numbers)}")
+    click.echo(f"crl:     {path}")
+
+
+@group.command()
+@DIR
+def crl(directory: Path) -> None:
+    """Write the CRL again (crl.pem; valid 7 days: make it again before then)."""
+    try:
+        click.echo(f"crl: {certs.write_crl(directory)}")
+    except certs.PKIError as exc:
+        _fail(exc)

@@ -82,7 +82,9 @@ class Conduit:
         except WeakAdminKey as exc:
             raise StartupError(str(exc)) from None
         try:
-            tls = server_context(s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_client_auth)
+            tls = server_context(
+                s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_client_auth, s.tls_crl
+            )
         except TLSFileError as exc:
             raise StartupError(str(exc)) from None
 
@@ -128,9 +130,7 @@ class Conduit:
             ),
             (
                 bool(coap),
-                lambda: CoAPAdapter(
-                    self.gateway, endpoints=coap, max_uploads=s.coap_max_uploads
-                ),
+                lambda: CoAPAdapter(self.gateway, endpoints=coap, max_uploads=s.coap_max_uploads),
             ),
             (
                 bool(mqtt),
@@ -174,8 +174,7 @@ class Conduit:
                             f" holds it or choose another port ({endpoint.setting})"
                         ) from None
                     raise StartupError(
-                        f"cannot listen for {endpoint.name} on port {endpoint.port}:"
-                        f" {exc.cause}"
+                        f"cannot listen for {endpoint.name} on port {endpoint.port}: {exc.cause}"
                     ) from None
                 self._started.append(adapter)
         except BaseException:

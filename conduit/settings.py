@@ -69,6 +69,11 @@ class Settings(BaseSettings):
         description="Client certificates on the TLS listeners: none, optional (a certificate"
         " authenticates when given) or required",
     )
+    tls_crl: Path | None = Field(
+        None,
+        description="PEM file: the CRL of tls_client_ca; revoked client certificates are refused"
+        " in the handshake",
+    )
     mtls_identity: Literal["client_id", "secret"] = Field(
         "client_id",
         description="What a client certificate's CN is: the client's id, or its secret"

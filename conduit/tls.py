@@ -30,10 +30,15 @@ def server_context(
     key: Path | None,
     client_ca: Path | None = None,
     client_auth: ClientAuth = "none",
+    crl: Path | None = None,
 ) -> ssl.SSLContext | None:
     """The context for ``tls_cert`` and ``tls_key``; None when neither is set. With
     ``client_auth`` ``optional`` or ``required``, clients are asked for a certificate that
     ``client_ca`` (``tls_client_ca``, PEM) issued (mutual TLS)."""
+    if crl is not None and client_auth == "none":
+        raise TLSFileError(
+            "tls_crl is set but tls_client_auth is none: no client certificate to check"
+        )
     if client_auth != "none" and client_ca is None:
         raise TLSFileError(f"tls_client_auth is {client_auth} but tls_client_ca is not set")
     if cert is None and key is None:
@@ -60,6 +65,10 @@ def server_context(
         assert client_ca is not None
         _check_ca(client_ca)
         context.load_verify_locations(cafile=client_ca)
+        if crl is not None:
+            _check_crl(crl)
+            context.load_verify_locations(cafile=crl)
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         context.verify_mode = ssl.CERT_REQUIRED if client_auth == "required" else ssl.CERT_OPTIONAL
     return context
 
@@ -72,6 +81,22 @@ def _check_ca(path: Path) -> None:
         x509.load_pem_x509_certificates(data)
     except ValueError:
         raise TLSFileError(f"tls_client_ca {path}: not a PEM certificate") from None
+
+
+def _check_crl(path: Path) -> None:
+    from cryptography import x509
+
+    data = _readable(path, "tls_crl")
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError:
+        raise TLSFileError(f"tls_crl {path}: not a PEM CRL") from None
+    next_update = crl.next_update_utc
+    if next_update is not None and next_update < datetime.datetime.now(datetime.UTC):
+        raise TLSFileError(
+            f"tls_crl {path}: out of date since {next_update:%Y-%m-%d %H:%M} UTC"
+            " (every client certificate would be refused): make it again"
+        )
 
 
 def _readable(path: Path, setting: str) -> bytes:

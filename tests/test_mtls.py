@@ -139,21 +139,33 @@ def test_required_refuses_a_client_without_a_certificate(tmp_path: Path, pki: Pa
         server.proc.wait()
 
 
-def test_client_auth_without_a_client_ca_stops_the_start(tmp_path: Path, pki: Path) -> None:
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--tls-client-auth", "required"],
+         "tls_client_auth is required but tls_client_ca is not set"),
+        (["--tls-crl", "crl.pem"],
+         "tls_crl is set but tls_client_auth is none: no client certificate to check"),
+        (["--tls-client-auth", "optional", "--tls-client-ca", "ca.pem", "--tls-crl", "ca.pem"],
+         "tls_crl {pki}/ca.pem: not a PEM CRL"),
+    ],
+)  # fmt: skip
+def test_a_client_tls_setting_that_cannot_work_stops_the_start(
+    tmp_path: Path, pki: Path, args: list[str], line: str
+) -> None:
     import subprocess
 
     from tests.test_tls import serve_args
 
+    args = [str(pki / a) if a.endswith(".pem") else a for a in args]
     r = subprocess.run(
         serve_args("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-                   "--tls-client-auth", "required"),
+                   *args),
         env={"CONDUIT_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [
-        "Error: tls_client_auth is required but tls_client_ca is not set"
-    ]
+    assert r.stderr.strip().splitlines() == [f"Error: {line.format(pki=pki)}"]
 
 
 @pytest.mark.parametrize("mode", ["client_id", "secret"])
@@ -181,3 +193,70 @@ async def test_the_cn_names_the_client_exactly(world: World, mode: str) -> None:
     provider.invalidate()
     with pytest.raises(AuthenticationError):
         await provider.identify(der(right), "certificate")
+
+
+def test_a_revoked_certificate_is_refused_in_the_handshake(tmp_path: Path, pki: Path) -> None:
+    """`conduit certs revoke` lists it in the CRL; `conduit serve` with `tls_crl` refuses it
+    while another certificate of the same CA still gets through."""
+    from click.testing import CliRunner
+
+    from conduit.cli import main
+
+    ca = certs.load_ca(pki)
+    certs.write(pki, "kept", certs.issue_client(ca, "kept"))
+    certs.write(pki, "gone", certs.issue_client(ca, "gone"))
+    result = CliRunner().invoke(main, ["certs", "revoke", "--dir", str(pki),
+                                       "--cert", str(pki / "gone.pem")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    serial = x509_serial(pki / "gone.pem")
+    assert f"revoked: {serial:x}" in result.output
+    assert certs.revoked(pki).keys() == {serial}
+    server = start(tmp_path / "data", "--tls-cert", str(pki / "server.pem"),
+                   "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(pki / "ca.pem"),
+                   "--tls-client-auth", "optional", "--tls-crl", str(pki / "crl.pem"),
+                   "--https-port", "0", "--wss-port", "0", "--mqtts-port", "0",
+                   "--mqtt-wss-port", "0")  # fmt: skip
+    try:
+        async def health(holder: str) -> int:
+            async with aiohttp.ClientSession() as s:
+                url = f"https://localhost:{server.ports['https']}/health"
+                async with s.get(url, ssl=context(pki, holder)) as r:
+                    return r.status
+
+        assert asyncio.run(health("kept")) == 200
+        with pytest.raises(aiohttp.ClientError):
+            asyncio.run(health("gone"))
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def x509_serial(path: Path) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+def test_disabling_the_client_ends_its_certificate_connection(
+    optional: tuple[Server, dict[str, dict[str, str]]], pki: Path
+) -> None:
+    """The certificate's identity is the client's: disabled, its MQTTS connection ends at once
+    (DISCONNECT 0x87; aiomqtt reports the disconnection, not its code)."""
+    server, clients = optional
+    dev = clients["dev"]
+
+    async def flow() -> None:
+        async with aiomqtt.Client(
+            "localhost", server.ports["mqtts"], identifier="dev-held",
+            protocol=aiomqtt.ProtocolVersion.V5, tls_context=context(pki, "dev"),
+        ) as mqtt:  # fmt: skip
+            await mqtt.subscribe("m/acme/c/temps/#")
+            await asyncio.to_thread(
+                server.cli, "clients", "disable", "--domain", "acme", dev["id"]
+            )
+            with pytest.raises(aiomqtt.MqttError, match="Disconnected"):
+                async with asyncio.timeout(10):
+                    async for _ in mqtt.messages:
+                        pass
+
+    asyncio.run(flow())
