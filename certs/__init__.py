@@ -202,6 +202,7 @@ def issue_server(
     ca: Issued, names: list[str], *, key_type: KeyType = "ec", days: int = SERVER_DAYS
 ) -> Issued:
     """A server certificate for ``names``: DNS names and IP addresses (the first is the CN)."""
+    names = list(dict.fromkeys(names))  # each once, in order
     if not names:
         raise PKIError("a server certificate needs at least one DNS name or IP address")
     sans: list[x509.GeneralName] = []

@@ -181,3 +181,32 @@ def test_conduit_serves_https_with_the_tools_certificate(pki: Path, tmp_path: Pa
     finally:
         server.proc.kill()
         server.proc.wait()
+
+
+def test_the_magistrala_makefile(tmp_path: Path) -> None:
+    """`make ca server_cert client_cert CLIENT_SECRET=...` as Magistrala users type it."""
+    import shutil
+    import subprocess
+    import sys
+
+    location = tmp_path / "certs"
+    conduit = f"{sys.executable} -m conduit.cli"
+    make = ["make", "-s", "-C", str(Path(__file__).parents[1] / "certs"),
+            f"CRT_LOCATION={location}", f"CONDUIT={conduit}"]  # fmt: skip
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    r = subprocess.run([*make, "client_cert"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "CLIENT_SECRET is not set" in r.stdout
+    for target in (["ca"], ["server_cert"], ["client_cert", "CLIENT_SECRET=s3cr3t-value"]):
+        r = subprocess.run([*make, *target], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    ca = load(location / "ca.crt")
+    server = load(location / "magistrala-server.crt")
+    client = load(location / "client.crt")
+    assert certs.common_name(client) == "s3cr3t-value"
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(n.value) for n in sans] == ["localhost", "nginx"]
+    assert round(days(server)) == 1000 and round(days(client)) == 730
+    for cert in (server, client):
+        cert.verify_directly_issued_by(ca)
+    assert stat.S_IMODE((location / "client.key").stat().st_mode) == 0o600
