@@ -92,20 +92,25 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 # --- the Conduit server process ----------------------------------------------------------
 
 
-async def serve(loop_name: str) -> None:
-    """Gateway + MQTT adapter; prints one JSON line with the port and credentials."""
+async def serve(loop_name: str, tls_dir: str | None = None) -> None:
+    """Gateway + MQTT adapter; prints one JSON line with the port and credentials. With
+    ``tls_dir`` (a PKI of ``conduit certs``: server.pem, server.key, ca.pem), MQTTS only, with
+    client certificates (CN = client id) accepted as credentials."""
     from adapters.mqtt import MQTTAdapter
     from conduit.app import tune_gc
+    from conduit.tls import server_context
     from core.auth import store_auth
     from core.bus.local import LocalBus
     from core.gateway import Gateway
     from core.limits import Limits
+    from core.listeners import Endpoint
     from core.store.sqlite import SQLiteStore
 
     with tempfile.TemporaryDirectory(prefix="conduit-mqtt-bench-") as tmp:
         store = SQLiteStore(Path(tmp) / "conduit.db")
         # One client holds every benchmark connection: no cap on its subscriptions.
-        gateway = Gateway(store, LocalBus(), *store_auth(store), limits=Limits(max_subscriptions=0))
+        auth = store_auth(store, certificates="client_id" if tls_dir else None)
+        gateway = Gateway(store, LocalBus(), *auth, limits=Limits(max_subscriptions=0))
         await gateway.start()
         prov = gateway.provisioning
         await prov.create_domain("bench")
@@ -113,9 +118,17 @@ async def serve(loop_name: str) -> None:
         client, secret = await prov.create_client("bench", "bench")
         await prov.connect("bench", client.id, "data", True, True)
         # Limits per client off: every benchmark connection is the same client.
+        endpoints = None
+        if tls_dir is not None:
+            pki = Path(tls_dir)
+            context = server_context(
+                pki / "server.pem", pki / "server.key", pki / "ca.pem", "optional"
+            )
+            endpoints = [Endpoint("mqtts", "127.0.0.1", 0, context)]
         adapter = MQTTAdapter(
-            gateway, "127.0.0.1", 0, ws_port=None, max_sessions=0, max_subscriptions=0
-        )
+            gateway, "127.0.0.1", 0, ws_port=None, max_sessions=0, max_subscriptions=0,
+            endpoints=endpoints,
+        )  # fmt: skip
         await adapter.start()
         tune_gc()  # as conduit serve does
         print(
@@ -133,18 +146,18 @@ async def serve(loop_name: str) -> None:
         await gateway.close()
 
 
-def serve_main(loop_name: str) -> None:
+def serve_main(loop_name: str, tls_dir: str | None = None) -> None:
     raise_nofile()
     if loop_name != "asyncio":
         try:
             import uvloop
 
-            uvloop.run(serve("uvloop"))
+            uvloop.run(serve("uvloop", tls_dir))
             return
         except ImportError:
             if loop_name == "uvloop":
                 raise
-    asyncio.run(serve("asyncio"))
+    asyncio.run(serve("asyncio", tls_dir))
 
 
 class Server:
@@ -169,9 +182,10 @@ class Server:
             self.proc.wait()
 
 
-def start_conduit(loop_name: str) -> Server:
+def start_conduit(loop_name: str, tls_dir: Path | None = None) -> Server:
+    tls = ["--tls-dir", str(tls_dir)] if tls_dir is not None else []
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", "--loop", loop_name],
+        [sys.executable, __file__, "--serve", "--loop", loop_name, *tls],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -380,9 +394,10 @@ def main() -> None:
     ap.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     ap.add_argument("--only", choices=["pubsub", "conn"])
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--tls-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve_main(args.loop)
+        serve_main(args.loop, args.tls_dir)
         return
     raise_nofile()
     if not MQTTBENCH.exists():

@@ -1,0 +1,162 @@
+"""MQTT over TLS: Conduit's MQTTS listener beside Mosquitto with TLS, on the same certificates,
+same run, same load generator (``mqttbench -T``).
+
+    .venv/bin/python bench/mqtts_bench.py [--rounds 3] [--duration 5] [--window 500]
+                                          [--conns 2000]
+
+A PKI made by Conduit's own tool (``certs``): a CA, a server certificate for 127.0.0.1, and a
+client certificate whose CN is the Conduit client's id (mutual TLS: the certificate is the
+client's only credential on both servers; Mosquitto with ``require_certificate`` and
+``use_identity_as_username``). Scenarios:
+
+- ``pubsub`` QoS 0, 1 publisher to 1 and to 10 subscribers, and QoS 1 to 1, at most
+  ``--window`` messages beyond the slowest subscriber (500 at most for QoS 1 over TLS: past its
+  queue Mosquitto drops QoS 1 messages);
+- ``conn``: ``--conns`` connections, each a full TLS handshake with a client certificate, then
+  CONNECT/CONNACK: connects per second (no session resumption).
+
+Prints each round and, per scenario, the medians and Conduit's ratio to Mosquitto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mqtt_bench import (
+    MQTTBENCH,
+    ROOT,
+    SHARED,
+    TOPIC,
+    Server,
+    free_port,
+    mqttbench,
+    raise_nofile,
+    start_conduit,
+    wait_port,
+)
+
+sys.path.insert(0, str(ROOT))
+
+import certs
+
+SCENARIOS = [("qos0 1->1", 0, 1, "published_per_s"), ("qos0 1->10", 0, 10, "delivered_per_s"),
+             ("qos1 1->1", 1, 1, "published_per_s")]  # fmt: skip
+
+
+def make_pki(directory: Path) -> None:
+    ca = certs.create_ca()
+    certs.write(directory, "ca", ca)
+    certs.write(directory, "server", certs.issue_server(ca, ["127.0.0.1", "localhost"]))
+    client_certificate(directory, "bench")
+
+
+def client_certificate(directory: Path, cn: str) -> None:
+    """``client.pem``/``client.key`` for ``cn`` (Mosquitto takes any CN as the user name)."""
+    for suffix in (".pem", ".key"):
+        (directory / f"client{suffix}").unlink(missing_ok=True)
+    certs.write(directory, "client", certs.issue_client(certs.load_ca(directory), cn))
+
+
+def start_mosquitto_tls(conf_dir: Path, pki: Path) -> Server:
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = (
+        (SHARED / "mosquitto.conf")
+        .read_text()
+        .replace("listener 18840 127.0.0.1", f"listener {port} 127.0.0.1")
+    )
+    conf += (
+        f"\ncafile {pki / 'ca.pem'}\ncertfile {pki / 'server.pem'}\nkeyfile {pki / 'server.key'}\n"
+        "require_certificate true\nuse_identity_as_username true\ntls_version tlsv1.2\n"
+        # Run as root: it drops to the mosquitto user otherwise, who cannot read keys of mode 0600.
+        "user root\n"
+    )
+    path = conf_dir / "mosquitto-tls.conf"
+    path.write_text(conf)
+    proc = subprocess.Popen(
+        [mosquitto, "-c", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        preexec_fn=raise_nofile, text=True,
+    )  # fmt: skip
+    wait_port(port)
+    return Server(proc, port, "", "")
+
+
+def tls_args(pki: Path) -> list[str]:
+    return ["-T", "--cafile", str(pki / "ca.pem"), "--cert", str(pki / "client.pem"),
+            "--key", str(pki / "client.key")]  # fmt: skip
+
+
+def pubsub(server: Server, pki: Path, qos: int, subs: int, window: int, duration: float) -> Any:
+    return mqttbench(
+        ["pubsub", "-p", str(server.port), "-t", TOPIC, "-q", str(qos), "-s", str(subs),
+         "-w", str(window), "-d", str(duration), "-B", str(server.pid), *tls_args(pki)],
+        timeout=duration + 60,
+    )  # fmt: skip
+
+
+def conn(server: Server, pki: Path, n: int) -> Any:
+    return mqttbench(
+        ["conn", "-p", str(server.port), "-N", str(n), "-C", "50", "-H", "1",
+         "-B", str(server.pid), *tls_args(pki)],
+        timeout=300,
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--window", type=int, default=500)
+    ap.add_argument("--conns", type=int, default=2000)
+    ap.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+    args = ap.parse_args()
+    if not MQTTBENCH.exists():
+        sys.exit(f"{MQTTBENCH} not found: build it with ../shared/bench/build.sh")
+    raise_nofile()
+    results: dict[str, dict[str, list[float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="mqtts-bench-") as tmp:
+        pki = Path(tmp) / "pki"
+        make_pki(pki)
+        for rnd in range(args.rounds):
+            for name, qos, subs, figure in [*SCENARIOS, ("connects/s", -1, 0, "")]:
+                for who in ("mosquitto", "conduit"):
+                    if who == "conduit":
+                        # Its client is made at start: the certificate carries its id.
+                        server = start_conduit(args.loop, pki)
+                        client_certificate(pki, server.user)
+                    else:
+                        server = start_mosquitto_tls(Path(tmp), pki)
+                    try:
+                        if qos < 0:
+                            r = conn(server, pki, args.conns)
+                            value = float(r["connects_per_s"])
+                        else:
+                            r = pubsub(server, pki, qos, subs, args.window, args.duration)
+                            value = float(r[figure])
+                    finally:
+                        server.stop()
+                    results.setdefault(name, {}).setdefault(who, []).append(value)
+                    detail = json.dumps(r)[:160]
+                    print(
+                        f"round {rnd + 1} {name:12} {who:10} {value:>12,.0f}  {detail}", flush=True
+                    )
+    print("\nmedians (shared machine; compare ratios)")
+    summary = {}
+    for name, by in results.items():
+        m, c = statistics.median(by["mosquitto"]), statistics.median(by["conduit"])
+        ratio = c / m if m else float("nan")
+        print(f"{name:12} mosquitto {m:>12,.0f}  conduit {c:>12,.0f}  ratio {ratio:.2f}")
+        summary[name] = {"mosquitto": round(m), "conduit": round(c), "ratio": round(ratio, 3)}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
