@@ -124,6 +124,7 @@ def test_each_protocol_with_a_client_certificate(
 def test_required_refuses_a_client_without_a_certificate(tmp_path: Path, pki: Path) -> None:
     server = serve(tmp_path, pki, "required")
     try:
+
         async def health(holder: str | None) -> int:
             async with aiohttp.ClientSession() as s:
                 url = f"https://localhost:{server.ports['https']}/health"
@@ -217,6 +218,7 @@ def test_a_revoked_certificate_is_refused_in_the_handshake(tmp_path: Path, pki: 
                    "--https-port", "0", "--wss-port", "0", "--mqtts-port", "0",
                    "--mqtt-wss-port", "0")  # fmt: skip
     try:
+
         async def health(holder: str) -> int:
             async with aiohttp.ClientSession() as s:
                 url = f"https://localhost:{server.ports['https']}/health"
@@ -251,12 +253,72 @@ def test_disabling_the_client_ends_its_certificate_connection(
             protocol=aiomqtt.ProtocolVersion.V5, tls_context=context(pki, "dev"),
         ) as mqtt:  # fmt: skip
             await mqtt.subscribe("m/acme/c/temps/#")
-            await asyncio.to_thread(
-                server.cli, "clients", "disable", "--domain", "acme", dev["id"]
-            )
+            await asyncio.to_thread(server.cli, "clients", "disable", "--domain", "acme", dev["id"])
             with pytest.raises(aiomqtt.MqttError, match="Disconnected"):
                 async with asyncio.timeout(10):
                     async for _ in mqtt.messages:
                         pass
 
     asyncio.run(flow())
+
+
+def test_curl_mosquitto_and_openssl(
+    optional: tuple[Server, dict[str, dict[str, str]]], pki: Path
+) -> None:
+    """The command-line clients users have: curl over HTTPS and mosquitto_pub over MQTTS with
+    the client certificate alone; openssl s_client refused with an untrusted certificate."""
+    import shutil
+    import subprocess
+
+    server, _ = optional
+    for tool in ("curl", "mosquitto_pub", "mosquitto_sub", "openssl"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    cert = ["--cert", str(pki / "dev.pem"), "--key", str(pki / "dev.key")]
+    ports = server.ports
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-h", "localhost", "-p", str(ports["mqtts"]), "--cafile",
+         str(pki / "ca.pem"), *cert, "-i", "dev-sub", "-t", "m/acme/c/temps/#", "-C", "2",
+         "-W", "20"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        import time
+
+        time.sleep(1.0)  # the subscription is made
+        r = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+             str(pki / "ca.pem"), *cert, "-H", "Content-Type: text/plain",
+             "--data-binary", "from curl",
+             f"https://localhost:{ports['https']}/m/acme/c/temps/t"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.stdout == "202", r.stderr
+        r = subprocess.run(
+            ["mosquitto_pub", "-h", "localhost", "-p", str(ports["mqtts"]), "--cafile",
+             str(pki / "ca.pem"), *cert, "-i", "dev-pub", "-t", "m/acme/c/temps/t", "-q", "1",
+             "-m", "from mosquitto_pub"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        out, _ = sub.communicate(timeout=30)
+        assert out.splitlines() == ["from curl", "from mosquitto_pub"]
+    finally:
+        sub.kill()
+
+    # A certificate from another CA: the handshake fails, whatever the mode (TLS 1.2, where the
+    # client hears the refusal within the handshake; with 1.3 the alert comes after it).
+    def s_client(holder: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{ports['https']}", "-CAfile",
+             str(pki / "ca.pem"), "-cert", str(pki / f"{holder}.pem"), "-key",
+             str(pki / f"{holder}.key"), "-brief", "-tls1_2"],
+            input="", capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    assert s_client("dev").returncode == 0
+    stranger = certs.issue_client(certs.create_ca("Another CA"), "stranger")
+    certs.write(pki, "stranger", stranger)
+    r = s_client("stranger")
+    assert r.returncode != 0
+    assert "alert" in r.stderr.lower() or "error" in r.stderr.lower(), r.stderr
