@@ -23,6 +23,7 @@ from adapters.ws import WSAdapter
 from conduit.api import ManagementAPI, WeakAdminKey, admin_key
 from conduit.settings import Settings
 from conduit.tls import TLSFileError, server_context
+from conduit.tls import reload as reload_tls
 from core.auth import store_auth
 from core.bus import make_bus
 from core.gateway import Gateway
@@ -87,6 +88,7 @@ class Conduit:
             )
         except TLSFileError as exc:
             raise StartupError(str(exc)) from None
+        self.tls = tls  # every TLS listener's context: reload_tls() loads the files into it
 
         def plain(on: bool, name: str, port: int, websocket: bool = False) -> list[Endpoint]:
             return [Endpoint(name, s.host, port, None, websocket)] if on else []
@@ -160,6 +162,23 @@ class Conduit:
             ports.update(a.ports)
         return ports
 
+    def reload_tls(self) -> bool:
+        """Load the TLS files again (SIGHUP): new handshakes use them, open connections keep
+        what they have. A file that cannot serve is logged and the files in use stay."""
+        s = self.settings
+        if self.tls is None or s.tls_cert is None or s.tls_key is None:
+            log.info("tls: nothing to reload (no tls_cert)")
+            return False
+        try:
+            reload_tls(
+                self.tls, s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_client_auth, s.tls_crl
+            )
+        except TLSFileError as exc:
+            log.error("tls: not reloaded, the files in use stay: %s", exc)
+            return False
+        log.info("tls: certificate, key, client CA and CRL reloaded")
+        return True
+
     async def start(self) -> None:
         await self.gateway.start()
         try:
@@ -209,6 +228,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
     ready = " ".join(f"{name}={port}" for name, port in app.endpoints.items())
     log.info("conduit ready: %s", ready)
     print(f"conduit ready: {ready}", flush=True)

@@ -34,7 +34,7 @@ def server_context(
 ) -> ssl.SSLContext | None:
     """The context for ``tls_cert`` and ``tls_key``; None when neither is set. With
     ``client_auth`` ``optional`` or ``required``, clients are asked for a certificate that
-    ``client_ca`` (``tls_client_ca``, PEM) issued (mutual TLS)."""
+    ``client_ca`` (``tls_client_ca``, PEM) issued (mutual TLS), checked against ``crl``."""
     if crl is not None and client_auth == "none":
         raise TLSFileError(
             "tls_crl is set but tls_client_auth is none: no client certificate to check"
@@ -48,11 +48,37 @@ def server_context(
     if cert is None or key is None:
         missing, given = ("tls_cert", "tls_key") if cert is None else ("tls_key", "tls_cert")
         raise TLSFileError(f"{given} is set but {missing} is not: TLS needs both")
-    _check_certificate(cert)
-    _readable(key, "tls_key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(CIPHERS)
+    _load(context, cert, key, client_ca if client_auth != "none" else None, crl)
+    if client_auth != "none":
+        context.verify_mode = ssl.CERT_REQUIRED if client_auth == "required" else ssl.CERT_OPTIONAL
+    return context
+
+
+def reload(
+    context: ssl.SSLContext,
+    cert: Path,
+    key: Path,
+    client_ca: Path | None = None,
+    client_auth: ClientAuth = "none",
+    crl: Path | None = None,
+) -> None:
+    """Load the files again into a context in use: handshakes from now on use them, connections
+    made before keep theirs. Every file is checked first (in a context of its own): on
+    TLSFileError the context in use is left as it was. A newer CRL takes over from the one
+    loaded before (OpenSSL prefers the latest of an issuer's CRLs); a CA is added, never
+    removed (removing one takes a restart)."""
+    server_context(cert, key, client_ca, client_auth, crl)  # raises before anything changes
+    _load(context, cert, key, client_ca if client_auth != "none" else None, crl)
+
+
+def _load(
+    context: ssl.SSLContext, cert: Path, key: Path, client_ca: Path | None, crl: Path | None
+) -> None:
+    _check_certificate(cert)
+    _readable(key, "tls_key")
     try:
         context.load_cert_chain(cert, key)
     except ssl.SSLError as exc:
@@ -61,16 +87,13 @@ def server_context(
                 f"tls_key {key}: this key does not match the certificate in {cert}"
             ) from None
         raise TLSFileError(f"tls_key {key} or tls_cert {cert}: {exc.reason or exc}") from None
-    if client_auth != "none":
-        assert client_ca is not None
+    if client_ca is not None:
         _check_ca(client_ca)
         context.load_verify_locations(cafile=client_ca)
         if crl is not None:
             _check_crl(crl)
             context.load_verify_locations(cafile=crl)
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-        context.verify_mode = ssl.CERT_REQUIRED if client_auth == "required" else ssl.CERT_OPTIONAL
-    return context
 
 
 def _check_ca(path: Path) -> None:
