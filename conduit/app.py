@@ -9,10 +9,12 @@ import errno
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from adapters.coap import CoAPAdapter
@@ -47,8 +49,24 @@ class Adapter(Protocol):
     async def stop(self, timeout: float = 10.0) -> None: ...
 
 
+# Seconds between two looks at the TLS files besides the change events (see watch_tls).
+TLS_CHECK = 5
+
 # Allocations between two young collections (CPython's default: 700).
 GC_THRESHOLD = 20_000
+
+
+def _signatures(paths: list[Path]) -> list[tuple[int, int, int] | None]:
+    """Each file's inode, size and modification time (None when it is missing)."""
+    found: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            found.append(None)
+        else:
+            found.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return found
 
 
 class StartupError(Exception):
@@ -89,6 +107,7 @@ class Conduit:
         except TLSFileError as exc:
             raise StartupError(str(exc)) from None
         self.tls = tls  # every TLS listener's context: reload_tls() loads the files into it
+        self._tls_loaded = _signatures(self.tls_files())  # what the files were when loaded
 
         def plain(on: bool, name: str, port: int, websocket: bool = False) -> list[Endpoint]:
             return [Endpoint(name, s.host, port, None, websocket)] if on else []
@@ -162,6 +181,35 @@ class Conduit:
             ports.update(a.ports)
         return ports
 
+    def tls_files(self) -> list[Path]:
+        """The TLS files in use (a change of one reloads them), as absolute resolved paths."""
+        s = self.settings
+        if self.tls is None:
+            return []
+        files = (s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_crl)
+        return [path.resolve() for path in files if path is not None]
+
+    async def watch_tls(self) -> None:
+        """Reload the TLS files when one of them changes (written, replaced or renamed over),
+        as SIGHUP does. watchfiles reports changes once writes settle (debounce); every
+        ``TLS_CHECK`` seconds the files' size and time are compared too, so a change made
+        before the watch was set up, or one the platform did not report, is not missed."""
+        paths = self.tls_files()
+        if not paths:
+            return
+        from watchfiles import awatch
+
+        directories = {path.parent for path in paths}
+        log.info("tls: reloading when these change: %s", ", ".join(map(str, sorted(paths))))
+        seen = self._tls_loaded  # a change made since the start counts
+        async for _ in awatch(
+            *directories, recursive=False, rust_timeout=TLS_CHECK * 1000, yield_on_timeout=True
+        ):
+            now = _signatures(paths)
+            if now != seen:
+                seen = now
+                self.reload_tls()
+
     def reload_tls(self) -> bool:
         """Load the TLS files again (SIGHUP): new handshakes use them, open connections keep
         what they have. A file that cannot serve is logged and the files in use stay."""
@@ -229,11 +277,13 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
+    watcher = asyncio.create_task(app.watch_tls(), name="conduit-tls-watch")
     ready = " ".join(f"{name}={port}" for name, port in app.endpoints.items())
     log.info("conduit ready: %s", ready)
     print(f"conduit ready: {ready}", flush=True)
     await stop.wait()
     log.info("shutting down")
+    watcher.cancel()
     await app.stop()
     log.info("stopped")
 

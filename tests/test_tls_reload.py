@@ -53,8 +53,8 @@ async def served_serial(port: int, pki: Path) -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
-async def until_serial(port: int, pki: Path, serial: int) -> None:
-    deadline = time.monotonic() + 10
+async def until_serial(port: int, pki: Path, serial: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
     while await served_serial(port, pki) != serial:
         assert time.monotonic() < deadline, "the new certificate is not served"
         await asyncio.sleep(0.1)
@@ -110,3 +110,29 @@ def test_sighup_reloads_the_certificate_and_the_crl(tmp_path: Path, pki: Path) -
         _, err = server.proc.communicate(timeout=20)
     assert "tls: certificate, key, client CA and CRL reloaded" in err
     assert "tls: not reloaded, the files in use stay: tls_cert" in err
+
+
+def test_a_changed_file_is_reloaded_without_a_signal(tmp_path: Path, pki: Path) -> None:
+    """The certificate renewed in place (written over, or renamed over as tools like certbot
+    do): served from the next handshake on, no SIGHUP."""
+    server = serve(tmp_path, pki)
+    port = server.ports["https"]
+    try:
+
+        async def flow() -> None:
+            ca = certs.load_ca(pki)
+            renewed = certs.issue_server(ca, ["localhost"])
+            (pki / "server.key").write_bytes(renewed.key_pem())
+            (pki / "server.pem").write_bytes(renewed.cert_pem())
+            # Written at once after the start: the periodic look finds it if the watch was late.
+            await until_serial(port, pki, renewed.certificate.serial_number, timeout=20)
+            again = certs.issue_server(ca, ["localhost"])
+            for name, data in (("server.key", again.key_pem()), ("server.pem", again.cert_pem())):
+                (pki / f"{name}.new").write_bytes(data)
+                (pki / f"{name}.new").rename(pki / name)
+            await until_serial(port, pki, again.certificate.serial_number)
+
+        asyncio.run(flow())
+    finally:
+        server.proc.kill()
+        server.proc.wait()
