@@ -5,6 +5,11 @@ with one subscriber attached (an SSE stream read by ``curl -N``). The anchor is
 ``../shared/bench/http_server.py``: aiohttp + orjson, no auth, no validation, no routing.
 
     .venv/bin/python bench/http_bench.py [--rounds 3] [--duration 10] [--loop uvloop|asyncio]
+                                         [--tls]
+
+``--tls``: HTTPS on both, with one server certificate made by Conduit's PKI tool (the anchor is
+the same handler behind aiohttp's TLS; wrk negotiates TLS 1.3 with each, keep-alive, so the
+handshakes are few and the figure is the cost of encrypted requests).
 
 Needs ``wrk`` (Debian package). Prints one line per run and the medians with the ratios.
 """
@@ -16,6 +21,10 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import (
     SHARED_BENCH,
@@ -26,6 +35,8 @@ from common import (
     wait_port,
     wrk_post_senml,
 )
+
+import certs
 
 
 def wrk(url: str, duration: int, server_pid: int, auth: str | None = None) -> dict[str, float]:
@@ -40,30 +51,60 @@ def wrk(url: str, duration: int, server_pid: int, auth: str | None = None) -> di
     }
 
 
-def anchor(duration: int, loop: str) -> dict[str, float]:
+# The anchor's handler behind aiohttp's TLS (argv: shared bench dir, port, cert, key, uvloop).
+ANCHOR_TLS = """
+import asyncio, ssl, sys
+sys.path.insert(0, sys.argv[1])
+import http_server
+from aiohttp import web
+if sys.argv[5] == "1":
+    import uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[3], sys.argv[4])
+app = web.Application()
+app.router.add_post("/senml", http_server.ingest)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None,
+            ssl_context=context)
+"""
+
+
+def anchor(duration: int, loop: str, tls: Path | None = None) -> dict[str, float]:
     port = free_port()
-    args = [sys.executable, str(SHARED_BENCH / "http_server.py"), "--port", str(port)]
-    if loop == "uvloop":
-        args.append("--uvloop")
+    if tls is None:
+        args = [sys.executable, str(SHARED_BENCH / "http_server.py"), "--port", str(port)]
+        if loop == "uvloop":
+            args.append("--uvloop")
+    else:
+        uv = "1" if loop == "uvloop" else "0"
+        args = [sys.executable, "-c", ANCHOR_TLS, str(SHARED_BENCH), str(port),
+                str(tls / "server.pem"), str(tls / "server.key"), uv]  # fmt: skip
     proc = subprocess.Popen(args)
     try:
         wait_port(port)
-        return wrk(f"http://127.0.0.1:{port}/senml", duration, proc.pid)
+        scheme = "https" if tls is not None else "http"
+        return wrk(f"{scheme}://127.0.0.1:{port}/senml", duration, proc.pid)
     finally:
         proc.terminate()
         proc.wait()
 
 
-def conduit(duration: int, loop: str, subscriber: str) -> dict[str, float]:
+def conduit(duration: int, loop: str, subscriber: str, tls: Path | None = None) -> dict[str, float]:
     port = free_port()
-    with ConduitProcess(extra=["--http-port", str(port), "--loop", loop]) as c:
-        base = f"http://127.0.0.1:{port}/{c.topic}"
+    extra = ["--http-port", str(port), "--loop", loop]
+    if tls is not None:
+        extra = ["--https-port", str(port), "--no-http-enabled", "--wss-port", "0",
+                 "--mqtts-port", "0", "--mqtt-wss-port", "0", "--loop", loop,
+                 "--tls-cert", str(tls / "server.pem"),
+                 "--tls-key", str(tls / "server.key")]  # fmt: skip
+    with ConduitProcess(extra=extra) as c:
+        base = f"{'https' if tls is not None else 'http'}://127.0.0.1:{port}/{c.topic}"
         sub = None
         if subscriber == "sse":
             sub = subprocess.Popen(
                 [
                     "curl",
-                    "-sN",
+                    "-sNk",
                     "-H",
                     "Accept: text/event-stream",
                     "-H",
@@ -92,16 +133,24 @@ def main() -> None:
         default="sse",
         help="sse: an SSE stream on the channel, read by curl -N (default); none: no subscriber",
     )
+    ap.add_argument("--tls", action="store_true", help="HTTPS on both (see the docstring)")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
+    tls = None
+    if args.tls:
+        tls = Path(tempfile.mkdtemp(prefix="http-bench-pki-"))
+        ca = certs.create_ca()
+        certs.write(tls / "pki", "ca", ca)
+        certs.write(tls / "pki", "server", certs.issue_server(ca, ["127.0.0.1"]))
+        tls = tls / "pki"
     runs: dict[str, list[dict[str, float]]] = {"anchor": [], "conduit": []}
     for i in range(args.rounds):
         for name in ("anchor", "conduit"):
             if name == "anchor":
-                r = anchor(args.duration, args.loop)
+                r = anchor(args.duration, args.loop, tls)
             else:
-                r = conduit(args.duration, args.loop, args.subscriber)
+                r = conduit(args.duration, args.loop, args.subscriber, tls)
             runs[name].append(r)
             print(
                 f"round {i + 1} {name:8} {r['rps']:9.0f} req/s  p99 {r['p99_ms']:6.2f} ms"
@@ -121,6 +170,7 @@ def main() -> None:
         json.dumps(
             {
                 "loop": args.loop,
+                "tls": args.tls,
                 "subscriber": args.subscriber,
                 "rounds": args.rounds,
                 "duration_s": args.duration,
