@@ -29,6 +29,7 @@ from typing import Literal, TypeAlias
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 KeyType = Literal["ec", "rsa2048", "rsa4096", "ed25519"]
@@ -164,7 +165,7 @@ def import_ca(cert_pem: bytes, key_pem: bytes) -> Issued:
 def _leaf(
     ca: Issued,
     subject: x509.Name,
-    public: object,
+    public: CertificatePublicKeyTypes,
     days: int,
     usage: x509.ObjectIdentifier,
     sans: list[x509.GeneralName] | None = None,
@@ -178,16 +179,13 @@ def _leaf(
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca.certificate.subject)
-        .public_key(public)  # type: ignore[arg-type]
+        .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(public),  # type: ignore[arg-type]
-            critical=False,
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
             critical=False,
@@ -230,7 +228,7 @@ def issue_client(
     if csr_pem is None:
         key: PrivateKey | None = new_key(key_type)
         assert key is not None
-        public: object = key.public_key()
+        public: CertificatePublicKeyTypes = key.public_key()
     else:
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
