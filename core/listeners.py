@@ -1,7 +1,7 @@
 """Where adapters listen: each serves a list of :class:`Endpoint` s, plain and TLS side by side
 (HTTP 8008 and HTTPS 8443, MQTT 1883 and MQTTS 8883, ...). The composition root builds them from
 the settings, with the TLS context of each; an adapter only binds them and reports the ports it
-got (:class:`Bound`). Core holds the type because every adapter and the composition root share
+got (:class:`Listening`). Core holds the type because every adapter and the composition root share
 it; nothing here opens a socket."""
 
 from __future__ import annotations
@@ -28,6 +28,25 @@ class Endpoint:
     def setting(self) -> str:
         """The environment variable that sets this endpoint's port."""
         return f"CONDUIT_{self.name.upper().replace('-', '_')}_PORT"
+
+
+class Listening:
+    """What an adapter reports of its endpoints: each one's name and port, the bound port once
+    started (port 0 takes a free one). The adapter sets ``endpoints`` and records each bound
+    port in ``_bound``."""
+
+    endpoints: list[Endpoint]
+    _bound: dict[str, int]
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Each endpoint's name and port (the bound one once started)."""
+        return {e.name: self._bound.get(e.name, e.port) for e in self.endpoints}
+
+    @property
+    def port(self) -> int:
+        """The first endpoint's port."""
+        return next(iter(self.ports.values()))
 
 
 def peer_certificate(transport: Any) -> bytes | None:

@@ -43,7 +43,7 @@ from core.errors import problem as problem_document
 from core.gateway import Gateway
 from core.identity import Identity
 from core.limits import ListenerLimits
-from core.listeners import Endpoint, peer_certificate, verifies_clients
+from core.listeners import Endpoint, Listening, peer_certificate, verifies_clients
 from core.message import Message, envelope_json
 from core.topics import parse_path, path_topic
 
@@ -135,7 +135,7 @@ def _event(message: Message) -> bytes:
     return envelope_json(message, b"event: message\ndata: ", b"\n\n")
 
 
-class HTTPAdapter:
+class HTTPAdapter(Listening):
     protocol = "http"
 
     def __init__(
@@ -160,16 +160,6 @@ class HTTPAdapter:
         self._bound: dict[str, int] = {}
         self._to_flush: list[EventStream] = []
         self._loop: asyncio.AbstractEventLoop  # set by start()
-
-    @property
-    def ports(self) -> dict[str, int]:
-        """Each endpoint's name and port (the bound one once started)."""
-        return {e.name: self._bound.get(e.name, e.port) for e in self.endpoints}
-
-    @property
-    def port(self) -> int:
-        """The first endpoint's port."""
-        return next(iter(self.ports.values()))
 
     # lifecycle
     async def start(self) -> None:

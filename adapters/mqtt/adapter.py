@@ -24,14 +24,14 @@ from adapters.mqtt.sessions import SessionRegistry
 from adapters.mqtt.ws import WebSocketConnection
 from core.content import OCTETS
 from core.gateway import Gateway
-from core.listeners import Endpoint, ListenError
+from core.listeners import Endpoint, ListenError, Listening
 
 log = logging.getLogger("conduit.mqtt")
 
 SWEEP_INTERVAL = 0.5  # seconds between keep-alive / CONNECT timeout checks
 
 
-class MQTTAdapter:
+class MQTTAdapter(Listening):
     """MQTT 3.1.1 and 5.0 over TCP and over WebSocket (path ``ws_path``, subprotocol ``mqtt``),
     plain or TLS, on every endpoint of ``endpoints`` (those marked ``websocket`` carry MQTT in
     WebSocket frames); without ``endpoints``, on ``port`` and ``ws_port`` (None: no WebSocket)
@@ -104,11 +104,6 @@ class MQTTAdapter:
         self._sweeper: asyncio.TimerHandle | None = None
 
     # What tests and operators read of a running adapter.
-    @property
-    def ports(self) -> dict[str, int]:
-        """Each endpoint's name and port (the bound one once started)."""
-        return {e.name: self._bound.get(e.name, e.port) for e in self.endpoints}
-
     @property
     def port(self) -> int:
         """The port of the first MQTT-over-TCP endpoint."""

@@ -75,7 +75,7 @@ from core.errors import (
 from core.gateway import Gateway
 from core.identity import Identity
 from core.limits import ListenerLimits
-from core.listeners import Endpoint, ListenError, peer_certificate, verifies_clients
+from core.listeners import Endpoint, ListenError, Listening, peer_certificate, verifies_clients
 from core.noise import redact
 from core.topics import Topic, TopicFilter, parse_filter, parse_path
 
@@ -226,7 +226,7 @@ class Dashboard:
         return Response(200, "OK", headers, self.body)
 
 
-class WSAdapter:
+class WSAdapter(Listening):
     """The WebSocket listener. ``port`` is the bound port once started (when 0 was given)."""
 
     protocol = "ws"
@@ -276,16 +276,6 @@ class WSAdapter:
         self._stopping = False
         self._uncounted = 0
         self._count_scheduled = False
-
-    @property
-    def ports(self) -> dict[str, int]:
-        """Each endpoint's name and port (the bound one once started)."""
-        return {e.name: self._bound.get(e.name, e.port) for e in self.endpoints}
-
-    @property
-    def port(self) -> int:
-        """The first endpoint's port."""
-        return next(iter(self.ports.values()))
 
     # lifecycle
     async def start(self) -> None:
@@ -371,9 +361,7 @@ class WSAdapter:
                 raise AuthenticationError("more than one Authorization header")
             value = headers[0] if headers else _first(query, "authorization")
             der = peer_certificate(connection.transport) if self._mtls else None
-            credentials = (
-                from_authorization(value) if der is None else with_certificate(value, der)
-            )
+            credentials = from_authorization(value) if der is None else with_certificate(value, der)
             identity = await gateway.authenticate(credentials)
             session = await self._session(identity, parse_path(path), query)
         except ConduitError as exc:
