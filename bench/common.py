@@ -37,6 +37,15 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def instructions(out: Path) -> int:
+    """The total instruction count of a callgrind output file, which is then removed."""
+    for line in out.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            out.unlink()
+            return int(line.split()[1])
+    raise RuntimeError(f"no total in {out}")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:

@@ -33,7 +33,14 @@ import threading
 import time
 from pathlib import Path
 
-from common import SHARED_BENCH, ConduitProcess, free_port, wait_port, wrk_post_senml
+from common import (
+    SHARED_BENCH,
+    ConduitProcess,
+    free_port,
+    instructions,
+    wait_port,
+    wrk_post_senml,
+)
 
 BODY = (
     (SHARED_BENCH / "post_senml.lua").read_text().split("wrk.body = '")[1].split("'\n")[0].encode()
@@ -67,15 +74,6 @@ def drive(port: int, path: str, auth: str | None, amount: int, use_wrk: bool) ->
         return amount
     summary = wrk_post_senml(f"http://127.0.0.1:{port}{path}", amount, threads=1, auth=auth)
     return int(summary["requests"])
-
-
-def instructions(out: Path) -> int:
-    """The total instruction count of a callgrind output file, which is then removed."""
-    for line in out.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            out.unlink()
-            return int(line.split()[1])
-    raise RuntimeError(f"no total in {out}")
 
 
 def callgrind(out: Path) -> list[str]:

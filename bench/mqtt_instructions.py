@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import SHARED_BENCH, ConduitProcess, free_port, wait_port
+from common import SHARED_BENCH, ConduitProcess, free_port, instructions, wait_port
 
 PAYLOAD = (
     b'[{"bn":"urn:dev:mac:0024befffe804ff1:","n":"temperature",'
@@ -126,15 +126,6 @@ def run(port: int, user: str | None, password: str | None, topic: str, n: int, b
     send(n)
     pub.close()
     sub.close()
-
-
-def instructions(out: Path) -> int:
-    """The total instruction count of a callgrind output file, which is then removed."""
-    for line in out.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            out.unlink()
-            return int(line.split()[1])
-    raise RuntimeError(f"no total in {out}")
 
 
 def callgrind(out: Path) -> list[str]:

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from core.auth import Expiring
-from core.auth.secrets import hash_secret
+from core.auth.secrets import client_identity, hash_secret
 from core.credentials import Credentials, Kind
 from core.errors import AuthenticationError
 from core.identity import Identity
@@ -77,11 +77,7 @@ class Certificates:
             client = await self.store.client_by_secret(hash_secret(cn))
         else:
             client = await self.store.client_by_id(cn)
-        found = (
-            Identity(client.id, client.domain, client.name)
-            if client is not None and client.enabled
-            else None
-        )
+        found = client_identity(client)
         self._identities.put(hashlib.sha256(der).digest(), found)
         return _found(found)
 

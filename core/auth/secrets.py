@@ -15,7 +15,7 @@ from core.auth import Expiring
 from core.credentials import Credentials, Kind
 from core.errors import AuthenticationError
 from core.identity import Identity
-from core.store import Store
+from core.store import Client, Store
 
 
 def new_secret() -> str:
@@ -57,13 +57,16 @@ class StoredSecrets:
     async def identify(self, credentials: Credentials, kind: Kind) -> Identity | None:
         assert credentials.secret is not None
         client = await self.store.client_by_secret(hash_secret(credentials.secret))
-        found = (
-            Identity(client.id, client.domain, client.name)
-            if client is not None and client.enabled
-            else None
-        )
+        found = client_identity(client)
         self._identities.put(_cache_key(credentials.secret), found)
         return _found(found)
+
+
+def client_identity(client: Client | None) -> Identity | None:
+    """The identity of a stored client, None unless it exists and is enabled."""
+    if client is None or not client.enabled:
+        return None
+    return Identity(client.id, client.domain, client.name)
 
 
 def _found(identity: Identity | None) -> Identity:
