@@ -12,9 +12,9 @@ A PKI lives in a directory: ``ca.pem`` and ``ca.key`` (the CA), and what was iss
   signed and no key leaves the client.
 
 Keys are ECDSA P-256 by default; RSA 2048 or 4096 and Ed25519 on request. Serial numbers are
-random (RFC 5280 section 4.1.2.2). :func:`revoke` lists serials in the directory's
-``revoked.txt`` and writes its CRL (``crl.pem``, :func:`write_crl`), which ``tls_crl`` serves;
-the store's record of what was issued and revoked comes with the rest of issue 14.
+random (RFC 5280 section 4.1.2.2). :func:`make_crl` signs a CRL. What the CA issued and
+revoked is recorded in the store by :class:`certs.authority.Authority`, which the CLI and the
+management API share.
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ CLIENT_DAYS = 2 * 365
 BACKDATE = datetime.timedelta(minutes=5)
 
 
-class PKIError(Exception):
+class PKIError(ValueError):
     """What the tool cannot do as asked; the message says why."""
+
+
+class NoCA(PKIError):
+    """The PKI directory holds no CA (yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +83,8 @@ def new_key(key_type: KeyType = "ec") -> PrivateKey:
     raise PKIError(f"unknown key type {key_type!r}: one of {', '.join(KEY_TYPES)}")
 
 
-def _hash(key: PrivateKey) -> hashes.SHA256 | None:
+def signing_hash(key: PrivateKey) -> hashes.SHA256 | None:
+    """The digest a key signs with (Ed25519 has its own: None)."""
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
@@ -128,7 +133,7 @@ def create_ca(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .sign(key, _hash(key))
+        .sign(key, signing_hash(key))
     )
     return Issued(cert, key)
 
@@ -193,7 +198,7 @@ def _leaf(
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(ca.key, _hash(ca.key))
+    return builder.sign(ca.key, signing_hash(ca.key))
 
 
 def issue_server(
@@ -278,13 +283,13 @@ def load_ca(directory: Path) -> Issued:
     """The CA of a PKI directory (``ca.pem``, ``ca.key``)."""
     cert, key = directory / "ca.pem", directory / "ca.key"
     if not cert.exists() or not key.exists():
-        raise PKIError(f"no CA in {directory}: run `conduit certs ca --dir {directory}` first")
+        raise NoCA(f"no CA in {directory}: make one with `conduit certs ca --dir {directory}`")
     return import_ca(cert.read_bytes(), key.read_bytes())
 
 
 # --- revocation ---------------------------------------------------------------------------------
 
-CRL_DAYS = 7  # a CRL's nextUpdate: made again (conduit certs crl) before it passes
+CRL_DAYS = 7  # a CRL's nextUpdate: `conduit serve` makes it again every day
 
 
 def make_crl(ca: Issued, revoked: dict[int, datetime.datetime], days: int = CRL_DAYS) -> bytes:
@@ -302,42 +307,5 @@ def make_crl(ca: Issued, revoked: dict[int, datetime.datetime], days: int = CRL_
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
         )
-    crl = builder.sign(ca.key, _hash(ca.key))
+    crl = builder.sign(ca.key, signing_hash(ca.key))
     return crl.public_bytes(serialization.Encoding.PEM)
-
-
-def revoked(directory: Path) -> dict[int, datetime.datetime]:
-    """The serials revoked in a PKI directory (``revoked.txt``: one ``<serial hex> <ISO time>``
-    per line), the file the CRL is made from."""
-    path = directory / "revoked.txt"
-    if not path.exists():
-        return {}
-    found = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            serial, when = line.split()
-            found[int(serial, 16)] = datetime.datetime.fromisoformat(when)
-    return found
-
-
-def revoke(directory: Path, serials: list[int]) -> Path:
-    """Revoke certificates of this PKI by serial and write the CRL again (``crl.pem``)."""
-    ca = load_ca(directory)
-    listed = revoked(directory)
-    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-    for serial in serials:
-        listed.setdefault(serial, now)
-    (directory / "revoked.txt").write_text(
-        "".join(f"{serial:x} {when.isoformat()}\n" for serial, when in sorted(listed.items()))
-    )
-    return write_crl(directory, ca, listed)
-
-
-def write_crl(
-    directory: Path, ca: Issued | None = None, listed: dict[int, datetime.datetime] | None = None
-) -> Path:
-    """``crl.pem`` of this PKI, made now (``tls_crl`` of `conduit serve`)."""
-    ca = ca or load_ca(directory)
-    path = directory / "crl.pem"
-    path.write_bytes(make_crl(ca, revoked(directory) if listed is None else listed))
-    return path

@@ -2,17 +2,22 @@
 
 It listens on its own address (127.0.0.1 by default) and every provisioning route requires the
 admin key as ``Authorization: Bearer <key>``. ``/health``, ``/metrics`` and ``/openapi.json``
-are open, for probes and scrapers on the same host. The routes are described in ``conduit.openapi``.
+are open, for probes and scrapers on the same host, and so are the public parts of Conduit's CA
+under ``/pki/`` (its certificate, its CRL and its OCSP responder), for relying parties. The
+routes are described in ``conduit.openapi``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import os
 import secrets
+import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from aiohttp import web
@@ -30,6 +35,13 @@ from core.gateway import Gateway
 from core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from core.provisioning import InvalidRequest
 from core.store import Conflict, NotFound, StoreError
+
+if TYPE_CHECKING:
+    from certs.authority import Authority
+
+OPEN_ROUTES = ("/health", "/metrics", "/openapi.json")
+OPEN_PREFIX = "/pki/"  # the CA's certificate, CRL and OCSP responder: public by nature
+MAX_OCSP_REQUEST = 16384  # bytes of an OCSP request (one is a few hundred)
 
 MIN_ADMIN_KEY = 32
 """Characters an admin key must have at least (a generated one has 43: 256 random bits)."""
@@ -83,11 +95,22 @@ def _default(obj: Any) -> Any:
 
 
 class ManagementAPI:
-    def __init__(self, gateway: Gateway, key: str, *, body_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        key: str,
+        *,
+        body_timeout: float = 30.0,
+        pki: Path | None = None,
+        mtls_identity: Literal["client_id", "secret"] = "client_id",
+    ) -> None:
         self.gateway = gateway
         self.body_timeout = body_timeout
         self.prov = gateway.provisioning
         self._key = key.encode()
+        self._pki = pki
+        self._mtls_identity = mtls_identity
+        self._authority: Authority | None = None
         app = web.Application(middlewares=[self._errors])
         r = app.router
         r.add_get("/health", self.health)
@@ -111,11 +134,39 @@ class ManagementAPI:
         r.add_post("/domains/{domain}/connections", self.connect)
         r.add_get("/domains/{domain}/connections", self.list_connections)
         r.add_delete("/domains/{domain}/connections/{client}/{channel}", self.disconnect)
+        r.add_post("/domains/{domain}/clients/{client}/certs", self.issue_certificate)
+        r.add_get("/domains/{domain}/clients/{client}/certs", self.client_certificates)
+        r.add_delete("/domains/{domain}/clients/{client}/certs", self.revoke_client_certificates)
+        r.add_get("/certs", self.list_certificates)
+        r.add_get("/certs/{serial}", self.get_certificate)
+        r.add_delete("/certs/{serial}", self.revoke_certificate)
+        r.add_get("/pki/ca.pem", self.ca_certificate)
+        r.add_get("/pki/crl.pem", self.crl)
+        r.add_post("/pki/ocsp", self.ocsp)
+        r.add_get("/pki/ocsp/{request:.+}", self.ocsp)
         self.app = app
+
+    @property
+    def authority(self) -> Authority:
+        """Conduit's CA with the store's record (made at first use: ``cryptography`` is loaded
+        only by a deployment that uses it)."""
+        if self._authority is None:
+            from certs import NoCA
+            from certs.authority import Authority
+
+            if self._pki is None:
+                raise NoCA("this server has no PKI directory (pki_dir)")
+            self._authority = Authority(
+                self.gateway.store,
+                self._pki,
+                mode=self._mtls_identity,
+                announce=self.gateway.bus.announce,
+            )
+        return self._authority
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path not in ("/health", "/metrics", "/openapi.json"):
+        if request.path not in OPEN_ROUTES and not request.path.startswith(OPEN_PREFIX):
             given = request.headers.get("Authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -133,6 +184,14 @@ class ManagementAPI:
             return _problem(409, "Conflict", str(exc))
         except (InvalidRequest, StoreError) as exc:
             return _problem(400, "Invalid request", str(exc))
+        except ValueError as exc:  # certs.PKIError: a CSR, key type or secret refused; no CA
+            from certs import NoCA, PKIError
+
+            if isinstance(exc, NoCA):
+                return _problem(404, "Not found", str(exc))
+            if isinstance(exc, PKIError):
+                return _problem(400, "Invalid request", str(exc))
+            raise
         except ConduitError as exc:  # the store or the bus is unavailable; a body too slow
             status = exc.condition.answer.http
             answer = web.Response(
@@ -272,3 +331,95 @@ class ManagementAPI:
         m = request.match_info
         await self.prov.disconnect(m["domain"], m["client"], m["channel"])
         return web.Response(status=204)
+
+    # certificates of Conduit's CA
+    async def issue_certificate(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        options = {k: body[k] for k in ("key_type", "days", "csr", "secret") if k in body}
+        for name in ("key_type", "csr", "secret"):
+            if name in options and not isinstance(options[name], str):
+                raise InvalidRequest(f"{name!r} must be a string")
+        days = options.get("days", 730)
+        if not isinstance(days, int) or isinstance(days, bool) or days <= 0:
+            raise InvalidRequest("'days' must be a positive integer")
+        key_type = options.get("key_type", "ec")
+        if key_type not in ("ec", "rsa2048", "rsa4096", "ed25519"):
+            raise InvalidRequest("'key_type' is one of ec, rsa2048, rsa4096, ed25519")
+        csr = options.get("csr")
+        m = request.match_info
+        issued, record = await self.authority.issue_client(
+            m["domain"],
+            m["client"],
+            secret=options.get("secret"),
+            key_type=key_type,
+            days=days,
+            csr_pem=csr.encode() if csr is not None else None,
+        )
+        answer = {**_default(record), "pem": issued.cert_pem().decode()}
+        if issued.key is not None:
+            answer["key"] = issued.key_pem().decode()
+        answer["ca"] = self.authority.ca.cert_pem().decode()
+        return _json(answer, 201)
+
+    async def client_certificates(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        client = await self.prov.get_client(m["domain"], m["client"])
+        return _json(await self.gateway.store.list_certificates(client.domain, client.id))
+
+    async def revoke_client_certificates(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        return _json({"revoked": await self.authority.revoke_client(m["domain"], m["client"])})
+
+    async def list_certificates(self, request: web.Request) -> web.Response:
+        q = request.query
+        return _json(await self.gateway.store.list_certificates(q.get("domain"), q.get("client")))
+
+    async def get_certificate(self, request: web.Request) -> web.Response:
+        return _json(await self.gateway.store.get_certificate(_serial(request)))
+
+    async def revoke_certificate(self, request: web.Request) -> web.Response:
+        serial = _serial(request)
+        await self.authority.revoke([serial])
+        return _json(await self.gateway.store.get_certificate(serial))
+
+    async def ca_certificate(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.authority.ca.cert_pem(), content_type="application/x-pem-file"
+        )
+
+    async def crl(self, request: web.Request) -> web.Response:
+        resp = web.Response(body=await self.authority.crl(), content_type="application/x-pem-file")
+        resp.headers["Cache-Control"] = "no-cache"
+        return resp
+
+    async def ocsp(self, request: web.Request) -> web.Response:
+        """RFC 6960 appendix A: a DER request in a POST body, or base64 (URL-encoded) in the
+        path of a GET."""
+        if request.method == "POST":
+            if request.content_length is not None and request.content_length > MAX_OCSP_REQUEST:
+                raise InvalidRequest(f"an OCSP request is at most {MAX_OCSP_REQUEST} bytes")
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    der = await request.content.read(MAX_OCSP_REQUEST + 1)
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"the body did not arrive within {self.body_timeout:g} s"
+                ) from None
+            if len(der) > MAX_OCSP_REQUEST:
+                raise InvalidRequest(f"an OCSP request is at most {MAX_OCSP_REQUEST} bytes")
+        else:
+            raw = urllib.parse.unquote(request.match_info["request"])
+            try:
+                der = base64.b64decode(raw, validate=True)
+            except (binascii.Error, ValueError):
+                der = b""  # answered as a malformed request, as the RFC asks
+        answer = await self.authority.ocsp(der)
+        return web.Response(body=answer, content_type="application/ocsp-response")
+
+
+def _serial(request: web.Request) -> str:
+    serial = request.match_info["serial"].lower()
+    try:
+        return f"{int(serial, 16):x}"
+    except ValueError:
+        raise InvalidRequest(f"serial {serial!r} is not hexadecimal") from None

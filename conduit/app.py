@@ -52,6 +52,11 @@ class Adapter(Protocol):
 # Seconds between two looks at the TLS files besides the change events (see watch_tls).
 TLS_CHECK = 5
 
+# Seconds between two writings of the CRL of Conduit's CA (it is valid 7 days), and after a
+# failed one.
+CRL_EVERY = 24 * 3600
+CRL_RETRY = 60
+
 # Allocations between two young collections (CPython's default: 700).
 GC_THRESHOLD = 20_000
 
@@ -115,10 +120,17 @@ class Conduit:
         def secure(name: str, port: int, websocket: bool = False) -> list[Endpoint]:
             return [Endpoint(name, s.host, port, tls, websocket)] if tls is not None else []
 
+        self.management = ManagementAPI(
+            self.gateway,
+            key,
+            body_timeout=s.body_timeout,
+            pki=s.pki,
+            mtls_identity=s.mtls_identity,
+        )
         self.api = Listener(
             self.gateway,
             "api",
-            ManagementAPI(self.gateway, key, body_timeout=s.body_timeout).app,
+            self.management.app,
             Endpoint("api", s.api_host, s.api_port),
             limits=s.listener_limits(s.api_max_connections),
         )
@@ -210,6 +222,25 @@ class Conduit:
                 seen = now
                 self.reload_tls()
 
+    async def keep_crl(self) -> None:
+        """With a CA in ``pki_dir``: its CRL made again now and every day, from the store's
+        record, well before its nextUpdate (7 days) passes and TLS stacks refuse it."""
+        if not (self.settings.pki / "ca.key").exists():
+            return
+        authority = self.management.authority
+        imported = await authority.import_revoked_txt()
+        if imported:
+            log.info("pki: %d revocations imported from revoked.txt into the store", imported)
+        while True:
+            try:
+                path = await authority.write_crl()
+                log.info("pki: CRL written: %s", path)
+            except Exception as exc:  # the store is down, the disk full: try again soon
+                log.error("pki: CRL not written: %s", exc)
+                await asyncio.sleep(CRL_RETRY)
+                continue
+            await asyncio.sleep(CRL_EVERY)
+
     def reload_tls(self) -> bool:
         """Load the TLS files again (SIGHUP): new handshakes use them, open connections keep
         what they have. A file that cannot serve is logged and the files in use stay."""
@@ -278,12 +309,14 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
     watcher = asyncio.create_task(app.watch_tls(), name="conduit-tls-watch")
+    crl = asyncio.create_task(app.keep_crl(), name="conduit-crl")
     ready = " ".join(f"{name}={port}" for name, port in app.endpoints.items())
     log.info("conduit ready: %s", ready)
     print(f"conduit ready: {ready}", flush=True)
     await stop.wait()
     log.info("shutting down")
     watcher.cancel()
+    crl.cancel()
     await app.stop()
     log.info("stopped")
 

@@ -86,6 +86,68 @@ SCHEMAS: dict[str, Any] = {
             "subscribe": {"type": "boolean"},
         },
     },
+    "CertificateRequest": {
+        "type": "object",
+        "description": "Every field is optional",
+        "properties": {
+            "key_type": {
+                "type": "string",
+                "enum": ["ec", "rsa2048", "rsa4096", "ed25519"],
+                "default": "ec",
+            },
+            "days": {"type": "integer", "minimum": 1, "default": 730},
+            "csr": {
+                "type": "string",
+                "description": "A PEM CSR to sign instead of making a key; its subject is not used",
+            },
+            "secret": {
+                "type": "string",
+                "description": "The client's secret: required with"
+                " mtls_identity = secret, where it is the CN",
+            },
+        },
+    },
+    "IssuedCertificate": {
+        "type": "object",
+        "properties": {
+            "serial": {"type": "string", "description": "Lowercase hexadecimal"},
+            "kind": {"type": "string", "enum": ["client", "server"]},
+            "common_name": _str,
+            "domain": {"type": ["string", "null"]},
+            "client_id": {"type": ["string", "null"]},
+            "not_before": {"type": "number"},
+            "not_after": {"type": "number"},
+            "issued": {"type": "number"},
+            "revoked": {"type": ["number", "null"], "description": "When; null while good"},
+            "pem": {"type": "string", "description": "Empty with mtls_identity = secret"},
+        },
+    },
+    "IssuedCertificateWithKey": {
+        "allOf": [
+            {"$ref": "#/components/schemas/IssuedCertificate"},
+            {
+                "type": "object",
+                "properties": {
+                    "key": {
+                        "type": "string",
+                        "description": "PEM private key, shown once and not kept (absent for"
+                        " a CSR)",
+                    },
+                    "ca": {"type": "string", "description": "PEM certificate of the CA"},
+                },
+            },
+        ],
+    },
+    "Revoked": {
+        "type": "object",
+        "properties": {
+            "revoked": {
+                "type": "array",
+                "items": _str,
+                "description": "Serials revoked by this call (not those revoked before)",
+            }
+        },
+    },
     "Health": {
         "type": "object",
         "properties": {"status": _str, "store": _str, "bus": _str},
@@ -155,9 +217,66 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, int, str | None]] = {
         204,
         None,
     ),
+    ("post", "/domains/{domain}/clients/{client}/certs"): (
+        "Issue a client certificate (or sign a CSR) from Conduit's CA; the key is shown once",
+        "CertificateRequest",
+        201,
+        "IssuedCertificateWithKey",
+    ),
+    ("get", "/domains/{domain}/clients/{client}/certs"): (
+        "List a client's certificates",
+        None,
+        200,
+        "IssuedCertificate[]",
+    ),
+    ("delete", "/domains/{domain}/clients/{client}/certs"): (
+        "Revoke every certificate of a client; its connections made with them end",
+        None,
+        200,
+        "Revoked",
+    ),
+    ("get", "/certs"): (
+        "List the certificates Conduit's CA issued, optionally of a domain or client",
+        None,
+        200,
+        "IssuedCertificate[]",
+    ),
+    ("get", "/certs/{serial}"): (
+        "Show a certificate (serial in hex)",
+        None,
+        200,
+        "IssuedCertificate",
+    ),
+    ("delete", "/certs/{serial}"): (
+        "Revoke a certificate; the CRL is made again and its connections end",
+        None,
+        200,
+        "IssuedCertificate",
+    ),
+    ("get", "/pki/ca.pem"): ("The CA certificate (PEM)", None, 200, "pem"),
+    ("get", "/pki/crl.pem"): ("The CRL, signed now (PEM)", None, 200, "pem"),
+    ("post", "/pki/ocsp"): ("OCSP (RFC 6960), a DER request in the body", "ocsp", 200, "ocsp"),
+    ("get", "/pki/ocsp/{request}"): (
+        "OCSP (RFC 6960), a base64 DER request in the path (URL-encoded)",
+        None,
+        200,
+        "ocsp",
+    ),
 }
 
 _OPEN = {"/health", "/metrics", "/openapi.json"}
+_OPEN_PREFIX = "/pki/"
+# Bodies that are not JSON, by their OPERATIONS name.
+_MEDIA = {
+    "pem": ("application/x-pem-file", {"type": "string"}),
+    "ocsp": ("application/ocsp-response", {"type": "string", "format": "binary"}),
+}
+_MEDIA_REQUEST = {"ocsp": ("application/ocsp-request", {"type": "string", "format": "binary"})}
+# Query parameters, all optional strings.
+_QUERY = {
+    ("get", "/domains/{domain}/connections"): ("client", "channel"),
+    ("get", "/certs"): ("domain", "client"),
+}
 
 
 def _schema(name: str) -> dict[str, Any]:
@@ -178,29 +297,37 @@ def spec() -> dict[str, Any]:
     for (method, path), (summary, request, status, response) in OPERATIONS.items():
         op: dict[str, Any] = {"summary": summary, "responses": {}}
         params = [p.strip("{}") for p in path.split("/") if p.startswith("{")]
-        if params:
-            op["parameters"] = [
-                {"name": p, "in": "path", "required": True, "schema": _str} for p in params
-            ]
-        if path == "/domains/{domain}/connections" and method == "get":
-            op["parameters"] += [
-                {"name": q, "in": "query", "required": False, "schema": _str}
-                for q in ("client", "channel")
-            ]
-        if request:
+        parameters = [{"name": p, "in": "path", "required": True, "schema": _str} for p in params]
+        parameters += [
+            {"name": q, "in": "query", "required": False, "schema": _str}
+            for q in _QUERY.get((method, path), ())
+        ]
+        if parameters:
+            op["parameters"] = parameters
+        if request in _MEDIA_REQUEST:
+            media, schema = _MEDIA_REQUEST[request]
+            op["requestBody"] = {"required": True, "content": {media: {"schema": schema}}}
+        elif request:
             op["requestBody"] = {
-                "required": True,
+                "required": request != "CertificateRequest",
                 "content": {"application/json": {"schema": _schema(request)}},
             }
         ok: dict[str, Any] = {"description": "Success"}
-        if response:
+        if response in _MEDIA:
+            media, schema = _MEDIA[response]
+            ok["content"] = {media: {"schema": schema}}
+        elif response:
             ok["content"] = {"application/json": {"schema": _schema(response)}}
         op["responses"][str(status)] = ok
-        if path not in _OPEN:
+        if path.startswith(_OPEN_PREFIX):
+            op["responses"]["404"] = _problem("No CA in pki_dir")
+        if path not in _OPEN and not path.startswith(_OPEN_PREFIX):
             op["security"] = [{"adminKey": []}]
             op["responses"]["401"] = _problem("Missing or wrong admin key")
-            op["responses"]["404"] = _problem("No such domain, client, channel or connection")
-        if request:
+            op["responses"]["404"] = _problem(
+                "No such domain, client, channel, connection or certificate; no CA in pki_dir"
+            )
+        if request and request not in _MEDIA_REQUEST:
             op["responses"]["400"] = _problem("Invalid request body or name")
             op["responses"]["408"] = _problem("The body did not arrive within body_timeout")
         if method == "post" and status == 201:
@@ -214,7 +341,8 @@ def spec() -> dict[str, Any]:
         "info": {
             "title": "Conduit management API",
             "version": "1",
-            "description": "Provisioning of domains, clients, channels and connections.",
+            "description": "Provisioning of domains, clients, channels and connections;"
+            " the certificates of Conduit's CA, its CRL and its OCSP responder.",
         },
         "paths": paths,
         "components": {

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         description="What a client certificate's CN is: the client's id, or its secret"
         " (Magistrala's convention); matched exactly",
     )
+    pki_dir: Path | None = Field(
+        None,
+        description="Directory of Conduit's CA (ca.pem, ca.key, crl.pem) for `conduit certs` and"
+        " the certificate routes of the management API; default <data_dir>/pki",
+    )
     https_port: int = Field(8443, ge=0, le=65535, description="HTTPS port")
     wss_port: int = Field(8187, ge=0, le=65535, description="WebSocket over TLS port")
     mqtts_port: int = Field(8883, ge=0, le=65535, description="MQTT over TLS port")
@@ -192,6 +197,10 @@ class Settings(BaseSettings):
     @property
     def database(self) -> Path:
         return self.sqlite_path or self.data_dir / "conduit.db"
+
+    @property
+    def pki(self) -> Path:
+        return self.pki_dir or self.data_dir / "pki"
 
     @classmethod
     def load(cls, config: Path | None = None, **overrides: Any) -> Settings:

@@ -44,6 +44,8 @@ REVOKED = "authorization revoked"
 CLIENT_REVOKED = "client disabled or deleted"
 # The reason a connection or subscription is ended with when its identity expires.
 EXPIRED = "credentials expired"
+# The reason given to connections whose client certificate was revoked.
+CERTIFICATE_REVOKED = "certificate revoked"
 
 # Topics repeat: parse each once.
 _topic = functools.lru_cache(maxsize=TOPIC_CACHE)(parse_topic)
@@ -407,11 +409,15 @@ class Gateway:
 
     async def revalidate(self) -> None:
         """Close subscriptions whose client lost the right to them, and tell open connections
-        whose client was disabled or deleted."""
+        whose client was disabled or deleted, or whose client certificate was revoked."""
         try:
+            revoked = await self._revoked_certificates()
             for sub in list(self._subs):
                 identity = sub.identity
                 assert isinstance(identity, Identity)
+                if identity.certificate in revoked:
+                    await self.unsubscribe(sub, CERTIFICATE_REVOKED)
+                    continue
                 try:
                     await self._authorize(identity, sub.filter, "subscribe")
                 except UnavailableError:
@@ -420,6 +426,10 @@ class Gateway:
                     await self.unsubscribe(sub, REVOKED)
             gone: dict[str, bool] = {}
             for token, (identity, on_revoked) in list(self._connections.items()):
+                if identity.certificate in revoked:
+                    if self._connections.pop(token, None) is not None:
+                        on_revoked(CERTIFICATE_REVOKED)
+                    continue
                 if identity.rules is not None:
                     continue  # its rights are its own, until it expires
                 if identity.client_id not in gone:
@@ -428,6 +438,20 @@ class Gateway:
                     on_revoked(CLIENT_REVOKED)
         except UnavailableError:  # the store is down: keep serving what was allowed
             log.warning("cannot recheck subscriptions and connections: store unavailable")
+
+    async def _revoked_certificates(self) -> set[str | None]:
+        """The serials of the client certificates in use (by connections and subscriptions)
+        that the store records as revoked."""
+        identities = [identity for identity, _ in self._connections.values()]
+        identities += [sub.identity for sub in self._subs if isinstance(sub.identity, Identity)]
+        serials = {i.certificate for i in identities if i.certificate is not None}
+        if not serials:
+            return set()
+        try:
+            found = await self.store.revoked_certificates(serials)
+        except Exception as exc:
+            raise UnavailableError(f"store: {exc}") from exc
+        return set(found)
 
     async def _client_enabled(self, identity: Identity) -> bool:
         try:

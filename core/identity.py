@@ -10,7 +10,8 @@ Its rights come from one of two places:
   token holders, whose rights were fixed when the token was issued.
 
 An identity may have an expiry (``expires``, seconds since the epoch): from then on it is cut
-off, on every protocol, as a disabled client is.
+off, on every protocol, as a disabled client is. One proven by a client certificate names it
+(``certificate``, its serial in hex): when that certificate is revoked, it is cut off too.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ class Rules(msgspec.Struct, frozen=True, gc=False):
 
 class Identity(msgspec.Struct, frozen=True, gc=False):
     """An authenticated client: its id, domain and name; ``rules`` when its rights are its own
-    (not the store's connections); ``expires`` when it ends (seconds since the epoch)."""
+    (not the store's connections); ``expires`` when it ends (seconds since the epoch);
+    ``certificate`` the serial (hex) of the client certificate that proved it."""
 
     client_id: str
     domain: str
     name: str
     rules: Rules | None = None
     expires: float | None = None
+    certificate: str | None = None

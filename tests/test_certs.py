@@ -24,6 +24,13 @@ from conduit.cli import main
 from tests.test_serve import start
 
 
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The store `conduit certs` records in (CONDUIT_DATA_DIR), one per test."""
+    monkeypatch.setenv("CONDUIT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
 def run(*args: str) -> str:
     result = CliRunner().invoke(main, ["certs", *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -6,6 +6,7 @@ stay."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import signal
 import ssl
 import time
@@ -26,7 +27,7 @@ def pki(tmp_path: Path) -> Path:
     certs.write(directory, "ca", ca)
     certs.write(directory, "server", certs.issue_server(ca, ["localhost"]))
     certs.write(directory, "dev", certs.issue_client(ca, "dev"))
-    certs.write_crl(directory)
+    (directory / "crl.pem").write_bytes(certs.make_crl(ca, {}))
     return directory
 
 
@@ -87,7 +88,10 @@ def test_sighup_reloads_the_certificate_and_the_crl(tmp_path: Path, pki: Path) -
             # Revoke the client certificate: refused after the next SIGHUP, not before.
             assert await health(port, context(pki, "dev")) == 200
             dev = x509.load_pem_x509_certificate((pki / "dev.pem").read_bytes())
-            certs.revoke(pki, [dev.serial_number])
+            now = datetime.datetime.now(datetime.UTC)
+            (pki / "crl.pem").write_bytes(
+                certs.make_crl(certs.load_ca(pki), {dev.serial_number: now})
+            )
             server.proc.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 10
             while True:

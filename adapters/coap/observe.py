@@ -44,11 +44,15 @@ from aiocoap.pipe import Pipe
 
 from adapters.coap.formats import content_format
 from core.bus import Subscription, SubscriptionClosed
-from core.gateway import EXPIRED, REVOKED, Gateway
+from core.gateway import CERTIFICATE_REVOKED, EXPIRED, REVOKED, Gateway
 from core.message import Message
 
 # The last notification of an observation the server ends, by the reason it ends.
-_ENDINGS = {REVOKED: Code.FORBIDDEN, EXPIRED: Code.UNAUTHORIZED}
+_ENDINGS = {
+    REVOKED: Code.FORBIDDEN,
+    EXPIRED: Code.UNAUTHORIZED,
+    CERTIFICATE_REVOKED: Code.UNAUTHORIZED,
+}
 
 log = logging.getLogger("conduit.coap")
 

@@ -9,9 +9,11 @@ suffix of the password). Two modes (``mtls_identity``):
 - ``client_id`` (the default): the CN is the client's id;
 - ``secret``: the CN is the client's secret, as Magistrala's certificates carry it.
 
-A certificate of an unknown or disabled client, or one without exactly one CN, is bad
-credentials. Answers are cached with a TTL under the certificate's SHA-256 digest; every
-provisioning change clears them.
+A certificate of an unknown or disabled client, one without exactly one CN, or one the store
+records as revoked (Conduit's own CA, :mod:`certs.authority`; the CRL refuses it earlier when
+``tls_crl`` names Conduit's CRL) is bad credentials. The identity carries the certificate's
+serial, so that a revocation ends the connections it opened. Answers are cached with a TTL
+under the certificate's SHA-256 digest; every provisioning change and revocation clears them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
+import msgspec
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
@@ -32,12 +35,8 @@ from core.store import Store
 Mode = Literal["client_id", "secret"]
 
 
-def subject_cn(der: bytes) -> str:
-    """The one common name of a DER certificate's subject (AuthenticationError otherwise)."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        raise AuthenticationError("the client certificate cannot be read") from None
+def subject_cn(cert: x509.Certificate) -> str:
+    """The one common name of a certificate's subject (AuthenticationError otherwise)."""
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1:
         raise AuthenticationError(
@@ -72,12 +71,21 @@ class Certificates:
     async def identify(self, credentials: Credentials, kind: Kind) -> Identity | None:
         der = credentials.certificate
         assert der is not None
-        cn = subject_cn(der)
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise AuthenticationError("the client certificate cannot be read") from None
+        cn = subject_cn(cert)
+        serial = f"{cert.serial_number:x}"
+        if await self.store.revoked_certificates([serial]):
+            raise AuthenticationError("the client certificate is revoked")
         if self.mode == "secret":
             client = await self.store.client_by_secret(hash_secret(cn))
         else:
             client = await self.store.client_by_id(cn)
         found = client_identity(client)
+        if found is not None:
+            found = msgspec.structs.replace(found, certificate=serial)
         self._identities.put(hashlib.sha256(der).digest(), found)
         return _found(found)
 

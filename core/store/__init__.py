@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -50,6 +51,23 @@ class Channel:
     name: str  # its route in topics: m/<domain>/c/<name>
     created: float
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    """A certificate Conduit's CA issued (see :mod:`certs`): the record behind the CRL, the
+    OCSP answers and the ending of connections made with a revoked certificate."""
+
+    serial: str  # lowercase hex, without leading zeros: as `conduit certs show` prints it
+    kind: str  # "client" or "server"
+    common_name: str
+    domain: str | None  # a client certificate's client; None for a server certificate
+    client_id: str | None
+    not_before: float
+    not_after: float
+    issued: float
+    revoked: float | None  # when it was revoked; None while it is good
+    pem: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +153,23 @@ class Store(Protocol):
 
     async def retained(self, domain: str, channel: str) -> list[bytes]:
         """Every retained message of a channel."""
+
+    # certificates issued by Conduit's CA
+    async def add_certificate(self, cert: IssuedCertificate) -> None: ...
+
+    async def get_certificate(self, serial: str) -> IssuedCertificate: ...
+
+    async def list_certificates(
+        self, domain: str | None = None, client_id: str | None = None
+    ) -> list[IssuedCertificate]:
+        """Every issued certificate, or those of a domain or client, oldest first."""
+
+    async def revoke_certificates(self, serials: list[str], when: float) -> list[str]:
+        """Mark certificates revoked at ``when``; returns the serials that were good until now
+        (revoking twice keeps the first time)."""
+
+    async def revoked_certificates(self, serials: Iterable[str] | None = None) -> dict[str, float]:
+        """Serial -> revocation time of the revoked certificates (of ``serials``, or all)."""
 
     # sessions that outlive their connection
     def sessions(self) -> SessionStore:

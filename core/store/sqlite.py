@@ -15,7 +15,15 @@ import aiosqlite
 
 from core.errors import UnavailableError
 from core.sessions import Batch, Buffered, MemorySessions, SessionStore, StoredSession
-from core.store import Channel, Client, Conflict, Connection, Domain, NotFound
+from core.store import (
+    Channel,
+    Client,
+    Conflict,
+    Connection,
+    Domain,
+    IssuedCertificate,
+    NotFound,
+)
 
 # Each entry migrates the schema from version i to i + 1. Append only; never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -97,6 +105,22 @@ MIGRATIONS: list[str] = [
         data BLOB NOT NULL,
         PRIMARY KEY (session, seq)
     ) WITHOUT ROWID;
+    """,
+    # Certificates issued by Conduit's CA (certs): the CRL, OCSP and revocation read them.
+    """
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        common_name TEXT NOT NULL,
+        domain TEXT,
+        client_id TEXT,
+        not_before REAL NOT NULL,
+        not_after REAL NOT NULL,
+        issued REAL NOT NULL,
+        revoked REAL,
+        pem TEXT NOT NULL
+    );
+    CREATE INDEX certificates_client ON certificates(domain, client_id);
     """,
 ]
 
@@ -376,6 +400,61 @@ class SQLiteStore:
         return Connection(domain, client_id, channel, bool(row["publish"]), bool(row["subscribe"]))
 
     # retained messages
+    # certificates
+    async def add_certificate(self, cert: IssuedCertificate) -> None:
+        try:
+            await self._write(
+                "INSERT INTO certificates (serial, kind, common_name, domain, client_id,"
+                " not_before, not_after, issued, revoked, pem)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cert.serial, cert.kind, cert.common_name, cert.domain, cert.client_id,
+                    cert.not_before, cert.not_after, cert.issued, cert.revoked, cert.pem,
+                ),
+            )  # fmt: skip
+        except Conflict:
+            raise Conflict(f"a certificate with serial {cert.serial} is recorded") from None
+
+    async def get_certificate(self, serial: str) -> IssuedCertificate:
+        row = await self._one("SELECT * FROM certificates WHERE serial = ?", (serial,))
+        if row is None:
+            raise NotFound(f"no certificate with serial {serial}")
+        return IssuedCertificate(**dict(row))
+
+    async def list_certificates(
+        self, domain: str | None = None, client_id: str | None = None
+    ) -> list[IssuedCertificate]:
+        rows = await self._all(
+            "SELECT * FROM certificates WHERE (?1 IS NULL OR domain = ?1)"
+            " AND (?2 IS NULL OR client_id = ?2) ORDER BY issued, serial",
+            (domain, client_id),
+        )
+        return [IssuedCertificate(**dict(r)) for r in rows]
+
+    async def revoke_certificates(self, serials: list[str], when: float) -> list[str]:
+        revoked = []
+        for serial in serials:
+            if await self._write(
+                "UPDATE certificates SET revoked = ? WHERE serial = ? AND revoked IS NULL",
+                (when, serial),
+            ):
+                revoked.append(serial)
+        return revoked
+
+    async def revoked_certificates(self, serials: Iterable[str] | None = None) -> dict[str, float]:
+        if serials is None:
+            rows = await self._all(
+                "SELECT serial, revoked FROM certificates WHERE revoked IS NOT NULL", ()
+            )
+        else:
+            wanted = list(serials)
+            rows = await self._all(
+                "SELECT serial, revoked FROM certificates WHERE revoked IS NOT NULL"
+                " AND serial IN (SELECT value FROM json_each(?))",
+                (json.dumps(wanted),),
+            )
+        return {r["serial"]: r["revoked"] for r in rows}
+
     async def put_retained(self, domain: str, channel: str, subtopic: str, data: bytes) -> None:
         if data:
             await self._write(

@@ -63,9 +63,7 @@ async def test_later_writes_replace_earlier_ones(sessions: Sessions) -> None:
     store.put_message("a", 3, b"acknowledged at once")
     store.delete_message("a", 3)  # same batch: never written
     await store.flush()
-    assert await (await sessions.open()).load() == [
-        StoredSession("a", b"v2", [(1, b"in flight")])
-    ]
+    assert await (await sessions.open()).load() == [StoredSession("a", b"v2", [(1, b"in flight")])]
 
 
 async def test_deleting_a_session_deletes_its_messages(sessions: Sessions) -> None:

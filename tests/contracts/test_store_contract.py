@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import UnavailableError
-from core.store import Conflict, NotFound, Store
+from core.store import Conflict, IssuedCertificate, NotFound, Store
 
 
 async def _acme(store: Store) -> None:
@@ -131,6 +131,36 @@ async def test_retained_messages(store: Store) -> None:
     assert await store.retained("acme", "temps") == [b"3", b"2"]  # by subtopic
     await store.put_retained("acme", "temps", "a", b"")  # empty: removed
     assert await store.retained("acme", "temps") == [b"2"]
+
+
+def _cert(serial: str, client_id: str | None, issued: float) -> IssuedCertificate:
+    domain = "acme" if client_id else None
+    kind = "client" if client_id else "server"
+    return IssuedCertificate(serial, kind, client_id or "example.com", domain, client_id,
+                             1.0, 2.0, issued, None, f"PEM {serial}")  # fmt: skip
+
+
+async def test_certificates(store: Store) -> None:
+    await _acme(store)
+    await store.add_certificate(_cert("a1", "id-1", 10.0))
+    await store.add_certificate(_cert("b2", "id-2", 11.0))
+    await store.add_certificate(_cert("c3", None, 12.0))
+    await store.add_certificate(_cert("d4", "id-1", 13.0))
+    with pytest.raises(Conflict):
+        await store.add_certificate(_cert("a1", "id-1", 14.0))
+    assert await store.get_certificate("b2") == _cert("b2", "id-2", 11.0)
+    with pytest.raises(NotFound):
+        await store.get_certificate("ff")
+    assert [c.serial for c in await store.list_certificates()] == ["a1", "b2", "c3", "d4"]
+    assert [c.serial for c in await store.list_certificates("acme")] == ["a1", "b2", "d4"]
+    assert [c.serial for c in await store.list_certificates("acme", "id-1")] == ["a1", "d4"]
+    assert await store.revoked_certificates() == {}
+    assert await store.revoke_certificates(["a1", "c3", "ff"], 20.0) == ["a1", "c3"]
+    assert await store.revoke_certificates(["a1", "d4"], 30.0) == ["d4"]  # a1 keeps 20.0
+    assert await store.revoked_certificates() == {"a1": 20.0, "c3": 20.0, "d4": 30.0}
+    assert await store.revoked_certificates(["a1", "b2", "ff"]) == {"a1": 20.0}
+    assert await store.revoked_certificates([]) == {}
+    assert (await store.get_certificate("a1")).revoked == 20.0
 
 
 async def test_a_closed_store_is_unavailable(store: Store) -> None:
