@@ -13,7 +13,9 @@ client's only credential on both servers; Mosquitto with ``require_certificate``
   ``--window`` messages beyond the slowest subscriber (500 at most for QoS 1 over TLS: past its
   queue Mosquitto drops QoS 1 messages);
 - ``conn``: ``--conns`` connections, each a full TLS handshake with a client certificate, then
-  CONNECT/CONNACK: connects per second (no session resumption).
+  CONNECT/CONNACK: connects per second (no session resumption);
+- ``memory``: ``--idle`` MQTTS connections opened with the client certificate and left idle
+  (a Python client in another process): the server's RSS growth per connection.
 
 Prints each round and, per scenario, the medians and Conduit's ratio to Mosquitto.
 """
@@ -27,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +113,65 @@ def conn(server: Server, pki: Path, n: int) -> Any:
     )  # fmt: skip
 
 
+IDLE_CLIENTS = r"""
+import socket, ssl, sys
+sys.path.insert(0, sys.argv[4])
+from mqtt_instructions import connect_packet
+port, n, pki = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context(cafile=f"{pki}/ca.pem")
+ctx.load_cert_chain(f"{pki}/client.pem", f"{pki}/client.key")
+ctx.check_hostname = False
+held = []
+for i in range(n):
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)))
+    s.sendall(connect_packet(f"idle{i}", None, None))
+    ack = s.recv(4)
+    assert ack[:1] == b"\x20" and ack[3:4] == b"\x00", ack
+    held.append(s)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0])
+
+
+def idle_memory(server: Server, pki: Path, n: int) -> float:
+    """kB of server RSS per idle MQTTS connection (10 opened first, to warm up)."""
+    here = str(Path(__file__).resolve().parent)
+
+    def open_clients(k: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", IDLE_CLIENTS, str(server.port), str(k), str(pki), here],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the idle clients failed")
+        return proc
+
+    warm = open_clients(10)
+    time.sleep(0.5)
+    before = rss_kb(server.pid)
+    held = open_clients(n)
+    time.sleep(1.0)
+    grown = rss_kb(server.pid) - before
+    for proc in (held, warm):
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait()
+    return grown / n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--window", type=int, default=500)
     ap.add_argument("--conns", type=int, default=2000)
+    ap.add_argument("--idle", type=int, default=1000)
     ap.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
     args = ap.parse_args()
     if not MQTTBENCH.exists():
@@ -126,7 +182,8 @@ def main() -> None:
         pki = Path(tmp) / "pki"
         make_pki(pki)
         for rnd in range(args.rounds):
-            for name, qos, subs, figure in [*SCENARIOS, ("connects/s", -1, 0, "")]:
+            scenarios = [*SCENARIOS, ("connects/s", -1, 0, ""), ("kB/idle conn", -2, 0, "")]
+            for name, qos, subs, figure in scenarios:
                 for who in ("mosquitto", "conduit"):
                     if who == "conduit":
                         # Its client is made at start: the certificate carries its id.
@@ -135,7 +192,10 @@ def main() -> None:
                     else:
                         server = start_mosquitto_tls(Path(tmp), pki)
                     try:
-                        if qos < 0:
+                        if qos == -2:
+                            r = {"kB_per_connection": idle_memory(server, pki, args.idle)}
+                            value = r["kB_per_connection"]
+                        elif qos < 0:
                             r = conn(server, pki, args.conns)
                             value = float(r["connects_per_s"])
                         else:
@@ -146,7 +206,7 @@ def main() -> None:
                     results.setdefault(name, {}).setdefault(who, []).append(value)
                     detail = json.dumps(r)[:160]
                     print(
-                        f"round {rnd + 1} {name:12} {who:10} {value:>12,.0f}  {detail}", flush=True
+                        f"round {rnd + 1} {name:12} {who:10} {value:>12,.1f}  {detail}", flush=True
                     )
     print("\nmedians (shared machine; compare ratios)")
     summary = {}
