@@ -27,13 +27,16 @@ from conduit.settings import Settings
 from conduit.tls import TLSFileError, server_context
 from conduit.tls import reload as reload_tls
 from core.auth import store_auth
-from core.bus import make_bus
+from core.bus import Change, make_bus
 from core.gateway import Gateway
 from core.limits import Limits
 from core.listeners import Endpoint, ListenError
 from core.noise import printable, redact
+from core.sealing import SealError, master_key
 from core.sessions import make_sessions
+from core.signing import Keyring
 from core.store import make_store
+from core.tokens import Tokens
 
 log = logging.getLogger("conduit")
 
@@ -83,8 +86,18 @@ class Conduit:
         self.settings = settings
         s = settings
         store = make_store(s.store, sqlite_path=s.database)
+        try:
+            sealing = master_key(s.data_dir, s.encryption_key)
+        except SealError as exc:
+            raise StartupError(str(exc)) from None
+        tokens = Tokens(
+            Keyring(store, sealing, algorithm=s.signing_algorithm, grace=s.signing_key_grace),
+            s.token_issuer,
+            broker_ttl=s.broker_token_ttl,
+            broker_max_ttl=s.broker_token_max_ttl,
+        )
         mtls = s.mtls_identity if s.tls_client_auth != "none" else None
-        authenticator, authorizer = store_auth(store, s.cache_ttl, certificates=mtls)
+        authenticator, authorizer = store_auth(store, s.cache_ttl, certificates=mtls, tokens=tokens)
         self.gateway = Gateway(
             store,
             make_bus(s.bus, keep_last_bytes=s.last_cache_bytes),
@@ -100,6 +113,7 @@ class Conduit:
             ),
             cache_ttl=s.cache_ttl,
             sessions=make_sessions(s.sessions, store),
+            tokens=tokens,
         )
         try:
             key = admin_key(s.data_dir, s.admin_key)
@@ -241,6 +255,25 @@ class Conduit:
                 continue
             await asyncio.sleep(CRL_EVERY)
 
+    async def rotate_keys(self) -> None:
+        """A new signing key once the one that signs is ``signing_key_rotation`` seconds old
+        (announced: every node reads the keys again)."""
+        every = self.settings.signing_key_rotation
+        tokens = self.gateway.tokens
+        if not every or tokens is None:
+            return
+        while True:
+            age = time.time() - tokens.keyring.signing.created
+            await asyncio.sleep(max(1.0, every - age))
+            try:
+                await tokens.keyring.reload()
+                if time.time() - tokens.keyring.signing.created >= every:
+                    await tokens.keyring.rotate()
+                    await self.gateway.bus.announce(Change("keys", ""))
+            except Exception as exc:  # the store is down: try again soon
+                log.error("signing keys: not rotated: %s", exc)
+                await asyncio.sleep(CRL_RETRY)
+
     def reload_tls(self) -> bool:
         """Load the TLS files again (SIGHUP): new handshakes use them, open connections keep
         what they have. A file that cannot serve is logged and the files in use stay."""
@@ -310,6 +343,7 @@ async def serve(settings: Settings) -> None:
     loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
     watcher = asyncio.create_task(app.watch_tls(), name="conduit-tls-watch")
     crl = asyncio.create_task(app.keep_crl(), name="conduit-crl")
+    rotation = asyncio.create_task(app.rotate_keys(), name="conduit-key-rotation")
     ready = " ".join(f"{name}={port}" for name, port in app.endpoints.items())
     log.info("conduit ready: %s", ready)
     print(f"conduit ready: {ready}", flush=True)
@@ -317,6 +351,7 @@ async def serve(settings: Settings) -> None:
     log.info("shutting down")
     watcher.cancel()
     crl.cancel()
+    rotation.cancel()
     await app.stop()
     log.info("stopped")
 

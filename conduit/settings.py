@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -129,6 +129,38 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         None, description="Management API key; default: generated into <data_dir>/admin.key"
     )
+    encryption_key: str | None = Field(
+        None,
+        description="Master key (64 hex digits) sealing what Conduit keeps encrypted at rest"
+        " (token signing keys, DTLS keys); default: generated into <data_dir>/encryption.key",
+    )
+
+    # tokens
+    token_issuer: str = Field(
+        "conduit",
+        description="The iss of Conduit's tokens (for example the public URL of the gateway)",
+    )
+    signing_algorithm: Literal["EdDSA", "ES256"] = Field(
+        "EdDSA", description="Algorithm of new signing keys: EdDSA (Ed25519) or ES256 (P-256)"
+    )
+    signing_key_rotation: float = Field(
+        30 * 86400,
+        ge=0,
+        description="Seconds a signing key signs before a new one replaces it; 0 = by hand only"
+        " (conduit keys rotate)",
+    )
+    signing_key_grace: float = Field(
+        2 * 86400,
+        gt=0,
+        description="Seconds a replaced signing key still verifies; at least the longest token"
+        " lifetime",
+    )
+    broker_token_ttl: int = Field(
+        900, gt=0, description="Seconds a broker token is good for when no ttl is asked"
+    )
+    broker_token_max_ttl: int = Field(
+        86400, gt=0, description="Seconds a broker token may be asked to be good for, at most"
+    )
 
     # limits
     max_payload: int = Field(262144, gt=0, description="Largest message payload, bytes")
@@ -184,6 +216,17 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         10.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM/SIGINT"
     )
+
+    @model_validator(mode="after")
+    def _lifetimes(self) -> Settings:
+        if self.broker_token_ttl > self.broker_token_max_ttl:
+            raise ValueError("broker_token_ttl is longer than broker_token_max_ttl")
+        if self.broker_token_max_ttl > self.signing_key_grace:
+            raise ValueError(
+                "signing_key_grace is shorter than broker_token_max_ttl: tokens signed before a"
+                " rotation would stop verifying before they expire"
+            )
+        return self
 
     def listener_limits(self, max_connections: int) -> ListenerLimits:
         """The timeouts of every HTTP-like listener, with its own connection cap."""

@@ -16,15 +16,21 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core import senml
 from core.auth import Authenticator, Authorizer
 from core.bus import Bus, Change, Sink, Subscription
 from core.content import SENML
 from core.credentials import Credentials
-from core.errors import ConduitError, QuotaError, TooLargeError, UnavailableError
-from core.identity import Action, Identity
+from core.errors import (
+    AuthenticationError,
+    ConduitError,
+    QuotaError,
+    TooLargeError,
+    UnavailableError,
+)
+from core.identity import Action, Identity, Rules
 from core.limits import Limits, RateLimiter
 from core.message import Message
 from core.message import decode as decode_message
@@ -35,6 +41,9 @@ from core.provisioning import Provisioning
 from core.sessions import MemorySessions, SessionStore
 from core.store import NotFound, Store
 from core.topics import TOPIC_CACHE, Topic, TopicFilter, parse_filter, parse_topic
+
+if TYPE_CHECKING:
+    from core.tokens import Tokens
 
 log = logging.getLogger("conduit.gateway")
 
@@ -63,8 +72,11 @@ class Gateway:
         limits: Limits | None = None,
         cache_ttl: float = 30.0,
         sessions: SessionStore | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         self.store = store
+        # Conduit's own tokens, when it issues them (its keys are loaded at start).
+        self.tokens = tokens
         self.bus = bus
         # Where protocol sessions that outlive their connection are kept (MQTT).
         self.sessions: SessionStore = sessions if sessions is not None else MemorySessions()
@@ -91,6 +103,8 @@ class Gateway:
     # lifecycle
     async def start(self) -> None:
         await self.store.open()
+        if self.tokens is not None:
+            await self.tokens.keyring.load()
         await self.bus.start()
         self.bus.on_change(self._changed)
         self._recheck = asyncio.create_task(self._recheck_loop(), name="conduit-recheck")
@@ -319,6 +333,31 @@ class Gateway:
             await self.bus.unsubscribe(sub)
         sub.close(reason)
 
+    async def broker_token(self, identity: Identity, ttl: float | None) -> tuple[str, int]:
+        """A broker token for a provisioned client: its rights of now (the store's connections)
+        as topic rules, good for ``ttl`` seconds (the default when None; ValueError past the
+        maximum). A token holder cannot trade its token for another: that would make a
+        short-lived token last for ever."""
+        if self.tokens is None:
+            raise UnavailableError("this gateway issues no tokens")
+        ttl = self.tokens.broker_ttl(ttl)
+        if identity.rules is not None:
+            raise AuthenticationError(
+                "a token cannot be exchanged for another: present the client's secret or"
+                " certificate"
+            )
+        try:
+            held = await self.store.list_connections(identity.domain, identity.client_id)
+        except Exception as exc:
+            raise UnavailableError(f"store: {exc}") from exc
+        rules = Rules(
+            publish=tuple(TopicFilter(identity.domain, c.channel, None) for c in held if c.publish),
+            subscribe=tuple(
+                TopicFilter(identity.domain, c.channel, None) for c in held if c.subscribe
+            ),
+        )
+        return self.tokens.broker(identity, rules, ttl)
+
     def connected(
         self, identity: Identity, on_revoked: Callable[[str], None]
     ) -> Callable[[], None]:
@@ -403,6 +442,9 @@ class Gateway:
 
     async def _changed(self, change: Change) -> None:
         """A change on any node: forget what was cached, check what is open again."""
+        if change.kind == "keys" and self.tokens is not None:
+            await self.tokens.keyring.reload()
+            return
         self.authenticator.invalidate()
         self.authorizer.invalidate()
         await self.revalidate()

@@ -23,7 +23,10 @@ from core.credentials import Credentials
 from core.gateway import Gateway
 from core.limits import Limits
 from core.message import Message
+from core.sealing import master_key
+from core.signing import Keyring
 from core.store.sqlite import SQLiteStore
+from core.tokens import Tokens
 
 
 @dataclass
@@ -51,7 +54,10 @@ class World:
 
 async def make_gateway(tmp_path: Path, limits: Limits | None = None) -> Gateway:
     store = SQLiteStore(tmp_path / "conduit.db")
-    gateway = Gateway(store, LocalBus(), *store_auth(store), limits=limits)
+    tokens = Tokens(Keyring(store, master_key(tmp_path, None)), "conduit")
+    gateway = Gateway(
+        store, LocalBus(), *store_auth(store, tokens=tokens), limits=limits, tokens=tokens
+    )
     await gateway.start()
     return gateway
 

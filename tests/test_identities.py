@@ -105,8 +105,12 @@ async def test_credentials_that_name_two_clients_are_refused(world: World) -> No
 
 
 async def test_a_kind_no_provider_understands_is_bad_credentials(world: World) -> None:
+    from core.auth import Authenticator
+    from core.auth.secrets import StoredSecrets
+
+    secrets_only = Authenticator([StoredSecrets(world.gateway.store)])
     with pytest.raises(AuthenticationError, match="bearer tokens are not accepted"):
-        await world.gateway.authenticate(Credentials(token="eyJa.b.c"))
+        await secrets_only.authenticate(Credentials(token="eyJa.b.c"))
 
 
 async def test_a_provider_without_an_opinion_passes(world: World, tokens: IssuedTokens) -> None:

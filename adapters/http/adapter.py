@@ -50,6 +50,9 @@ from core.topics import parse_path, path_topic
 log = logging.getLogger("conduit.http")
 
 SSE_KEEPALIVE = 15.0
+# Seconds a verifier may keep the JWKS: a key made by a rotation signs at once, so a verifier
+# that meets an unknown key id should fetch the set again rather than wait this long.
+JWKS_MAX_AGE = 300
 SSE_WRITE_LIMIT = 256 * 1024  # bytes a stream may have unsent before messages are dropped
 
 
@@ -214,6 +217,14 @@ class HTTPAdapter(Listening):
             return _ready(response)
         if path == "/health" and method in ("GET", "HEAD"):
             return self.health(request)
+        if path == "/clients/tokens":
+            if method == "POST":
+                return self.broker_token(request)
+            response = _problem(405, "Method not allowed", f"{method} is not allowed here")
+            response.headers["Allow"] = "POST"
+            return _ready(response)
+        if path == "/.well-known/jwks.json" and method in ("GET", "HEAD"):
+            return self.jwks(request)
         return _ready(
             self._refuse(TopicError(f"{path} is not a messaging path", "path", Condition.NOT_FOUND))
         )
@@ -243,6 +254,52 @@ class HTTPAdapter(Listening):
             status=200 if status["status"] == "ok" else 503,
             body=orjson.dumps(status),
             content_type="application/json",
+        )
+
+    async def broker_token(self, request: web.BaseRequest) -> web.Response:
+        """``POST /clients/tokens``: a client's secret (or certificate) traded for a broker
+        token; an optional JSON body ``{"ttl": seconds}`` asks for a shorter life."""
+        identity: Identity | None = None
+        try:
+            identity = await self._identity(request)
+            ttl = await self._ttl(request)
+            token, expires = await self.gateway.broker_token(identity, ttl)
+        except ConduitError as exc:
+            return self._refuse(exc, identity.client_id if identity else None)
+        except ValueError as exc:
+            return _problem(400, "Invalid request", str(exc))
+        body = {"token": token, "token_type": "Bearer", "expires_at": expires}
+        return web.Response(
+            body=orjson.dumps(body),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _ttl(self, request: web.BaseRequest) -> float | None:
+        if not request.can_read_body:
+            return None
+        data = await self._body(request)
+        if not data.strip():
+            return None
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ValueError("the body is not valid JSON") from None
+        if not isinstance(body, dict) or set(body) - {"ttl"}:
+            raise ValueError('the body is a JSON object with at most "ttl"')
+        ttl = body.get("ttl")
+        if ttl is not None and (not isinstance(ttl, int | float) or isinstance(ttl, bool)):
+            raise ValueError("'ttl' is a number of seconds")
+        return ttl
+
+    async def jwks(self, request: web.BaseRequest) -> web.Response:
+        """``GET /.well-known/jwks.json``: the keys that verify Conduit's tokens."""
+        if self.gateway.tokens is None:
+            return _problem(404, "Not found", "this gateway issues no tokens")
+        return web.Response(
+            body=orjson.dumps(self.gateway.tokens.keyring.jwks()),
+            content_type="application/json",
+            headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE}"},
         )
 
     async def publish(self, request: web.BaseRequest) -> web.StreamResponse:

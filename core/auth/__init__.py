@@ -1,11 +1,12 @@
 """Who is speaking, and what may they do: the authenticator and the authorizer.
 
 The :class:`Authenticator` is a chain of :class:`Provider` s, each for the kinds of credential
-it understands (:mod:`core.credentials`): stored client secrets (:mod:`core.auth.secrets`)
-today; certificates, Conduit's tokens and external identity providers join the chain in their
-own modules. For each credential presented, the providers that understand its kind are asked
-in order; the first with an opinion answers (an identity, or a refusal); none with an opinion is
-bad credentials. Where a request carries two credentials (a certificate and a secret), they
+it understands (:mod:`core.credentials`): stored client secrets (:mod:`core.auth.secrets`),
+client certificates (:mod:`core.auth.certificates`) and Conduit's broker tokens
+(:mod:`core.auth.tokens`); external identity providers join the chain in their own module.
+For each credential presented, the providers that understand its kind are asked in order;
+the first with an opinion answers (an identity, or a refusal); none with an opinion is bad
+credentials. Where a request carries two credentials (a certificate and a secret), they
 must name the same client, or it is refused as bad credentials.
 
 The :class:`Authorizer` checks rights: an identity's own topic rules without a store call, or
@@ -20,13 +21,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
 
 from core.credentials import Credentials, Kind
 from core.errors import AuthenticationError, AuthorizationError, Condition
 from core.identity import Action, Identity, Rules
 from core.store import Store
 from core.topics import Topic, TopicFilter
+
+if TYPE_CHECKING:
+    from core.tokens import Tokens
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -105,13 +109,20 @@ class Authenticator:
             provider.invalidate()
 
     def authenticate_cached(self, credentials: Credentials) -> Identity | None:
-        """The fast path of :meth:`authenticate`, for the common case of one secret: the
-        identity when the answer is cached (raising when it is a cached refusal); None when
-        only :meth:`authenticate` can tell."""
-        if credentials.secret is None or credentials.token is not None or credentials.certificate:
+        """The fast path of :meth:`authenticate`, for the common case of one secret or one
+        token: the identity when the answer is known at once (raising when it is a refusal);
+        None when only :meth:`authenticate` can tell."""
+        if credentials.certificate is not None:
             return None
-        for provider in self._by_kind["secret"]:
-            found = provider.identify_cached(credentials, "secret")
+        kind: Kind
+        if credentials.secret is not None and credentials.token is None:
+            kind = "secret"
+        elif credentials.token is not None and credentials.secret is None:
+            kind = "token"
+        else:
+            return None
+        for provider in self._by_kind[kind]:
+            found = provider.identify_cached(credentials, kind)
             if found is not None:
                 return _claimed(credentials, found)
         return None
@@ -155,7 +166,8 @@ _PLURAL: dict[Kind, str] = {
 def _claimed(credentials: Credentials, identity: Identity) -> Identity:
     """The identity, if the client id the client claims (MQTT user name, Basic user) is its."""
     if credentials.client_id is not None and credentials.client_id != identity.client_id:
-        raise AuthenticationError("client id does not match the secret")
+        what = "secret" if credentials.secret is not None else "token"
+        raise AuthenticationError(f"client id does not match the {what}")
     return identity
 
 
@@ -202,7 +214,6 @@ class Authorizer:
             raise AuthorizationError(f"client may not {action} on channel {target.channel!r}")
 
 
-
 def _check_rules(rules: Rules, target: Topic | TopicFilter, action: Action) -> None:
     """Rights an identity carries (no store call)."""
     if action == "publish":
@@ -224,11 +235,14 @@ def _levels(subtopic: str) -> tuple[str, ...]:
 
 
 def store_auth(
-    store: Store, ttl: float = 30.0, certificates: Literal["client_id", "secret"] | None = None
+    store: Store,
+    ttl: float = 30.0,
+    certificates: Literal["client_id", "secret"] | None = None,
+    tokens: Tokens | None = None,
 ) -> tuple[Authenticator, Authorizer]:
-    """The embedded chain: client secrets in the store and, with ``certificates`` (the
-    ``mtls_identity`` mode), client certificates naming stored clients; rights from the
-    store's connections."""
+    """The embedded chain: client secrets in the store; with ``certificates`` (the
+    ``mtls_identity`` mode), client certificates naming stored clients; with ``tokens``,
+    Conduit's broker tokens. Rights from the store's connections, or a token's rules."""
     from core.auth.secrets import StoredSecrets
 
     providers: list[Provider] = [StoredSecrets(store, ttl)]
@@ -236,4 +250,8 @@ def store_auth(
         from core.auth.certificates import Certificates
 
         providers.append(Certificates(store, certificates, ttl))
+    if tokens is not None:
+        from core.auth.tokens import BrokerTokens
+
+        providers.append(BrokerTokens(tokens, ttl))
     return Authenticator(providers), Authorizer(store, ttl)

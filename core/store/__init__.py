@@ -71,6 +71,18 @@ class IssuedCertificate:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningKeyRecord:
+    """A key Conduit signs its tokens with (see :mod:`core.signing`), its private part sealed
+    under the master key (:mod:`core.sealing`)."""
+
+    kid: str
+    algorithm: str  # "EdDSA" or "ES256"
+    created: float
+    retires: float | None  # None while it signs; else when it stops verifying too
+    sealed: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Connection:
     """A client's right on a channel: publish, subscribe, or both."""
 
@@ -170,6 +182,19 @@ class Store(Protocol):
 
     async def revoked_certificates(self, serials: Iterable[str] | None = None) -> dict[str, float]:
         """Serial -> revocation time of the revoked certificates (of ``serials``, or all)."""
+
+    # the keys Conduit's tokens are signed with
+    async def add_signing_key(self, key: SigningKeyRecord) -> None: ...
+
+    async def signing_keys(self) -> list[SigningKeyRecord]:
+        """Every key, oldest first."""
+
+    async def retire_signing_keys(self, before: float, retires: float) -> None:
+        """Keys made before ``before`` that still sign stop signing, and verify until
+        ``retires``."""
+
+    async def delete_signing_keys(self, retired_before: float) -> None:
+        """Remove the keys retired before that time."""
 
     # sessions that outlive their connection
     def sessions(self) -> SessionStore:

@@ -23,6 +23,7 @@ from core.store import (
     Domain,
     IssuedCertificate,
     NotFound,
+    SigningKeyRecord,
 )
 
 # Each entry migrates the schema from version i to i + 1. Append only; never edit a shipped one.
@@ -121,6 +122,16 @@ MIGRATIONS: list[str] = [
         pem TEXT NOT NULL
     );
     CREATE INDEX certificates_client ON certificates(domain, client_id);
+    """,
+    # The keys Conduit's tokens are signed with (core.signing), sealed (core.sealing).
+    """
+    CREATE TABLE signing_keys (
+        kid TEXT PRIMARY KEY,
+        algorithm TEXT NOT NULL,
+        created REAL NOT NULL,
+        retires REAL,
+        sealed BLOB NOT NULL
+    );
     """,
 ]
 
@@ -454,6 +465,27 @@ class SQLiteStore:
                 (json.dumps(wanted),),
             )
         return {r["serial"]: r["revoked"] for r in rows}
+
+    # signing keys
+    async def add_signing_key(self, key: SigningKeyRecord) -> None:
+        await self._write(
+            "INSERT INTO signing_keys (kid, algorithm, created, retires, sealed)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (key.kid, key.algorithm, key.created, key.retires, key.sealed),
+        )
+
+    async def signing_keys(self) -> list[SigningKeyRecord]:
+        rows = await self._all("SELECT * FROM signing_keys ORDER BY created, kid", ())
+        return [SigningKeyRecord(**dict(r)) for r in rows]
+
+    async def retire_signing_keys(self, before: float, retires: float) -> None:
+        await self._write(
+            "UPDATE signing_keys SET retires = ? WHERE retires IS NULL AND created < ?",
+            (retires, before),
+        )
+
+    async def delete_signing_keys(self, retired_before: float) -> None:
+        await self._write("DELETE FROM signing_keys WHERE retires < ?", (retired_before,))
 
     async def put_retained(self, domain: str, channel: str, subtopic: str, data: bytes) -> None:
         if data:
