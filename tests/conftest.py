@@ -23,6 +23,7 @@ from core.credentials import Credentials
 from core.gateway import Gateway
 from core.limits import Limits
 from core.message import Message
+from core.sealing import SealingKey
 from core.store.sqlite import SQLiteStore
 
 
@@ -51,7 +52,9 @@ class World:
 
 async def make_gateway(tmp_path: Path, limits: Limits | None = None) -> Gateway:
     store = SQLiteStore(tmp_path / "conduit.db")
-    gateway = Gateway(store, LocalBus(), *store_auth(store), limits=limits)
+    gateway = Gateway(
+        store, LocalBus(), *store_auth(store), limits=limits, sealing=SealingKey.generate()
+    )
     await gateway.start()
     return gateway
 

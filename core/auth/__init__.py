@@ -1,9 +1,10 @@
 """Who is speaking, and what may they do: the authenticator and the authorizer.
 
 The :class:`Authenticator` is a chain of :class:`Provider` s, each for the kinds of credential
-it understands (:mod:`core.credentials`): stored client secrets (:mod:`core.auth.secrets`)
-today; certificates, Conduit's tokens and external identity providers join the chain in their
-own modules. For each credential presented, the providers that understand its kind are asked
+it understands (:mod:`core.credentials`): stored client secrets (:mod:`core.auth.secrets`),
+client certificates (:mod:`core.auth.certificates`), DTLS pre-shared keys
+(:mod:`core.auth.psk`); Conduit's tokens and external identity providers join the chain in
+their own modules. For each credential presented, the providers that understand its kind are asked
 in order; the first with an opinion answers (an identity, or a refusal); none with an opinion is
 bad credentials. Where a request carries two credentials (a certificate and a secret), they
 must name the same client, or it is refused as bad credentials.
@@ -97,7 +98,7 @@ class Authenticator:
         self.providers = (*self.providers, provider)
         self._by_kind = {
             kind: tuple(p for p in self.providers if kind in p.kinds)
-            for kind in ("secret", "token", "certificate")
+            for kind in ("secret", "token", "certificate", "psk")
         }
 
     def invalidate(self) -> None:
@@ -108,7 +109,12 @@ class Authenticator:
         """The fast path of :meth:`authenticate`, for the common case of one secret: the
         identity when the answer is cached (raising when it is a cached refusal); None when
         only :meth:`authenticate` can tell."""
-        if credentials.secret is None or credentials.token is not None or credentials.certificate:
+        if (
+            credentials.secret is None
+            or credentials.token is not None
+            or credentials.certificate
+            or credentials.psk_client is not None
+        ):
             return None
         for provider in self._by_kind["secret"]:
             found = provider.identify_cached(credentials, "secret")
@@ -149,6 +155,7 @@ _PLURAL: dict[Kind, str] = {
     "secret": "client secrets",
     "token": "bearer tokens",
     "certificate": "client certificates",
+    "psk": "DTLS pre-shared keys",
 }
 
 
@@ -226,12 +233,13 @@ def _levels(subtopic: str) -> tuple[str, ...]:
 def store_auth(
     store: Store, ttl: float = 30.0, certificates: Literal["client_id", "secret"] | None = None
 ) -> tuple[Authenticator, Authorizer]:
-    """The embedded chain: client secrets in the store and, with ``certificates`` (the
-    ``mtls_identity`` mode), client certificates naming stored clients; rights from the
-    store's connections."""
+    """The embedded chain: client secrets in the store, the clients whose DTLS keys a
+    handshake proved and, with ``certificates`` (the ``mtls_identity`` mode), client
+    certificates naming stored clients; rights from the store's connections."""
+    from core.auth.psk import PreSharedKeys
     from core.auth.secrets import StoredSecrets
 
-    providers: list[Provider] = [StoredSecrets(store, ttl)]
+    providers: list[Provider] = [StoredSecrets(store, ttl), PreSharedKeys(store, ttl)]
     if certificates is not None:
         from core.auth.certificates import Certificates
 
