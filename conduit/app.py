@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from adapters.coap import CoAPAdapter
+from adapters.coap.dtls import DTLSError
 from adapters.http import HTTPAdapter
 from adapters.http.server import Listener
 from adapters.mqtt import MQTTAdapter
@@ -32,6 +33,7 @@ from core.gateway import Gateway
 from core.limits import Limits
 from core.listeners import Endpoint, ListenError
 from core.noise import printable, redact
+from core.sealing import SealError, master_key
 from core.sessions import make_sessions
 from core.store import make_store
 
@@ -78,6 +80,10 @@ class Conduit:
         self.settings = settings
         s = settings
         store = make_store(s.store, sqlite_path=s.database)
+        try:
+            sealing = master_key(s.data_dir, s.encryption_key)
+        except (SealError, OSError) as exc:
+            raise StartupError(f"encryption key: {exc}") from None
         mtls = s.mtls_identity if s.tls_client_auth != "none" else None
         authenticator, authorizer = store_auth(store, s.cache_ttl, certificates=mtls)
         self.gateway = Gateway(
@@ -95,6 +101,7 @@ class Conduit:
             ),
             cache_ttl=s.cache_ttl,
             sessions=make_sessions(s.sessions, store),
+            sealing=sealing,
         )
         try:
             key = admin_key(s.data_dir, s.admin_key)
@@ -125,6 +132,7 @@ class Conduit:
         http = plain(s.http_enabled, "http", s.http_port) + secure("https", s.https_port)
         ws = plain(s.ws_enabled, "ws", s.ws_port) + secure("wss", s.wss_port)
         coap = plain(s.coap_enabled, "coap", s.coap_port)
+        coaps = Endpoint("coaps", s.coaps_host or s.host, s.coaps_port) if s.coaps_enabled else None
         mqtt = [
             *plain(s.mqtt_enabled, "mqtt", s.mqtt_port),
             *secure("mqtts", s.mqtts_port),
@@ -150,8 +158,10 @@ class Conduit:
                 ),
             ),
             (
-                bool(coap),
-                lambda: CoAPAdapter(self.gateway, endpoints=coap, max_uploads=s.coap_max_uploads),
+                bool(coap) or coaps is not None,
+                lambda: CoAPAdapter(
+                    self.gateway, endpoints=coap, dtls=coaps, max_uploads=s.coap_max_uploads
+                ),
             ),
             (
                 bool(mqtt),
@@ -170,7 +180,10 @@ class Conduit:
                 ),
             ),
         ]
-        self.adapters: list[Adapter] = [make() for enabled, make in factories if enabled]
+        try:
+            self.adapters: list[Adapter] = [make() for enabled, make in factories if enabled]
+        except DTLSError as exc:
+            raise StartupError(str(exc)) from None
         self._started: list[Adapter] = []
 
     @property
@@ -233,6 +246,8 @@ class Conduit:
             for adapter in [self.api, *self.adapters]:
                 try:
                     await adapter.start()
+                except DTLSError as exc:
+                    raise StartupError(f"coaps: {exc}") from None
                 except ListenError as exc:
                     endpoint = exc.endpoint
                     if exc.errno == errno.EADDRINUSE:
@@ -345,7 +360,7 @@ def run(settings: Settings) -> None:
     use_uvloop = settings.loop == "uvloop"
     # aiocoap's server stopped answering under uvloop after load generators quit with requests
     # in flight (shared/bench/README.md): with CoAP on, "auto" stays on asyncio.
-    if settings.loop == "auto" and not settings.coap_enabled:
+    if settings.loop == "auto" and not (settings.coap_enabled or settings.coaps_enabled):
         with contextlib.suppress(ImportError):
             import uvloop
 
