@@ -14,8 +14,10 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiocoap
 import aiohttp
 import pytest
+from aiocoap.numbers.codes import Code
 
 from adapters.coap import CoAPAdapter
 from adapters.coap.dtls import DTLSError, missing
@@ -165,6 +167,29 @@ async def test_observe_http_in_dtls_out(
         if proc.returncode is None:
             proc.terminate()
             await proc.wait()
+
+
+async def test_aiocoap_client(
+    world: World, coaps: CoAPAdapter, api: aiohttp.ClientSession, watch: Subscription
+) -> None:
+    """The aiocoap example of docs/coap.md."""
+    identity, key = await give_key(api, world.publisher.id)
+    ctx = await aiocoap.Context.create_client_context()
+    try:
+        ctx.client_credentials.load_from_dict({
+            f"coaps://127.0.0.1:{coaps.dtls_port}/*": {
+                "dtls": {"psk": {"ascii": key}, "client-identity": {"ascii": identity}},
+            },
+        })  # fmt: skip
+        request = aiocoap.Message(
+            code=aiocoap.POST, payload=SENML.encode(), content_format=110, uri=url(coaps)
+        )
+        response = await asyncio.wait_for(ctx.request(request).response, TIMEOUT)
+        assert response.code == Code.CHANGED
+    finally:
+        await ctx.shutdown()
+    [msg] = drain(watch)
+    assert msg.publisher == world.publisher.id
 
 
 async def test_wrong_key_or_identity_is_refused(
