@@ -82,8 +82,10 @@ class Conduit:
         store = make_store(s.store, sqlite_path=s.database)
         try:
             sealing = master_key(s.data_dir, s.encryption_key)
-        except (SealError, OSError) as exc:
-            raise StartupError(f"encryption key: {exc}") from None
+        except SealError as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot read or make the encryption key: {exc}") from None
         mtls = s.mtls_identity if s.tls_client_auth != "none" else None
         authenticator, authorizer = store_auth(store, s.cache_ttl, certificates=mtls)
         self.gateway = Gateway(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from core.limits import ListenerLimits
 from core.listeners import Endpoint
 from tests.coap.conftest import TIMEOUT, drain, eventually, observers
 from tests.conftest import World, require_command, running
-from tests.test_serve import Server, start
+from tests.test_serve import CONDUIT, Server, start
 
 SENML = json.dumps([{"bn": "urn:dev:9:", "n": "temp", "u": "Cel", "v": 21.5}])
 KEY = "test-admin-key-for-the-dtls-tests-0123456789"
@@ -352,4 +353,56 @@ def test_serve_without_dtlssocket_says_what_to_install(tmp_path: Path) -> None:
         "Error: CoAP over DTLS (coaps_enabled) needs the DTLSSocket package: pip install"
         " 'conduit-gateway[dtls]' (it builds tinydtls from source: Debian autoconf automake"
         " libtool)"
+    ]
+
+
+def serve_fails(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    """The lines ``conduit serve`` ends with when it cannot start (it must exit 1)."""
+    done = subprocess.run(
+        [*CONDUIT, "serve", "--data-dir", str(tmp_path), "--api-port", "0", "--http-port", "0",
+         "--ws-port", "0", "--coap-port", "0", "--mqtt-port", "0", "--mqtt-ws-port", "0",
+         "--coaps-port", "0", *args],
+        capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert done.returncode == 1, done
+    assert "conduit ready" not in done.stdout
+    return done.stderr.strip().splitlines()
+
+
+def test_serve_on_a_wildcard_address_says_to_set_coaps_host(tmp_path: Path) -> None:
+    if missing():
+        pytest.skip(missing())
+    assert serve_fails(tmp_path, "--host", "0.0.0.0", "--coaps-enabled") == [
+        "Error: CoAP over DTLS cannot listen on the wildcard address '0.0.0.0': aiocoap's DTLS"
+        " server answers from the one address it is bound to; set coaps_host"
+        " (CONDUIT_COAPS_HOST) to an address of this machine"
+    ]
+
+
+def test_serve_with_another_master_key_says_so(tmp_path: Path) -> None:
+    if missing():
+        pytest.skip(missing())
+    srv = start(tmp_path, "--coaps-enabled", "--coaps-port", "0")
+    try:
+        srv.cli("domains", "create", "acme")
+        dev = srv.cli_json("clients", "create", "--domain", "acme", "sensor")
+        srv.cli("clients", "dtls-key", "--domain", "acme", "sensor")
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait()
+    other = "ab" * 32
+    [*_, last] = serve_fails(tmp_path, "--host", "127.0.0.1", "--coaps-enabled",
+                             env={"CONDUIT_ENCRYPTION_KEY": other})  # fmt: skip
+    client = dev["id"]  # type: ignore[index, call-overload]
+    assert last.startswith(
+        f"Error: coaps: the DTLS key of client {client} cannot be opened: dtls-psk:{client}:"
+        " sealed under another master key"
+    ), last
+    assert last.endswith("was encryption_key or <data_dir>/encryption.key changed? (1 such key(s))")
+
+
+def test_serve_with_a_malformed_encryption_key_says_so(tmp_path: Path) -> None:
+    assert serve_fails(tmp_path, "--host", "127.0.0.1", env={"CONDUIT_ENCRYPTION_KEY": "nope"}) == [
+        "Error: the encryption key from the encryption_key setting (CONDUIT_ENCRYPTION_KEY) must"
+        " be 64 hex digits (32 bytes; make one with: openssl rand -hex 32)"
     ]
