@@ -38,7 +38,7 @@ from aiocoap.pipe import Pipe
 from aiocoap.util.linkformat import Link, LinkFormat
 
 from adapters.coap import dtls
-from adapters.coap.dtls import DTLSError, KeyTable, end_sessions, missing
+from adapters.coap.dtls import DTLSError, KeyTable, end_sessions, guard_undecodable, missing
 from adapters.coap.dtls import bound_port as dtls_bound_port
 from adapters.coap.formats import CONTENT_FORMATS, content_format, media_type
 from adapters.coap.observe import DTLS_KEY_REVOKED, Backlog, Observation, Transfers, sequence
@@ -429,6 +429,17 @@ class CoAPAdapter(Listening):
         except OSError as exc:
             raise ListenError(endpoint, exc) from exc
         self._bound[endpoint.name] = dtls_bound_port(self._dtls_context)
+        gateway = self.gateway
+
+        def refuse(remote: Any) -> None:
+            gateway.refused_input(
+                PROTOCOL,
+                "malformed_datagram",
+                f"datagram over DTLS from {remote.hostinfo} has an option that is not UTF-8",
+                dtls.psk_client(remote),
+            )
+
+        guard_undecodable(self._dtls_context, refuse)
         self._stop_hearing = self.gateway.on_change(self._changed)
 
     async def _changed(self, change: Change) -> None:

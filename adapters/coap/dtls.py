@@ -14,16 +14,17 @@ What the handshake proved reaches a request as ``request.remote.authenticated_cl
 :class:`PSKClaim` naming the client, which the adapter hands the authenticator like any other
 credential (:func:`psk_client`).
 
-aiocoap has no public API to list or end the DTLS sessions of a listener, nor to read its bound
-port: :func:`end_sessions` and :func:`bound_port` read aiocoap 0.4's internals defensively (the
-version is pinned below 0.5 in pyproject.toml); ``tests/coap/test_dtls.py`` fails if they change.
+aiocoap has no public API to list or end the DTLS sessions of a listener, to read its bound
+port, or to drop a decrypted datagram it cannot decode: :func:`end_sessions`, :func:`bound_port`
+and :func:`guard_undecodable` read aiocoap 0.4's internals defensively (the version is pinned
+below 0.5 in pyproject.toml); ``tests/coap/test_dtls.py`` fails if they change.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,28 @@ def bound_port(context: aiocoap.Context) -> int:
         raise RuntimeError("cannot find the UDP port aiocoap's DTLS server bound")
     port: int = transport.get_extra_info("socket").getsockname()[1]
     return port
+
+
+def guard_undecodable(context: aiocoap.Context, refuse: Callable[[Any], None]) -> None:
+    """Drop decrypted datagrams whose string options are not UTF-8, calling ``refuse(remote)``.
+
+    aiocoap's decoder raises UnicodeDecodeError for those (see the plain CoAP twin in
+    :mod:`adapters.coap.adapter`); over DTLS it escapes from inside tinydtls's callback, which
+    Cython turns into a SystemError logged with two tracebacks per datagram."""
+    wrapper = getattr(_pool(context), "_message_interface", None)
+    plaintext = getattr(wrapper, "_plaintext_interface", None)
+    received = getattr(plaintext, "_received_datagram", None)
+    if plaintext is None or received is None:
+        log.warning("aiocoap internals changed: undecodable datagrams over DTLS are not guarded")
+        return
+
+    def guarded(address: Any, datagram: bytes) -> None:
+        try:
+            received(address, datagram)
+        except UnicodeDecodeError:
+            refuse(address)
+
+    plaintext._received_datagram = guarded
 
 
 def end_sessions(context: aiocoap.Context, clients: set[str], reason: str) -> int:

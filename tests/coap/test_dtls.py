@@ -27,7 +27,7 @@ from conduit.api import ManagementAPI
 from core.bus import Subscription
 from core.limits import ListenerLimits
 from core.listeners import Endpoint
-from tests.coap.conftest import TIMEOUT, drain, eventually, observers
+from tests.coap.conftest import TIMEOUT, drain, eventually, observers, refusals
 from tests.conftest import World, require_command, running
 from tests.test_serve import CONDUIT, Server, start
 
@@ -406,3 +406,18 @@ def test_serve_with_a_malformed_encryption_key_says_so(tmp_path: Path) -> None:
         "Error: the encryption key from the encryption_key setting (CONDUIT_ENCRYPTION_KEY) must"
         " be 64 hex digits (32 bytes; make one with: openssl rand -hex 32)"
     ]
+
+
+async def test_an_undecodable_option_is_dropped(
+    world: World, coaps: CoAPAdapter, api: aiohttp.ClientSession, coap_client: str,
+    caplog: pytest.LogCaptureFixture, watch: Subscription,
+) -> None:  # fmt: skip
+    identity, key = await give_key(api, world.publisher.id)
+    # Uri-Path (option 11) of one byte 0xff: not UTF-8.
+    _, err = await run(coap_client, "-B", GIVE_UP, "-m", "post", "-O", "11,0xff", "-u",
+                         identity, "-k", key, f"coaps://127.0.0.1:{coaps.dtls_port}")  # fmt: skip
+    assert err == ""  # no answer (were the path decoded, it would be a 4.04 on stderr)
+    assert refusals(world, "malformed_datagram") >= 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert await publish(coap_client, coaps, identity, key) == (b"", "")  # still serving
+    assert len(drain(watch)) == 1
