@@ -38,7 +38,13 @@ from aiocoap.pipe import Pipe
 from aiocoap.util.linkformat import Link, LinkFormat
 
 from adapters.coap import dtls
-from adapters.coap.dtls import DTLSError, KeyTable, end_sessions, guard_undecodable, missing
+from adapters.coap.dtls import (
+    DTLSError,
+    KeyTable,
+    cannot_serve,
+    end_sessions,
+    guard_undecodable,
+)
 from adapters.coap.dtls import bound_port as dtls_bound_port
 from adapters.coap.formats import CONTENT_FORMATS, content_format, media_type
 from adapters.coap.observe import DTLS_KEY_REVOKED, Backlog, Observation, Transfers, sequence
@@ -365,7 +371,7 @@ class CoAPAdapter(Listening):
         if len(plain) > 1 or any(e.tls is not None for e in plain):
             raise ValueError("CoAP serves one plain UDP endpoint; DTLS is the dtls endpoint")
         if dtls is not None:
-            why = dtls_missing(dtls)
+            why = cannot_serve(dtls)
             if why is not None:
                 raise DTLSError(why)
         self.endpoint = plain[0] if plain else None
@@ -375,6 +381,7 @@ class CoAPAdapter(Listening):
         self.messaging = Messaging(gateway, max_uploads)
         self.site = ConduitSite(gateway, self.messaging)
         self.keys = KeyTable()
+        self._reloading = asyncio.Lock()  # one load of the keys at a time: the last one wins
         self._context: aiocoap.Context | None = None
         self._dtls_context: aiocoap.Context | None = None
         self._stop_hearing: Callable[[], None] | None = None
@@ -445,10 +452,11 @@ class CoAPAdapter(Listening):
     async def _changed(self, change: Change) -> None:
         """Load the DTLS keys again; end the DTLS sessions and observations of the clients
         whose key is gone or replaced, or who are disabled."""
-        keys, failed = await self.gateway.provisioning.dtls_keys()
+        async with self._reloading:
+            keys, failed = await self.gateway.provisioning.dtls_keys()
+            ended = self.keys.replace(keys)
         for line in failed:
             log.error("coaps: %s", line)
-        ended = self.keys.replace(keys)
         if not ended or self._dtls_context is None:
             return
         observations = {
@@ -480,17 +488,6 @@ class CoAPAdapter(Listening):
             if context is not None:
                 await context.shutdown()
         self._context = self._dtls_context = None
-
-
-def dtls_missing(endpoint: Endpoint) -> str | None:
-    """Why CoAP over DTLS cannot be served on ``endpoint`` here, or None."""
-    if endpoint.host in ("", "0.0.0.0", "::"):
-        return (
-            f"CoAP over DTLS cannot listen on the wildcard address {endpoint.host!r}:"
-            " aiocoap's DTLS server answers from the one address it is bound to; set coaps_host"
-            " (CONDUIT_COAPS_HOST) to an address of this machine"
-        )
-    return missing()
 
 
 def _logger(gateway: Gateway) -> str:

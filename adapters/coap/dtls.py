@@ -31,6 +31,7 @@ from typing import Any
 import aiocoap
 from aiocoap import error as coap_error
 
+from core.listeners import Endpoint
 from core.provisioning import PSK_KEY_MAX, PreSharedKey
 
 log = logging.getLogger("conduit.coap")
@@ -46,6 +47,17 @@ def missing() -> str | None:
     from aiocoap.defaults import dtls_missing_modules
 
     return INSTALL if dtls_missing_modules() else None
+
+
+def cannot_serve(endpoint: Endpoint) -> str | None:
+    """Why CoAP over DTLS cannot be served on ``endpoint`` here, or None."""
+    if endpoint.host in ("", "0.0.0.0", "::"):
+        return (
+            f"CoAP over DTLS cannot listen on the wildcard address {endpoint.host!r}:"
+            " aiocoap's DTLS server answers from the one address it is bound to; set coaps_host"
+            " (CONDUIT_COAPS_HOST) to an address of this machine"
+        )
+    return missing()
 
 
 @dataclass(frozen=True, slots=True)
