@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -421,3 +422,17 @@ async def test_an_undecodable_option_is_dropped(
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
     assert await publish(coap_client, coaps, identity, key) == (b"", "")  # still serving
     assert len(drain(watch)) == 1
+
+
+def test_serve_with_the_coaps_port_taken_says_so(tmp_path: Path) -> None:
+    if missing():
+        pytest.skip(missing())
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        lines = serve_fails(tmp_path, "--host", "127.0.0.1", "--coaps-enabled",
+                            "--coaps-port", str(port))  # fmt: skip
+    assert lines[-1] == (
+        f"Error: coaps port {port} is already in use; stop what holds it or choose another port"
+        " (CONDUIT_COAPS_PORT)"
+    )
