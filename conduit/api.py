@@ -127,6 +127,8 @@ class ManagementAPI:
         r.add_post("/domains/{domain}/clients/{client}/enable", self.enable_client)
         r.add_post("/domains/{domain}/clients/{client}/disable", self.disable_client)
         r.add_post("/domains/{domain}/clients/{client}/secret", self.rotate_secret)
+        r.add_post("/domains/{domain}/clients/{client}/dtls-key", self.create_dtls_key)
+        r.add_delete("/domains/{domain}/clients/{client}/dtls-key", self.revoke_dtls_key)
         r.add_post("/domains/{domain}/channels", self.create_channel)
         r.add_get("/domains/{domain}/channels", self.list_channels)
         r.add_get("/domains/{domain}/channels/{channel}", self.get_channel)
@@ -287,6 +289,18 @@ class ManagementAPI:
         m = request.match_info
         client, secret = await self.prov.rotate_secret(m["domain"], m["client"])
         return _json({**_default(client), "secret": secret})
+
+    async def create_dtls_key(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        grant = await self.prov.create_dtls_key(m["domain"], m["client"])
+        return _json(
+            {"client": grant.client.id, "identity": grant.identity, "key": grant.key}, 201
+        )
+
+    async def revoke_dtls_key(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        await self.prov.revoke_dtls_key(m["domain"], m["client"])
+        return web.Response(status=204)
 
     # channels
     async def create_channel(self, request: web.Request) -> web.Response:

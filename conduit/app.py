@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from adapters.coap import CoAPAdapter
+from adapters.coap.dtls import DTLSError
 from adapters.http import HTTPAdapter
 from adapters.http.server import Listener
 from adapters.mqtt import MQTTAdapter
@@ -90,6 +91,8 @@ class Conduit:
             sealing = master_key(s.data_dir, s.encryption_key)
         except SealError as exc:
             raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot read or make the encryption key: {exc}") from None
         tokens = Tokens(
             Keyring(store, sealing, algorithm=s.signing_algorithm, grace=s.signing_key_grace),
             s.token_issuer,
@@ -114,6 +117,7 @@ class Conduit:
             cache_ttl=s.cache_ttl,
             sessions=make_sessions(s.sessions, store),
             tokens=tokens,
+            sealing=sealing,
         )
         try:
             key = admin_key(s.data_dir, s.admin_key)
@@ -151,6 +155,7 @@ class Conduit:
         http = plain(s.http_enabled, "http", s.http_port) + secure("https", s.https_port)
         ws = plain(s.ws_enabled, "ws", s.ws_port) + secure("wss", s.wss_port)
         coap = plain(s.coap_enabled, "coap", s.coap_port)
+        coaps = Endpoint("coaps", s.coaps_host or s.host, s.coaps_port) if s.coaps_enabled else None
         mqtt = [
             *plain(s.mqtt_enabled, "mqtt", s.mqtt_port),
             *secure("mqtts", s.mqtts_port),
@@ -176,8 +181,10 @@ class Conduit:
                 ),
             ),
             (
-                bool(coap),
-                lambda: CoAPAdapter(self.gateway, endpoints=coap, max_uploads=s.coap_max_uploads),
+                bool(coap) or coaps is not None,
+                lambda: CoAPAdapter(
+                    self.gateway, endpoints=coap, dtls=coaps, max_uploads=s.coap_max_uploads
+                ),
             ),
             (
                 bool(mqtt),
@@ -196,7 +203,10 @@ class Conduit:
                 ),
             ),
         ]
-        self.adapters: list[Adapter] = [make() for enabled, make in factories if enabled]
+        try:
+            self.adapters: list[Adapter] = [make() for enabled, make in factories if enabled]
+        except DTLSError as exc:
+            raise StartupError(str(exc)) from None
         self._started: list[Adapter] = []
 
     @property
@@ -297,6 +307,8 @@ class Conduit:
             for adapter in [self.api, *self.adapters]:
                 try:
                     await adapter.start()
+                except DTLSError as exc:
+                    raise StartupError(f"coaps: {exc}") from None
                 except ListenError as exc:
                     endpoint = exc.endpoint
                     if exc.errno == errno.EADDRINUSE:
@@ -413,7 +425,7 @@ def run(settings: Settings) -> None:
     use_uvloop = settings.loop == "uvloop"
     # aiocoap's server stopped answering under uvloop after load generators quit with requests
     # in flight (shared/bench/README.md): with CoAP on, "auto" stays on asyncio.
-    if settings.loop == "auto" and not settings.coap_enabled:
+    if settings.loop == "auto" and not (settings.coap_enabled or settings.coaps_enabled):
         with contextlib.suppress(ImportError):
             import uvloop
 

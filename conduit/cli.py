@@ -295,6 +295,31 @@ _client_command("rotate-secret", "POST", "/secret", "Give a client a new secret 
 _client_command("delete", "DELETE", "", "Delete a client.")
 
 
+@api_command(clients, "dtls-key")
+@domain_opt
+@click.argument("client")
+def clients_dtls_key(api: API, domain: str, client: str) -> None:
+    """Give a client a DTLS pre-shared key for CoAP over DTLS (shown once); again: a new key,
+    the old one stops working."""
+    grant = api.call("POST", f"/domains/{_q(domain)}/clients/{_q(client)}/dtls-key")
+    api.show(grant, ("client", "identity", "key"))
+    if not api.as_json:
+        click.echo(
+            "Keep the key now: it cannot be shown again."
+            f" coap-client: -u {grant['identity']} -k {grant['key']}",
+            err=True,
+        )
+
+
+@api_command(clients, "revoke-dtls-key")
+@domain_opt
+@click.argument("client")
+def clients_revoke_dtls_key(api: API, domain: str, client: str) -> None:
+    """Revoke a client's DTLS key: its handshakes fail and its DTLS sessions end."""
+    api.call("DELETE", f"/domains/{_q(domain)}/clients/{_q(client)}/dtls-key")
+    api.show({"revoked": client})
+
+
 @main.group()
 def channels() -> None:
     """Channels: topics m/<domain>/c/<channel>/..."""

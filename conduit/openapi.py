@@ -56,6 +56,21 @@ SCHEMAS: dict[str, Any] = {
             },
         ],
     },
+    "DTLSKey": {
+        "type": "object",
+        "properties": {
+            "client": {"type": "string", "description": "The client's id"},
+            "identity": {
+                "type": "string",
+                "description": "The PSK identity: the client id without dashes",
+            },
+            "key": {
+                "type": "string",
+                "description": "The pre-shared key (16 characters, 96 random bits); shown once,"
+                " stored encrypted",
+            },
+        },
+    },
     "Channel": {
         "type": "object",
         "properties": {
@@ -195,6 +210,19 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, int, str | None]] = {
         200,
         "ClientWithSecret",
     ),
+    ("post", "/domains/{domain}/clients/{client}/dtls-key"): (
+        "Give the client a DTLS pre-shared key (CoAP over DTLS), shown this once; again: a new"
+        " key, the old one stops working",
+        None,
+        201,
+        "DTLSKey",
+    ),
+    ("delete", "/domains/{domain}/clients/{client}/dtls-key"): (
+        "Revoke the client's DTLS key: its handshakes fail, its DTLS sessions end",
+        None,
+        204,
+        None,
+    ),
     ("post", "/domains/{domain}/channels"): ("Create a channel", "Named", 201, "Channel"),
     ("get", "/domains/{domain}/channels"): ("List channels", None, 200, "Channel[]"),
     ("get", "/domains/{domain}/channels/{channel}"): ("Show a channel", None, 200, "Channel"),
@@ -325,12 +353,13 @@ def spec() -> dict[str, Any]:
             op["security"] = [{"adminKey": []}]
             op["responses"]["401"] = _problem("Missing or wrong admin key")
             op["responses"]["404"] = _problem(
-                "No such domain, client, channel, connection or certificate; no CA in pki_dir"
+                "No such domain, client, channel, connection, certificate or DTLS key; no CA in"
+                " pki_dir"
             )
         if request and request not in _MEDIA_REQUEST:
             op["responses"]["400"] = _problem("Invalid request body or name")
             op["responses"]["408"] = _problem("The body did not arrive within body_timeout")
-        if method == "post" and status == 201:
+        if method == "post" and status == 201 and request:
             op["responses"]["409"] = _problem(
                 "Already exists (a domain or channel of that name; a client of that name in"
                 " the domain)"
@@ -341,8 +370,8 @@ def spec() -> dict[str, Any]:
         "info": {
             "title": "Conduit management API",
             "version": "1",
-            "description": "Provisioning of domains, clients, channels and connections;"
-            " the certificates of Conduit's CA, its CRL and its OCSP responder.",
+            "description": "Provisioning of domains, clients, channels, connections and DTLS"
+            " keys; the certificates of Conduit's CA, its CRL and its OCSP responder.",
         },
         "paths": paths,
         "components": {

@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     ws_dashboard: bool = Field(True, description="Serve the live dashboard page on GET / (WS port)")
     coap_enabled: bool = Field(True, description="Serve CoAP (UDP)")
     coap_port: int = Field(5683, ge=0, le=65535, description="CoAP UDP port")
+    coaps_enabled: bool = Field(
+        False,
+        description="Serve CoAP over DTLS (UDP; pre-shared keys only; experimental in aiocoap):"
+        " needs the DTLSSocket package and one address (coaps_host, or host when it is one)",
+    )
+    coaps_host: str | None = Field(
+        None,
+        description="Address CoAP over DTLS binds to; default: host. Not a wildcard: aiocoap's"
+        " DTLS server binds one address",
+    )
+    coaps_port: int = Field(5684, ge=0, le=65535, description="CoAP over DTLS UDP port")
     coap_max_uploads: int = Field(
         16, ge=0, description="CoAP block-wise uploads assembled at once; 0 = any"
     )

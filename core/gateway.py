@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from core import senml
 from core.auth import Authenticator, Authorizer
-from core.bus import Bus, Change, Sink, Subscription
+from core.bus import Bus, Change, ChangeHandler, Sink, Subscription
 from core.content import SENML
 from core.credentials import Credentials
 from core.errors import (
@@ -38,6 +38,7 @@ from core.message import encode as encode_message
 from core.metrics import Metrics
 from core.noise import NoiseLog, printable
 from core.provisioning import Provisioning
+from core.sealing import SealingKey
 from core.sessions import MemorySessions, SessionStore
 from core.store import NotFound, Store
 from core.topics import TOPIC_CACHE, Topic, TopicFilter, parse_filter, parse_topic
@@ -73,6 +74,7 @@ class Gateway:
         cache_ttl: float = 30.0,
         sessions: SessionStore | None = None,
         tokens: Tokens | None = None,
+        sealing: SealingKey | None = None,
     ) -> None:
         self.store = store
         # Conduit's own tokens, when it issues them (its keys are loaded at start).
@@ -86,7 +88,9 @@ class Gateway:
         self.cache_ttl = cache_ttl
         self.metrics = Metrics()
         self.noise = NoiseLog(log)
-        self.provisioning = Provisioning(store, bus.announce)
+        self.provisioning = Provisioning(store, bus.announce, sealing)
+        # What adapters want to hear of every change, once caches are dropped (the DTLS keys).
+        self._change_handlers: list[ChangeHandler] = []
         self._rate = (
             RateLimiter(self.limits.rate, self.limits.burst) if self.limits.rate > 0 else None
         )
@@ -447,7 +451,23 @@ class Gateway:
             return
         self.authenticator.invalidate()
         self.authorizer.invalidate()
+        for handler in list(self._change_handlers):
+            try:
+                await handler(change)
+            except Exception:
+                log.exception("a change handler failed on %s", change)
         await self.revalidate()
+
+    def on_change(self, handler: ChangeHandler) -> Callable[[], None]:
+        """Call ``handler`` on every change heard from the bus, after the caches are dropped
+        and before open subscriptions are rechecked. Returns the function that stops it."""
+        self._change_handlers.append(handler)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                self._change_handlers.remove(handler)
+
+        return stop
 
     async def revalidate(self) -> None:
         """Close subscriptions whose client lost the right to them, and tell open connections

@@ -1,19 +1,34 @@
-"""Provisioning: domains, clients, channels and connections, as the REST API and CLI see them.
+"""Provisioning: domains, clients, channels, connections and DTLS keys, as the REST API and CLI
+see them.
 
-It checks names, makes ids and secrets, writes through the store and announces every change on
-the bus (:class:`~core.bus.Change`), so that every node drops cached credentials and cuts off
-connections and subscriptions that lost their right: this node before the call returns.
+It checks names, makes ids, secrets and DTLS keys, writes through the store and announces every
+change on the bus (:class:`~core.bus.Change`), so that every node drops cached credentials and
+cuts off connections, subscriptions and DTLS sessions that lost their right: this node before
+the call returns.
+
+DTLS keys (CoAP over DTLS, pre-shared keys). tinydtls, the DTLS stack under aiocoap, takes a PSK
+identity of at most 32 bytes and a key of at most 16 bytes (AES-128; DTLSSocket copies a longer
+key over a 16-byte buffer and the process crashes). So the identity is the client id without its
+dashes (a UUID's 32 hex digits, :func:`psk_identity`) and the key is 16 URL-safe characters
+(96 random bits, :func:`new_dtls_key`), printable so that any client takes it as a string
+(``coap-client -k``). The store keeps it sealed (:mod:`core.sealing`), bound to its client.
 """
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from core.auth.secrets import hash_secret, new_secret
 from core.bus import Change
+from core.sealing import SealError, SealingKey
 from core.store import Channel, Client, Connection, Domain, Store, StoreError
 from core.topics import NAME_RE
+
+PSK_IDENTITY_MAX = 32  # bytes of a PSK identity tinydtls accepts
+PSK_KEY_MAX = 16  # bytes of a PSK tinydtls accepts (DTLS_PSK_MAX_KEY_LEN)
 
 
 class InvalidRequest(StoreError):
@@ -41,10 +56,50 @@ def _check_client_name(name: str) -> None:
         )
 
 
+def psk_identity(client_id: str) -> str:
+    """The PSK identity of a client over DTLS: its id without dashes."""
+    return client_id.replace("-", "")
+
+
+def new_dtls_key() -> str:
+    """A fresh DTLS pre-shared key: 96 random bits as 16 URL-safe characters."""
+    return secrets.token_urlsafe(12)
+
+
+def _dtls_context(client_id: str) -> str:
+    """What a sealed DTLS key is bound to: its purpose and its client."""
+    return f"dtls-psk:{client_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class DTLSKeyGrant:
+    """A DTLS key as its client gets it, once: the PSK identity and the key."""
+
+    client: Client
+    identity: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreSharedKey:
+    """An opened DTLS key, for the DTLS listener: whose it is, the key, and whether its client
+    is enabled."""
+
+    client_id: str
+    key: bytes
+    enabled: bool
+
+
 class Provisioning:
-    def __init__(self, store: Store, announce: Callable[[Change], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        announce: Callable[[Change], Awaitable[None]],
+        sealing: SealingKey | None = None,
+    ) -> None:
         self.store = store
         self._announce = announce
+        self._sealing = sealing
 
     # domains
     async def create_domain(self, name: str, metadata: dict[str, str] | None = None) -> Domain:
@@ -93,6 +148,55 @@ class Provisioning:
     async def delete_client(self, domain: str, ref: str) -> None:
         await self.store.delete_client(domain, ref)
         await self._announce(Change("client", domain, ref))
+
+    # DTLS keys
+    async def create_dtls_key(self, domain: str, ref: str) -> DTLSKeyGrant:
+        """Give a client a new DTLS key, replacing any it had (its DTLS sessions end); the key
+        is shown this once."""
+        sealing = self._sealing_key()
+        client = await self.store.get_client(domain, ref)
+        identity = psk_identity(client.id)
+        if len(identity.encode()) > PSK_IDENTITY_MAX:
+            raise InvalidRequest(
+                f"client id {client.id!r} is too long for a DTLS PSK identity"
+                f" (at most {PSK_IDENTITY_MAX} bytes without dashes)"
+            )
+        key = new_dtls_key()
+        sealed = sealing.seal(key.encode(), _dtls_context(client.id))
+        client = await self.store.put_dtls_key(domain, client.id, sealed)
+        await self._announce(Change("dtls_key", domain, client.id))
+        return DTLSKeyGrant(client, identity, key)
+
+    async def revoke_dtls_key(self, domain: str, ref: str) -> Client:
+        """Remove a client's DTLS key: handshakes with it fail, its DTLS sessions end."""
+        client = await self.store.delete_dtls_key(domain, ref)
+        await self._announce(Change("dtls_key", domain, client.id))
+        return client
+
+    async def dtls_keys(self) -> tuple[dict[str, PreSharedKey], list[str]]:
+        """Every client's DTLS key opened, by PSK identity; and a line for each key that
+        could not be opened (left out: its client cannot do a handshake)."""
+        sealing = self._sealing_key()
+        keys: dict[str, PreSharedKey] = {}
+        failed: list[str] = []
+        for stored in await self.store.dtls_keys():
+            try:
+                key = sealing.open(stored.sealed, _dtls_context(stored.client_id))
+            except SealError as exc:
+                failed.append(f"the DTLS key of client {stored.client_id} cannot be opened: {exc}")
+                continue
+            if len(key) > PSK_KEY_MAX:  # never handed to tinydtls: see the module docstring
+                failed.append(f"the DTLS key of client {stored.client_id} is too long")
+                continue
+            keys[psk_identity(stored.client_id)] = PreSharedKey(
+                stored.client_id, key, stored.enabled
+            )
+        return keys, failed
+
+    def _sealing_key(self) -> SealingKey:
+        if self._sealing is None:
+            raise InvalidRequest("DTLS keys need an encryption key (encryption_key)")
+        return self._sealing
 
     # channels
     async def create_channel(

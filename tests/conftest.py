@@ -54,9 +54,15 @@ class World:
 
 async def make_gateway(tmp_path: Path, limits: Limits | None = None) -> Gateway:
     store = SQLiteStore(tmp_path / "conduit.db")
-    tokens = Tokens(Keyring(store, master_key(tmp_path, None)), "conduit")
+    sealing = master_key(tmp_path, None)
+    tokens = Tokens(Keyring(store, sealing), "conduit")
     gateway = Gateway(
-        store, LocalBus(), *store_auth(store, tokens=tokens), limits=limits, tokens=tokens
+        store,
+        LocalBus(),
+        *store_auth(store, tokens=tokens),
+        limits=limits,
+        tokens=tokens,
+        sealing=sealing,
     )
     await gateway.start()
     return gateway

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from core.bus import Change
 from core.credentials import Credentials, from_authorization
 from core.errors import AuthenticationError, AuthorizationError, Condition, SenMLError
-from core.provisioning import InvalidRequest
+from core.provisioning import InvalidRequest, PreSharedKey, Provisioning
+from core.sealing import SealingKey
 from core.store import Conflict, NotFound
 from tests.conftest import World
 
@@ -123,6 +125,62 @@ async def test_provisioning_refusals(world: World) -> None:
     await prov.delete_domain("acme")
     with pytest.raises(NotFound):
         await prov.get_client("acme", world.stranger.id)
+
+
+async def test_dtls_keys_are_given_opened_rotated_and_revoked(world: World) -> None:
+    prov = world.gateway.provisioning
+    heard: list[Change] = []
+
+    async def hear(change: Change) -> None:
+        heard.append(change)
+
+    world.gateway.on_change(hear)
+    grant = await prov.create_dtls_key("acme", "publisher")  # by name
+    assert grant.client.id == world.publisher.id
+    assert grant.identity == world.publisher.id.replace("-", "")
+    assert len(grant.key) == 16 and len(grant.identity) == 32
+    assert heard == [Change("dtls_key", "acme", world.publisher.id)]
+    keys, failed = await prov.dtls_keys()
+    assert failed == []
+    assert keys == {grant.identity: PreSharedKey(world.publisher.id, grant.key.encode(), True)}
+    rotated = await prov.create_dtls_key("acme", world.publisher.id)
+    assert rotated.key != grant.key
+    assert (await prov.dtls_keys())[0][grant.identity].key == rotated.key.encode()
+    await prov.set_client_enabled("acme", world.publisher.id, False)
+    assert not (await prov.dtls_keys())[0][grant.identity].enabled
+    await prov.revoke_dtls_key("acme", world.publisher.id)
+    assert await prov.dtls_keys() == ({}, [])
+    assert len(heard) == 4
+    with pytest.raises(NotFound, match="has no DTLS key"):
+        await prov.revoke_dtls_key("acme", world.publisher.id)
+    with pytest.raises(NotFound):
+        await prov.create_dtls_key("acme", "nobody")
+
+
+async def test_dtls_keys_under_another_master_key_do_not_open(world: World) -> None:
+    await world.gateway.provisioning.create_dtls_key("acme", "publisher")
+    other = Provisioning(world.gateway.store, world.gateway.bus.announce, SealingKey.generate())
+    keys, [failed] = await other.dtls_keys()
+    assert keys == {}
+    assert failed.startswith(f"the DTLS key of client {world.publisher.id} cannot be opened:")
+    assert "sealed under another master key" in failed
+    without = Provisioning(world.gateway.store, world.gateway.bus.announce)
+    with pytest.raises(InvalidRequest, match="DTLS keys need an encryption key"):
+        await without.create_dtls_key("acme", "publisher")
+
+
+async def test_a_dtls_client_and_a_secret_must_agree(world: World) -> None:
+    gw = world.gateway
+    ident = await gw.authenticate(Credentials(psk_client=world.publisher.id))
+    assert ident.client_id == world.publisher.id
+    # The secret's answer is cached now: the fast path must still not skip the DTLS client.
+    await gw.authenticate(Credentials(world.both.secret))
+    both = Credentials(world.both.secret, psk_client=world.publisher.id)
+    assert gw.authenticate_nowait(both) is None
+    with pytest.raises(AuthenticationError, match="the psk and the secret name different"):
+        await gw.authenticate(both)
+    with pytest.raises(AuthenticationError, match="the DTLS key's client is unknown or disabled"):
+        await gw.authenticate(Credentials(psk_client="nobody"))
 
 
 async def test_store_survives_reopen(world: World, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -71,3 +71,9 @@ def test_coap_forms_and_refusals() -> None:
     assert err.value.condition is Condition.NO_CREDENTIALS
     with pytest.raises(AuthenticationError, match="more than one auth= query"):
         from_coap([f"auth={SECRET}", f"auth={SECRET}"])
+    # Over DTLS: the client whose key the handshake proved, alone or beside auth=.
+    assert from_coap(["x=1"], "c1") == Credentials(psk_client="c1")
+    assert from_coap([f"auth={SECRET}"], "c1") == Credentials(SECRET, psk_client="c1")
+    assert from_coap([f"auth={SECRET}"], "c1").kinds == ("psk", "secret")
+    with pytest.raises(AuthenticationError, match="no credentials"):
+        from_coap(["auth="], "c1")  # an empty auth= is still a malformed credential

@@ -6,7 +6,9 @@
   there is none yet.
 - ``GET`` with ``Observe: 0`` subscribes (wildcards ``+`` and ``#`` allowed in subtopic
   levels): see :mod:`adapters.coap.observe`.
-- Credentials: the ``auth=<secret>`` Uri-Query option, in any position among the queries.
+- Credentials: the ``auth=<secret>`` Uri-Query option, in any position among the queries;
+  over DTLS (:mod:`adapters.coap.dtls`), the client whose pre-shared key the handshake proved,
+  with no other credential needed (an ``auth=`` beside it must name the same client).
 - Block-wise transfers both ways (RFC 7959): aiocoap assembles Block1 requests and splits
   Block2 answers; the adapter refuses a Block1 upload as soon as it is bigger than the gateway's
   payload limit, and serves block-wise notifications itself.
@@ -23,19 +25,30 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiocoap
 import aiocoap.resource as resource
 from aiocoap import error as coap_error
+from aiocoap.numbers import COAP_PORT, COAPS_PORT
 from aiocoap.numbers.codes import Code
 from aiocoap.options import Options
 from aiocoap.pipe import Pipe
 from aiocoap.util.linkformat import Link, LinkFormat
 
+from adapters.coap import dtls
+from adapters.coap.dtls import (
+    DTLSError,
+    KeyTable,
+    cannot_serve,
+    end_sessions,
+    guard_undecodable,
+)
+from adapters.coap.dtls import bound_port as dtls_bound_port
 from adapters.coap.formats import CONTENT_FORMATS, content_format, media_type
-from adapters.coap.observe import Backlog, Observation, Transfers, sequence
+from adapters.coap.observe import DTLS_KEY_REVOKED, Backlog, Observation, Transfers, sequence
+from core.bus import Change
 from core.credentials import from_coap
 from core.errors import (
     Condition,
@@ -46,7 +59,7 @@ from core.errors import (
 )
 from core.gateway import Gateway
 from core.identity import Identity
-from core.listeners import Endpoint, ListenError
+from core.listeners import Endpoint, ListenError, Listening
 
 log = logging.getLogger("conduit.coap")
 
@@ -249,7 +262,8 @@ class Messaging(resource.Resource, resource.PathCapable):
         return len(items) if isinstance(items, dict) else 0
 
     async def _identity(self, request: aiocoap.Message) -> Identity:
-        return await self.gateway.authenticate(from_coap(request.opt.uri_query))
+        psk_client = dtls.psk_client(request.remote)
+        return await self.gateway.authenticate(from_coap(request.opt.uri_query, psk_client))
 
     @staticmethod
     def _topic(request: aiocoap.Message) -> str:
@@ -331,8 +345,9 @@ class ConduitSite(resource.Site):
             pipe.add_response(refusal(exc, self.gateway.limits.max_payload), is_last=True)
 
 
-class CoAPAdapter:
-    """CoAP over UDP on ``host:port`` (5683 by default; 0 picks a free port, read ``port``)."""
+class CoAPAdapter(Listening):
+    """CoAP over UDP on ``host:port`` (5683 by default; 0 picks a free port, read ``port``),
+    and CoAP over DTLS beside it when a ``dtls`` endpoint is given (read ``dtls_port``)."""
 
     protocol = PROTOCOL
 
@@ -343,57 +358,143 @@ class CoAPAdapter:
         port: int = 5683,
         *,
         endpoints: Sequence[Endpoint] | None = None,
+        dtls: Endpoint | None = None,
         max_uploads: int = 16,
     ) -> None:
-        """Serve one UDP endpoint (``endpoints`` of one, or ``host`` and ``port``). CoAP over
-        DTLS is not served yet: an endpoint with a TLS context is refused. ``max_uploads``:
-        block-wise uploads assembled at once (each up to the gateway's maximum payload)."""
+        """Serve plain CoAP on ``endpoints`` (none, or one; None: ``host`` and ``port``) and
+        CoAP over DTLS on ``dtls`` (one address, not a wildcard: aiocoap's DTLS server cannot
+        answer from the right address otherwise). ``max_uploads``: block-wise uploads
+        assembled at once (each up to the gateway's maximum payload). Raises
+        :class:`~adapters.coap.dtls.DTLSError` when DTLS cannot be served here."""
         self.gateway = gateway
-        [endpoint] = endpoints or [Endpoint("coap", host, port)]
-        if endpoint.tls is not None:
-            raise ValueError("CoAP over DTLS is not served yet")
-        self.endpoint = endpoint
-        self.port = endpoint.port
+        plain = list(endpoints) if endpoints is not None else [Endpoint("coap", host, port)]
+        if len(plain) > 1 or any(e.tls is not None for e in plain):
+            raise ValueError("CoAP serves one plain UDP endpoint; DTLS is the dtls endpoint")
+        if dtls is not None:
+            why = cannot_serve(dtls)
+            if why is not None:
+                raise DTLSError(why)
+        self.endpoint = plain[0] if plain else None
+        self.dtls_endpoint = dtls
+        self.endpoints = [e for e in (self.endpoint, dtls) if e is not None]
+        self._bound: dict[str, int] = {}
         self.messaging = Messaging(gateway, max_uploads)
         self.site = ConduitSite(gateway, self.messaging)
+        self.keys = KeyTable()
+        self._reloading = asyncio.Lock()  # one load of the keys at a time: the last one wins
         self._context: aiocoap.Context | None = None
+        self._dtls_context: aiocoap.Context | None = None
+        self._stop_hearing: Callable[[], None] | None = None
+
+    @property
+    def dtls_port(self) -> int:
+        """The CoAP over DTLS port (the bound one once started)."""
+        assert self.dtls_endpoint is not None
+        return self._bound.get(self.dtls_endpoint.name, self.dtls_endpoint.port)
 
     # lifecycle
     async def start(self) -> None:
-        # A logger of this context's own, so that the filter counts for this gateway only.
-        logger = log.getChild(f"aiocoap{next(_contexts)}")
-        logger.addFilter(_LibraryLog(self.gateway))
-        endpoint = self.endpoint
+        try:
+            if self.endpoint is not None:
+                await self._start_plain(self.endpoint)
+            if self.dtls_endpoint is not None:
+                await self._start_dtls(self.dtls_endpoint)
+        except BaseException:
+            await self.stop(0)
+            raise
+        contexts = [c for c in (self._context, self._dtls_context) if c is not None]
+        self.messaging.backlog = Backlog(*contexts)
+
+    async def _start_plain(self, endpoint: Endpoint) -> None:
         try:
             self._context = await aiocoap.Context.create_server_context(
                 self.site,
                 bind=(endpoint.host, endpoint.port),
                 transports=["udp6"],
-                loggername=logger.name,
+                loggername=_logger(self.gateway),
             )
         except OSError as exc:
             raise ListenError(endpoint, exc) from exc
-        self.messaging.backlog = Backlog(self._context)
         _ignore_undecodable(self._context, self.gateway)
-        if self.port == 0:
-            self.port = _bound_port(self._context)
+        self._bound[endpoint.name] = _bound_port(self._context)
 
-    @property
-    def ports(self) -> dict[str, int]:
-        return {self.endpoint.name: self.port}
+    async def _start_dtls(self, endpoint: Endpoint) -> None:
+        keys, failed = await self.gateway.provisioning.dtls_keys()
+        if failed:
+            raise DTLSError(f"{failed[0]} ({len(failed)} such key(s))")
+        self.keys.replace(keys)
+        try:
+            self._dtls_context = await aiocoap.Context.create_server_context(
+                self.site,
+                # aiocoap binds its DTLS server one port above the port it is given (the
+                # CoAP port of the pair): ask for one below. Port 0 stays 0 (-1 + 1).
+                bind=(endpoint.host, endpoint.port - (COAPS_PORT - COAP_PORT)),
+                transports=["tinydtls_server"],
+                server_credentials=self.keys,
+                loggername=_logger(self.gateway),
+            )
+        except OSError as exc:
+            raise ListenError(endpoint, exc) from exc
+        self._bound[endpoint.name] = dtls_bound_port(self._dtls_context)
+        gateway = self.gateway
+
+        def refuse(remote: Any) -> None:
+            gateway.refused_input(
+                PROTOCOL,
+                "malformed_datagram",
+                f"datagram over DTLS from {remote.hostinfo} has an option that is not UTF-8",
+                dtls.psk_client(remote),
+            )
+
+        guard_undecodable(self._dtls_context, refuse)
+        self._stop_hearing = self.gateway.on_change(self._changed)
+
+    async def _changed(self, change: Change) -> None:
+        """Load the DTLS keys again; end the DTLS sessions and observations of the clients
+        whose key is gone or replaced, or who are disabled."""
+        async with self._reloading:
+            keys, failed = await self.gateway.provisioning.dtls_keys()
+            ended = self.keys.replace(keys)
+        for line in failed:
+            log.error("coaps: %s", line)
+        if not ended or self._dtls_context is None:
+            return
+        observations = {
+            observation: task
+            for observation, task in self.messaging.observations.items()
+            if dtls.psk_client(observation.pipe.request.remote) in ended
+        }
+        for observation in observations:
+            await self.gateway.unsubscribe(observation.sub, DTLS_KEY_REVOKED)
+        if observations:
+            # Let them send their last notification before their sessions end.
+            await asyncio.wait(observations.values(), timeout=1.0)
+        count = end_sessions(self._dtls_context, ended, DTLS_KEY_REVOKED)
+        if count:
+            log.info("coaps: %d DTLS session(s) ended: %s", count, DTLS_KEY_REVOKED)
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """End every observation with 5.03 "server shutting down", then close the socket."""
-        if self._context is None:
-            return
+        """End every observation with 5.03 "server shutting down", then close the sockets."""
+        if self._stop_hearing is not None:
+            self._stop_hearing()
+            self._stop_hearing = None
         observations = dict(self.messaging.observations)
         for observation in observations:
             await self.gateway.unsubscribe(observation.sub, "server shutting down")
         if observations:
             # Let the observations send their last notification before the socket closes.
             await asyncio.wait(observations.values(), timeout=min(timeout, 1.0))
-        await self._context.shutdown()
-        self._context = None
+        for context in (self._context, self._dtls_context):
+            if context is not None:
+                await context.shutdown()
+        self._context = self._dtls_context = None
+
+
+def _logger(gateway: Gateway) -> str:
+    """A logger of a context's own, so that the filter counts for this gateway only."""
+    logger = log.getChild(f"aiocoap{next(_contexts)}")
+    logger.addFilter(_LibraryLog(gateway))
+    return logger.name
 
 
 def _message_interfaces(context: aiocoap.Context) -> list[Any]:

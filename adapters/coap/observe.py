@@ -47,11 +47,16 @@ from core.bus import Subscription, SubscriptionClosed
 from core.gateway import CERTIFICATE_REVOKED, EXPIRED, REVOKED, Gateway
 from core.message import Message
 
+# The reason an observation over DTLS ends with when its client's key is revoked or replaced,
+# or the client disabled.
+DTLS_KEY_REVOKED = "DTLS key revoked or replaced, or client disabled"
+
 # The last notification of an observation the server ends, by the reason it ends.
 _ENDINGS = {
     REVOKED: Code.FORBIDDEN,
     EXPIRED: Code.UNAUTHORIZED,
     CERTIFICATE_REVOKED: Code.UNAUTHORIZED,
+    DTLS_KEY_REVOKED: Code.UNAUTHORIZED,
 }
 
 log = logging.getLogger("conduit.coap")
@@ -83,18 +88,24 @@ def block_exponent(request: aiocoap.Message) -> int:
 class Backlog:
     """How many messages aiocoap holds back for a client address (see the module docstring)."""
 
-    def __init__(self, context: aiocoap.Context) -> None:
-        self._backlogs: dict[Any, list[Any]] = {}
-        for interface in context.request_interfaces:
-            backlogs = getattr(getattr(interface, "token_interface", None), "_backlogs", None)
-            if isinstance(backlogs, dict):
-                self._backlogs = backlogs
-                break
-        else:
-            log.warning("aiocoap internals changed: CoAP notifications get no back-pressure")
+    def __init__(self, *contexts: aiocoap.Context) -> None:
+        self._backlogs: list[dict[Any, list[Any]]] = []  # one per context (CoAP, CoAP over DTLS)
+        for context in contexts:
+            for interface in context.request_interfaces:
+                token_interface = getattr(interface, "token_interface", None)
+                backlogs = getattr(token_interface, "_backlogs", None)
+                if isinstance(backlogs, dict):
+                    self._backlogs.append(backlogs)
+                    break
+            else:
+                log.warning("aiocoap internals changed: CoAP notifications get no back-pressure")
 
     def __call__(self, remote: Any) -> int:
-        return len(self._backlogs.get(remote, ()))
+        for backlogs in self._backlogs:
+            held = backlogs.get(remote)
+            if held:
+                return len(held)
+        return 0
 
 
 @dataclass(eq=False)

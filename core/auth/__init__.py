@@ -2,11 +2,12 @@
 
 The :class:`Authenticator` is a chain of :class:`Provider` s, each for the kinds of credential
 it understands (:mod:`core.credentials`): stored client secrets (:mod:`core.auth.secrets`),
-client certificates (:mod:`core.auth.certificates`) and Conduit's broker tokens
-(:mod:`core.auth.tokens`); external identity providers join the chain in their own module.
-For each credential presented, the providers that understand its kind are asked in order;
-the first with an opinion answers (an identity, or a refusal); none with an opinion is bad
-credentials. Where a request carries two credentials (a certificate and a secret), they
+client certificates (:mod:`core.auth.certificates`), DTLS pre-shared keys
+(:mod:`core.auth.psk`) and Conduit's broker tokens (:mod:`core.auth.tokens`); external identity
+providers join the chain in their own module. For each credential presented, the providers that
+understand its kind are asked in order; the first with an opinion answers (an identity, or a
+refusal); none with an opinion is bad credentials. Where a request carries two credentials (a
+certificate and a secret), they
 must name the same client, or it is refused as bad credentials.
 
 The :class:`Authorizer` checks rights: an identity's own topic rules without a store call, or
@@ -101,7 +102,7 @@ class Authenticator:
         self.providers = (*self.providers, provider)
         self._by_kind = {
             kind: tuple(p for p in self.providers if kind in p.kinds)
-            for kind in ("secret", "token", "certificate")
+            for kind in ("secret", "token", "certificate", "psk")
         }
 
     def invalidate(self) -> None:
@@ -112,7 +113,7 @@ class Authenticator:
         """The fast path of :meth:`authenticate`, for the common case of one secret or one
         token: the identity when the answer is known at once (raising when it is a refusal);
         None when only :meth:`authenticate` can tell."""
-        if credentials.certificate is not None:
+        if credentials.certificate is not None or credentials.psk_client is not None:
             return None
         kind: Kind
         if credentials.secret is not None and credentials.token is None:
@@ -160,6 +161,7 @@ _PLURAL: dict[Kind, str] = {
     "secret": "client secrets",
     "token": "bearer tokens",
     "certificate": "client certificates",
+    "psk": "DTLS pre-shared keys",
 }
 
 
@@ -240,12 +242,14 @@ def store_auth(
     certificates: Literal["client_id", "secret"] | None = None,
     tokens: Tokens | None = None,
 ) -> tuple[Authenticator, Authorizer]:
-    """The embedded chain: client secrets in the store; with ``certificates`` (the
-    ``mtls_identity`` mode), client certificates naming stored clients; with ``tokens``,
-    Conduit's broker tokens. Rights from the store's connections, or a token's rules."""
+    """The embedded chain: client secrets in the store, the clients whose DTLS keys a
+    handshake proved; with ``certificates`` (the ``mtls_identity`` mode), client certificates
+    naming stored clients; with ``tokens``, Conduit's broker tokens. Rights from the store's
+    connections, or a token's rules."""
+    from core.auth.psk import PreSharedKeys
     from core.auth.secrets import StoredSecrets
 
-    providers: list[Provider] = [StoredSecrets(store, ttl)]
+    providers: list[Provider] = [StoredSecrets(store, ttl), PreSharedKeys(store, ttl)]
     if certificates is not None:
         from core.auth.certificates import Certificates
 

@@ -314,8 +314,8 @@ def _collect(node: _Level, levels: list[str], i: int, out: list[Subscription]) -
 class Change(msgspec.Struct, frozen=True, gc=False):
     """A change to what clients may do, for every node to hear: its caches of credentials and
     rights must go, and open connections and subscriptions be checked again. ``kind`` is what
-    changed (``domain``, ``client``, ``channel``, ``connection``), ``domain`` where, ``ref``
-    which one (a client or channel reference; empty for a whole domain)."""
+    changed (``domain``, ``client``, ``channel``, ``connection``, ``dtls_key``), ``domain``
+    where, ``ref`` which one (a client or channel reference; empty for a whole domain)."""
 
     kind: str
     domain: str

@@ -1,7 +1,8 @@
-"""State: domains, clients, channels and connections, behind one small interface.
+"""State: domains, clients, channels, connections and DTLS keys, behind one small interface.
 
 ``Store`` is what the rest of the core sees; ``core.store.sqlite`` (the embedded default) and
-``core.store.postgres`` implement it. Secrets never reach the store: only their hash does.
+``core.store.postgres`` implement it. Secrets never reach the store: only their hash does; DTLS
+keys, which must be read back, reach it sealed (:mod:`core.sealing`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,18 @@ class Connection:
     subscribe: bool
 
 
+@dataclass(frozen=True, slots=True)
+class DTLSKey:
+    """A client's pre-shared key for CoAP over DTLS, as the store keeps it: sealed
+    (:mod:`core.sealing`), beside what the DTLS listener needs of its client."""
+
+    client_id: str
+    domain: str
+    enabled: bool  # the client's
+    sealed: bytes
+    created: float
+
+
 class Store(Protocol):
     """The state backend. All methods may raise ``core.errors.UnavailableError``."""
 
@@ -158,6 +171,16 @@ class Store(Protocol):
 
     async def permissions(self, client_id: str, domain: str, channel: str) -> Connection | None:
         """The connection of an enabled client to a channel, or None."""
+
+    # DTLS pre-shared keys (CoAP over DTLS), sealed; one per client, gone with it
+    async def put_dtls_key(self, domain: str, ref: str, sealed: bytes) -> Client:
+        """Give a client (by id or name) its sealed DTLS key, replacing any it had."""
+
+    async def delete_dtls_key(self, domain: str, ref: str) -> Client:
+        """Remove a client's DTLS key (NotFound when it has none)."""
+
+    async def dtls_keys(self) -> list[DTLSKey]:
+        """Every client's DTLS key, enabled or not."""
 
     # retained messages (MQTT): the bus encoding of the last retained message of each topic
     async def put_retained(self, domain: str, channel: str, subtopic: str, data: bytes) -> None:

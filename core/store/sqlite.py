@@ -21,6 +21,7 @@ from core.store import (
     Conflict,
     Connection,
     Domain,
+    DTLSKey,
     IssuedCertificate,
     NotFound,
     SigningKeyRecord,
@@ -131,6 +132,14 @@ MIGRATIONS: list[str] = [
         created REAL NOT NULL,
         retires REAL,
         sealed BLOB NOT NULL
+    );
+    """,
+    # CoAP over DTLS: each client's pre-shared key, sealed (core.sealing), gone with its client.
+    """
+    CREATE TABLE dtls_keys (
+        client_id TEXT PRIMARY KEY REFERENCES clients(id) ON DELETE CASCADE,
+        sealed BLOB NOT NULL,
+        created REAL NOT NULL
     );
     """,
 ]
@@ -409,6 +418,36 @@ class SQLiteStore:
         if row is None:
             return None
         return Connection(domain, client_id, channel, bool(row["publish"]), bool(row["subscribe"]))
+
+    # DTLS keys
+    async def put_dtls_key(self, domain: str, ref: str, sealed: bytes) -> Client:
+        client = await self.get_client(domain, ref)
+        await self._write(
+            "INSERT INTO dtls_keys (client_id, sealed, created) VALUES (?, ?, ?)"
+            " ON CONFLICT (client_id) DO UPDATE"
+            " SET sealed = excluded.sealed, created = excluded.created",
+            (client.id, sealed, time.time()),
+        )
+        return client
+
+    async def delete_dtls_key(self, domain: str, ref: str) -> Client:
+        client = await self.get_client(domain, ref)
+        if not await self._write("DELETE FROM dtls_keys WHERE client_id = ?", (client.id,)):
+            raise NotFound(f"client {client.id!r} has no DTLS key")
+        return client
+
+    async def dtls_keys(self) -> list[DTLSKey]:
+        rows = await self._all(
+            "SELECT k.client_id, k.sealed, k.created, c.domain, c.enabled FROM dtls_keys k"
+            " JOIN clients c ON c.id = k.client_id ORDER BY k.client_id",
+            (),
+        )
+        return [
+            DTLSKey(
+                r["client_id"], r["domain"], bool(r["enabled"]), bytes(r["sealed"]), r["created"]
+            )
+            for r in rows
+        ]
 
     # retained messages
     # certificates

@@ -163,6 +163,30 @@ async def test_certificates(store: Store) -> None:
     assert (await store.get_certificate("a1")).revoked == 20.0
 
 
+async def test_dtls_keys(store: Store) -> None:
+    await _acme(store)
+    assert await store.dtls_keys() == []
+    assert (await store.put_dtls_key("acme", "lamp", b"sealed-1")).id == "id-1"  # by name
+    await store.put_dtls_key("acme", "id-2", b"sealed-2")
+    [lamp, _] = sorted(await store.dtls_keys(), key=lambda k: k.client_id)
+    assert (lamp.client_id, lamp.domain, lamp.enabled, lamp.sealed) == (
+        "id-1", "acme", True, b"sealed-1",
+    )  # fmt: skip
+    await store.put_dtls_key("acme", "id-1", b"sealed-3")  # replaces (rotation)
+    await store.set_client_enabled("acme", "id-1", False)
+    lamp = next(k for k in await store.dtls_keys() if k.client_id == "id-1")
+    assert (lamp.sealed, lamp.enabled) == (b"sealed-3", False)
+    assert (await store.delete_dtls_key("acme", "lamp")).id == "id-1"
+    with pytest.raises(NotFound):  # no key left to delete
+        await store.delete_dtls_key("acme", "lamp")
+    with pytest.raises(NotFound):
+        await store.put_dtls_key("acme", "nobody", b"x")
+    await store.delete_client("acme", "fan")  # its key goes with it
+    assert await store.dtls_keys() == []
+    await store.create_client("acme", "id-2", "fan", "hash-2", {})
+    assert await store.dtls_keys() == []  # a client made again with the same id inherits none
+
+
 async def test_a_closed_store_is_unavailable(store: Store) -> None:
     await store.ping()
     await store.close()
