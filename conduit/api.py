@@ -24,6 +24,7 @@ from aiohttp import web
 
 from conduit.openapi import spec as openapi
 from conduit.settings import ADMIN_KEY_FILE as KEY_FILE
+from core.bus import Change
 from core.errors import (
     PROBLEM_JSON,
     ConduitError,
@@ -142,6 +143,8 @@ class ManagementAPI:
         r.add_get("/certs", self.list_certificates)
         r.add_get("/certs/{serial}", self.get_certificate)
         r.add_delete("/certs/{serial}", self.revoke_certificate)
+        r.add_get("/keys", self.list_keys)
+        r.add_post("/keys/rotate", self.rotate_keys)
         r.add_get("/pki/ca.pem", self.ca_certificate)
         r.add_get("/pki/crl.pem", self.crl)
         r.add_post("/pki/ocsp", self.ocsp)
@@ -396,6 +399,24 @@ class ManagementAPI:
         await self.authority.revoke([serial])
         return _json(await self.gateway.store.get_certificate(serial))
 
+    # the signing keys of Conduit's tokens
+    def _keyring(self) -> Any:
+        if self.gateway.tokens is None:
+            raise NotFound("this gateway issues no tokens")
+        return self.gateway.tokens.keyring
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        keyring = self._keyring()
+        await keyring.reload()
+        signing = keyring.signing.kid
+        return _json([_key(k, signing) for k in keyring.keys()])
+
+    async def rotate_keys(self, request: web.Request) -> web.Response:
+        keyring = self._keyring()
+        key = await keyring.rotate()
+        await self.gateway.bus.announce(Change("keys", ""))
+        return _json(_key(key, key.kid))
+
     async def ca_certificate(self, request: web.Request) -> web.Response:
         return web.Response(
             body=self.authority.ca.cert_pem(), content_type="application/x-pem-file"
@@ -429,6 +450,17 @@ class ManagementAPI:
                 der = b""  # answered as a malformed request, as the RFC asks
         answer = await self.authority.ocsp(der)
         return web.Response(body=answer, content_type="application/ocsp-response")
+
+
+def _key(key: Any, signing: str) -> dict[str, Any]:
+    """A signing key as the API shows it: never its private part."""
+    return {
+        "kid": key.kid,
+        "algorithm": key.algorithm,
+        "created": key.created,
+        "retires": key.retires,
+        "signs": key.kid == signing,
+    }
 
 
 def _serial(request: web.Request) -> str:

@@ -302,7 +302,12 @@ class Conduit:
         return True
 
     async def start(self) -> None:
-        await self.gateway.start()
+        try:
+            await self.gateway.start()
+        except SealError as exc:
+            raise StartupError(
+                f"the signing keys of Conduit's tokens cannot be opened: {exc}"
+            ) from None
         try:
             for adapter in [self.api, *self.adapters]:
                 try:

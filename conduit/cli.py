@@ -128,7 +128,7 @@ class API:
 def _fmt(value: Any, key: str = "") -> str:
     if isinstance(value, dict):
         return json.dumps(value)
-    if key == "created" and isinstance(value, int | float):  # seconds since the epoch
+    if key in ("created", "retires") and isinstance(value, int | float):  # since the epoch
         return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds")
     return str(value)
 
@@ -277,6 +277,23 @@ def clients_create(api: API, domain: str, name: str, metadata: tuple[str, ...]) 
 def clients_list(api: API, domain: str) -> None:
     """List a domain's clients."""
     api.show(api.call("GET", f"/domains/{_q(domain)}/clients"), CLIENT_FIELDS)
+
+
+@main.group()
+def keys() -> None:
+    """The keys Conduit signs its tokens with."""
+
+
+@api_command(keys, "list")
+def keys_list(api: API) -> None:
+    """The keys that verify (the one that signs is marked)."""
+    api.show(api.call("GET", "/keys"), ("kid", "algorithm", "created", "retires", "signs"))
+
+
+@api_command(keys, "rotate")
+def keys_rotate(api: API) -> None:
+    """A new key signs from now on; the previous ones verify for signing_key_grace more."""
+    api.show(api.call("POST", "/keys/rotate"))
 
 
 def _client_command(name: str, method: str, suffix: str, help_text: str) -> None:

@@ -153,6 +153,19 @@ SCHEMAS: dict[str, Any] = {
             },
         ],
     },
+    "SigningKey": {
+        "type": "object",
+        "properties": {
+            "kid": _str,
+            "algorithm": {"type": "string", "enum": ["EdDSA", "ES256"]},
+            "created": {"type": "number"},
+            "retires": {
+                "type": ["number", "null"],
+                "description": "When it stops verifying; null while it signs",
+            },
+            "signs": {"type": "boolean"},
+        },
+    },
     "Revoked": {
         "type": "object",
         "properties": {
@@ -280,6 +293,18 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, int, str | None]] = {
         None,
         200,
         "IssuedCertificate",
+    ),
+    ("get", "/keys"): (
+        "The keys that sign and verify Conduit's tokens (public facts only)",
+        None,
+        200,
+        "SigningKey[]",
+    ),
+    ("post", "/keys/rotate"): (
+        "A new signing key signs from now on; the others verify for signing_key_grace more",
+        None,
+        200,
+        "SigningKey",
     ),
     ("get", "/pki/ca.pem"): ("The CA certificate (PEM)", None, 200, "pem"),
     ("get", "/pki/crl.pem"): ("The CRL, signed now (PEM)", None, 200, "pem"),

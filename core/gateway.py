@@ -108,7 +108,11 @@ class Gateway:
     async def start(self) -> None:
         await self.store.open()
         if self.tokens is not None:
-            await self.tokens.keyring.load()
+            try:
+                await self.tokens.keyring.load()
+            except BaseException:
+                await self.store.close()  # its thread would keep the process alive
+                raise
         await self.bus.start()
         self.bus.on_change(self._changed)
         self._recheck = asyncio.create_task(self._recheck_loop(), name="conduit-recheck")
@@ -448,6 +452,7 @@ class Gateway:
         """A change on any node: forget what was cached, check what is open again."""
         if change.kind == "keys" and self.tokens is not None:
             await self.tokens.keyring.reload()
+            self.authenticator.invalidate()  # tokens of a key gone stop at once
             return
         self.authenticator.invalidate()
         self.authorizer.invalidate()

@@ -150,6 +150,12 @@ class Keyring:
             raise RuntimeError("the keyring is not loaded")
         return self._signing
 
+    def keys(self) -> list[SigningKey]:
+        """Every key that verifies, the newest first."""
+        now = time.time()
+        live = [k for k in self._keys.values() if k.retires is None or k.retires >= now]
+        return sorted(live, key=lambda k: (-k.created, k.kid))
+
     def key(self, kid: str) -> SigningKey | None:
         """The key of that id while it verifies."""
         key = self._keys.get(kid)
@@ -167,10 +173,5 @@ class Keyring:
         return key
 
     def jwks(self) -> dict[str, Any]:
-        """The JWK Set of every key that verifies, the signing one first."""
-        now = time.time()
-        keys = sorted(
-            (k for k in self._keys.values() if k.retires is None or k.retires >= now),
-            key=lambda k: (k.retires is not None, -k.created),
-        )
-        return {"keys": [k.jwk() for k in keys]}
+        """The JWK Set of every key that verifies, the newest (the signing one) first."""
+        return {"keys": [k.jwk() for k in self.keys()]}

@@ -391,15 +391,25 @@ def test_serve_with_another_master_key_says_so(tmp_path: Path) -> None:
     finally:
         srv.proc.terminate()
         srv.proc.wait()
+    # Another master key: the token signing keys, opened first, say so.
     other = "ab" * 32
     [*_, last] = serve_fails(tmp_path, "--host", "127.0.0.1", "--coaps-enabled",
                              env={"CONDUIT_ENCRYPTION_KEY": other})  # fmt: skip
-    client = dev["id"]  # type: ignore[index, call-overload]
     assert last.startswith(
-        f"Error: coaps: the DTLS key of client {client} cannot be opened: dtls-psk:{client}:"
-        " sealed under another master key"
+        "Error: the signing keys of Conduit's tokens cannot be opened: signing-key:"
     ), last
-    assert last.endswith("was encryption_key or <data_dir>/encryption.key changed? (1 such key(s))")
+    assert "sealed under another master key" in last
+    # The right master key, a DTLS key altered in the database: the DTLS listener says so.
+    client = dev["id"]  # type: ignore[index, call-overload]
+    with sqlite3.connect(tmp_path / "conduit.db") as db:
+        (sealed,) = db.execute("SELECT sealed FROM dtls_keys").fetchone()
+        altered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+        db.execute("UPDATE dtls_keys SET sealed = ?", (altered,))
+    [*_, last] = serve_fails(tmp_path, "--host", "127.0.0.1", "--coaps-enabled")
+    assert last == (
+        f"Error: coaps: the DTLS key of client {client} cannot be opened: dtls-psk:{client}: the"
+        " sealed value was altered, or was sealed for something else (1 such key(s))"
+    ), last
 
 
 def test_serve_with_a_malformed_encryption_key_says_so(tmp_path: Path) -> None:
