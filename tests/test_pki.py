@@ -13,6 +13,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -410,3 +411,54 @@ def test_revocations_of_revoked_txt_are_imported(tmp_path: Path) -> None:
     finally:
         server.proc.kill()
         server.proc.wait()
+
+
+def test_openssl_refused_at_the_handshake_revoked_and_expired(conduit: PKIServer) -> None:
+    """``openssl s_client`` over TLS 1.2 (the refusal comes within the handshake): a good
+    certificate gets through; a revoked one (CRL reloaded after the API's revocation) and an
+    expired one are refused. (The event loop's TLS layer closes without flushing OpenSSL's
+    alert, so the client reads an end of file rather than the alert's name.)"""
+    import datetime
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+
+    def s_client(holder: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{conduit.server.ports['https']}",
+             "-CAfile", str(conduit.pki / "ca.pem"), "-cert", str(conduit.pki / f"{holder}.pem"),
+             "-key", str(conduit.pki / f"{holder}.key"), "-brief", "-tls1_2"],
+            input="", capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    async def flow() -> None:
+        good = await conduit.issue("dev", "dev")
+        await conduit.issue("other", "other")
+        assert s_client("dev").returncode == 0
+        await conduit.call("DELETE", f"/certs/{good['serial']}")
+
+    asyncio.run(flow())
+    deadline = time.monotonic() + 20
+    while (r := s_client("dev")).returncode == 0:
+        assert time.monotonic() < deadline, "the CRL was not reloaded"
+        time.sleep(0.2)
+    assert "unexpected eof" in r.stderr or "alert" in r.stderr, r.stderr
+    assert s_client("other").returncode == 0
+    # Expired: made by the CA, valid until yesterday.
+    ca = certs.load_ca(conduit.pki)
+    assert ca.key is not None
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    expired = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=30))
+        .not_valid_after(now - datetime.timedelta(days=1))
+        .sign(ca.key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    certs.write(conduit.pki, "old", certs.Issued(expired, key))
+    r = s_client("old")
+    assert r.returncode != 0, r.stderr
