@@ -58,7 +58,7 @@ UPGRADE_REFUSALS = [
     ("/m/acme/c/temps", "basic:wrong-id", 401, "bad_credentials",
      "client id does not match the secret"),
     ("/m/acme/c/temps", "Bearer eyJ", 401, "bad_credentials",
-     "bearer tokens are not accepted by this gateway"),
+     "no identity provider of this gateway knows this token"),
     ("/m/acme/c/temps", "stranger", 403, "not_allowed",
      "client may neither publish nor subscribe on channel 'temps'"),
     ("/m/acme/c/other", "both", 403, "not_allowed",
