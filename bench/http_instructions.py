@@ -9,6 +9,11 @@ adapter, uvloop, and an SSE subscriber reading the channel, as in http_bench.py.
 
     .venv/bin/python bench/http_instructions.py [--n1 200] [--n2 1200]
     .venv/bin/python bench/http_instructions.py --wrk [--subscriber sse|none]
+    .venv/bin/python bench/http_instructions.py --auth token   # Conduit only, both credentials
+
+``--auth token`` counts Conduit alone twice: publishing with the client secret
+(``Authorization: Client``) and with a broker token (``Authorization: Bearer``); the ratio is
+token / secret.
 
 ``--wrk`` drives each server with ``wrk -t1 -c50`` for 10 s and then 40 s instead (the difference
 divided by the difference in requests): the server is saturated, so requests are handled in
@@ -21,6 +26,7 @@ instructions only: the kernel's share of each request (socket reads and writes) 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -32,6 +38,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from common import (
     SHARED_BENCH,
@@ -93,13 +100,17 @@ def anchor(n: int, tmp: Path, use_wrk: bool, subscriber: str) -> tuple[int, int]
     return answered, instructions(out)
 
 
-def conduit(n: int, tmp: Path, use_wrk: bool, subscriber: str) -> tuple[int, int]:
+def conduit(
+    n: int, tmp: Path, use_wrk: bool, subscriber: str, token: bool = False
+) -> tuple[int, int]:
     port, out = free_port(), tmp / f"conduit.{n}"
     flags = ["--http-port", str(port), "--loop", "uvloop", "--no-ws-enabled"]
     flags += ["--no-mqtt-enabled", "--no-coap-enabled"]
     c = ConduitProcess(extra=flags, wrapper=callgrind(out))
     with c:
         auth = f"Client {c.secret}"
+        if token:
+            auth = f"Bearer {_broker_token(port, auth)}"
         reader = None
         if subscriber == "sse":
             reader = socket.create_connection(("127.0.0.1", port))
@@ -119,6 +130,16 @@ def conduit(n: int, tmp: Path, use_wrk: bool, subscriber: str) -> tuple[int, int
     return answered, instructions(out)
 
 
+def _broker_token(port: int, auth: str) -> str:
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/clients/tokens", method="POST", headers={"Authorization": auth}
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return str(json.loads(r.read())["token"])
+
+
 def _drain(s: socket.socket) -> None:
     try:
         while s.recv(65536):
@@ -133,13 +154,18 @@ def main() -> None:
     ap.add_argument("--n2", type=int, default=1200)
     ap.add_argument("--wrk", action="store_true", help="drive with wrk for 10 s and 40 s")
     ap.add_argument("--subscriber", choices=["sse", "none"], default="sse")
+    ap.add_argument("--auth", choices=["secret", "token"], default="secret",
+                    help="token: Conduit with its secret, then with a broker token")  # fmt: skip
     args = ap.parse_args()
     low_n, high_n = (10, 40) if args.wrk else (args.n1, args.n2)
     if not shutil.which("valgrind"):
         sys.exit("valgrind is needed: apt-get install valgrind")
     per_request = {}
+    runs: list[tuple[str, Any]] = [("anchor", anchor), ("conduit", conduit)]
+    if args.auth == "token":
+        runs = [("secret", conduit), ("token", functools.partial(conduit, token=True))]
     with tempfile.TemporaryDirectory(prefix="conduit-callgrind-") as tmp:
-        for name, run in (("anchor", anchor), ("conduit", conduit)):
+        for name, run in runs:
             (n1, low), (n2, high) = (
                 run(amount, Path(tmp), args.wrk, args.subscriber) for amount in (low_n, high_n)
             )
@@ -149,7 +175,9 @@ def main() -> None:
         json.dumps(
             {
                 **{f"{k}_instructions_per_request": v for k, v in per_request.items()},
-                "ratio": round(per_request["anchor"] / per_request["conduit"], 3),
+                "ratio": round(per_request["anchor"] / per_request["conduit"], 3)
+                if args.auth == "secret"
+                else round(per_request["secret"] / per_request["token"], 3),
                 "driver": "wrk -t1 -c50" if args.wrk else "sequential",
                 "subscriber": args.subscriber,
                 "cpus": os.cpu_count(),
