@@ -27,6 +27,7 @@ from conduit.settings import ADMIN_KEY_FILE as KEY_FILE
 from core.bus import Change
 from core.errors import (
     PROBLEM_JSON,
+    AuthenticationError,
     ConduitError,
     RequestTimeoutError,
     plain_problem,
@@ -36,11 +37,14 @@ from core.gateway import Gateway
 from core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from core.provisioning import InvalidRequest
 from core.store import Conflict, NotFound, StoreError
+from core.users import InvalidUser, Principal, check_role
 
 if TYPE_CHECKING:
     from certs.authority import Authority
+    from core.users import Users
 
 OPEN_ROUTES = ("/health", "/metrics", "/openapi.json")
+PRINCIPAL = web.RequestKey("principal", Principal)  # who calls: set by the middleware
 OPEN_PREFIX = "/pki/"  # the CA's certificate, CRL and OCSP responder: public by nature
 MAX_OCSP_REQUEST = 16384  # bytes of an OCSP request (one is a few hundred)
 
@@ -143,6 +147,16 @@ class ManagementAPI:
         r.add_get("/certs", self.list_certificates)
         r.add_get("/certs/{serial}", self.get_certificate)
         r.add_delete("/certs/{serial}", self.revoke_certificate)
+        r.add_post("/users", self.create_user)
+        r.add_get("/users", self.list_users)
+        r.add_get("/users/{user}", self.get_user)
+        r.add_delete("/users/{user}", self.delete_user)
+        r.add_post("/users/{user}/enable", self.enable_user)
+        r.add_post("/users/{user}/disable", self.disable_user)
+        r.add_put("/users/{user}/password", self.set_password)
+        r.add_get("/domains/{domain}/members", self.list_members)
+        r.add_put("/domains/{domain}/members/{user}", self.set_member)
+        r.add_delete("/domains/{domain}/members/{user}", self.remove_member)
         r.add_get("/keys", self.list_keys)
         r.add_post("/keys/rotate", self.rotate_keys)
         r.add_get("/pki/ca.pem", self.ca_certificate)
@@ -150,6 +164,40 @@ class ManagementAPI:
         r.add_post("/pki/ocsp", self.ocsp)
         r.add_get("/pki/ocsp/{request:.+}", self.ocsp)
         self.app = app
+
+    async def _principal(self, request: web.Request) -> Principal:
+        """The admin key (a platform principal), or a user's access token."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError(
+                "send the admin key or a user's access token: Authorization: Bearer <token>"
+            )
+        if hmac.compare_digest(token.encode(), self._key):
+            return Principal(None)
+        users = self.gateway.users
+        if users is None or not token.startswith("eyJ"):
+            raise AuthenticationError("not the admin key, nor a user's access token")
+        return await users.principal(token)
+
+    @staticmethod
+    def _allowed(principal: Principal, request: web.Request) -> bool:
+        """Platform principals may do anything. Within a domain, its members read and its
+        admins manage; listing domains is open to every user (each sees its own)."""
+        if principal.platform:
+            return True
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else request.path
+        if path == "/domains":
+            return request.method == "GET"
+        if path.startswith("/domains/{domain}/"):
+            domain = request.match_info["domain"]
+            if request.method == "GET":
+                return principal.may_read(domain)
+            return principal.may_manage(domain)
+        if path == "/domains/{domain}":
+            return request.method == "GET" and principal.may_read(request.match_info["domain"])
+        return False
 
     @property
     def authority(self) -> Authority:
@@ -172,14 +220,15 @@ class ManagementAPI:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.path not in OPEN_ROUTES and not request.path.startswith(OPEN_PREFIX):
-            given = request.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self._key
-            ):
+            try:
+                principal = await self._principal(request)
+            except AuthenticationError as exc:
+                return _problem(401, "Unauthorized", exc.detail)
+            if not self._allowed(principal, request):
                 return _problem(
-                    401, "Unauthorized", "send the admin key: Authorization: Bearer <key>"
+                    403, "Forbidden", "your role does not allow this (see docs/users.md)"
                 )
+            request[PRINCIPAL] = principal
         try:
             response: web.StreamResponse = await handler(request)
             return response
@@ -187,7 +236,7 @@ class ManagementAPI:
             return _problem(404, "Not found", str(exc))
         except Conflict as exc:
             return _problem(409, "Conflict", str(exc))
-        except (InvalidRequest, StoreError) as exc:
+        except (InvalidRequest, StoreError, InvalidUser) as exc:
             return _problem(400, "Invalid request", str(exc))
         except ValueError as exc:  # certs.PKIError: a CSR, key type or secret refused; no CA
             from certs import NoCA, PKIError
@@ -251,7 +300,9 @@ class ManagementAPI:
         return _json(await self.prov.create_domain(body["name"], body.get("metadata")), 201)
 
     async def list_domains(self, request: web.Request) -> web.Response:
-        return _json(await self.prov.list_domains())
+        principal = request[PRINCIPAL]
+        domains = await self.prov.list_domains()
+        return _json([d for d in domains if principal.may_read(d.name)])
 
     async def get_domain(self, request: web.Request) -> web.Response:
         return _json(await self.prov.get_domain(request.match_info["domain"]))
@@ -296,9 +347,7 @@ class ManagementAPI:
     async def create_dtls_key(self, request: web.Request) -> web.Response:
         m = request.match_info
         grant = await self.prov.create_dtls_key(m["domain"], m["client"])
-        return _json(
-            {"client": grant.client.id, "identity": grant.identity, "key": grant.key}, 201
-        )
+        return _json({"client": grant.client.id, "identity": grant.identity, "key": grant.key}, 201)
 
     async def revoke_dtls_key(self, request: web.Request) -> web.Response:
         m = request.match_info
@@ -398,6 +447,58 @@ class ManagementAPI:
         serial = _serial(request)
         await self.authority.revoke([serial])
         return _json(await self.gateway.store.get_certificate(serial))
+
+    # users and their roles
+    def _users(self) -> Users:
+        if self.gateway.users is None:
+            raise NotFound("this gateway has no users")
+        return self.gateway.users
+
+    async def create_user(self, request: web.Request) -> web.Response:
+        body = await self._body(request, "email", "name")
+        password, admin = body.get("password"), body.get("platform_admin", False)
+        if password is not None and not isinstance(password, str):
+            raise InvalidRequest("'password' is a string")
+        if not isinstance(admin, bool):
+            raise InvalidRequest("'platform_admin' is a boolean")
+        user = await self._users().create(body["email"], body["name"], password, admin)
+        return _json(user, 201)
+
+    async def list_users(self, request: web.Request) -> web.Response:
+        return _json(await self.gateway.store.list_users())
+
+    async def get_user(self, request: web.Request) -> web.Response:
+        user = await self.gateway.store.get_user(request.match_info["user"])
+        return _json({**_default(user), "roles": await self.gateway.store.roles(user.id)})
+
+    async def delete_user(self, request: web.Request) -> web.Response:
+        await self.gateway.store.delete_user(request.match_info["user"])
+        return web.Response(status=204)
+
+    async def enable_user(self, request: web.Request) -> web.Response:
+        return _json(await self.gateway.store.set_user_enabled(request.match_info["user"], True))
+
+    async def disable_user(self, request: web.Request) -> web.Response:
+        """Disabled: its sign-ins end at once (their access tokens are refused)."""
+        return _json(await self.gateway.store.set_user_enabled(request.match_info["user"], False))
+
+    async def set_password(self, request: web.Request) -> web.Response:
+        body = await self._body(request, "password")
+        return _json(await self._users().set_password(request.match_info["user"], body["password"]))
+
+    async def list_members(self, request: web.Request) -> web.Response:
+        return _json(await self.gateway.store.list_members(request.match_info["domain"]))
+
+    async def set_member(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        role = check_role(body.get("role"))
+        m = request.match_info
+        return _json(await self.gateway.store.set_member(m["domain"], m["user"], role))
+
+    async def remove_member(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        await self.gateway.store.remove_member(m["domain"], m["user"])
+        return web.Response(status=204)
 
     # the signing keys of Conduit's tokens
     def _keyring(self) -> Any:

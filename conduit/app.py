@@ -38,6 +38,7 @@ from core.sessions import make_sessions
 from core.signing import Keyring
 from core.store import make_store
 from core.tokens import Tokens
+from core.users import Users
 
 log = logging.getLogger("conduit")
 
@@ -118,6 +119,9 @@ class Conduit:
             sessions=make_sessions(s.sessions, store),
             tokens=tokens,
             sealing=sealing,
+            users=Users(
+                store, tokens, access_ttl=s.access_token_ttl, refresh_ttl=s.refresh_token_ttl
+            ),
         )
         try:
             key = admin_key(s.data_dir, s.admin_key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -277,6 +278,97 @@ def clients_create(api: API, domain: str, name: str, metadata: tuple[str, ...]) 
 def clients_list(api: API, domain: str) -> None:
     """List a domain's clients."""
     api.show(api.call("GET", f"/domains/{_q(domain)}/clients"), CLIENT_FIELDS)
+
+
+def _password(password_stdin: bool) -> str:
+    """A password from standard input (one line), or from a prompt that does not echo."""
+    if password_stdin:
+        line = sys.stdin.readline().rstrip("\n")
+        if not line:
+            raise click.ClickException("no password on standard input")
+        return line
+    return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+@main.group()
+def users() -> None:
+    """Users: people who sign in, with roles in domains."""
+
+
+@api_command(users, "create")
+@click.argument("email")
+@click.option("--name", required=True, help="Display name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input")
+@click.option("--no-password", is_flag=True, help="No password (sign-in with a provider only)")
+@click.option("--platform-admin", is_flag=True, help="May manage every domain and user")
+def users_create(
+    api: API, email: str, name: str, password_stdin: bool, no_password: bool, platform_admin: bool
+) -> None:
+    """Create a user; the password is asked for (or read from standard input)."""
+    body: dict[str, Any] = {"email": email, "name": name, "platform_admin": platform_admin}
+    if not no_password:
+        body["password"] = _password(password_stdin)
+    api.show(api.call("POST", "/users", body))
+
+
+@api_command(users, "list")
+def users_list(api: API) -> None:
+    """Every user."""
+    api.show(api.call("GET", "/users"), ("id", "email", "name", "enabled", "platform_admin"))
+
+
+def _user_command(name: str, method: str, suffix: str, help_text: str) -> None:
+    @api_command(users, name, help=help_text)
+    @click.argument("user")
+    def command(api: API, user: str) -> None:
+        result = api.call(method, f"/users/{_q(user)}{suffix}")
+        api.show(result if result is not None else {"deleted": user})
+
+
+_user_command("show", "GET", "", "Show a user (by id or email) and its roles.")
+_user_command("enable", "POST", "/enable", "Enable a user.")
+_user_command("disable", "POST", "/disable", "Disable a user: its sign-ins end at once.")
+_user_command("delete", "DELETE", "", "Delete a user.")
+
+
+@api_command(users, "set-password")
+@click.argument("user")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input")
+def users_set_password(api: API, user: str, password_stdin: bool) -> None:
+    """Set a user's password."""
+    api.show(
+        api.call("PUT", f"/users/{_q(user)}/password", {"password": _password(password_stdin)})
+    )
+
+
+@main.group()
+def members() -> None:
+    """Users' roles in a domain: admin or member."""
+
+
+@api_command(members, "list")
+@domain_opt
+def members_list(api: API, domain: str) -> None:
+    """The users with a role in the domain."""
+    api.show(api.call("GET", f"/domains/{_q(domain)}/members"))
+
+
+@api_command(members, "grant")
+@domain_opt
+@click.argument("user")
+@click.option("--role", type=click.Choice(["admin", "member"]), required=True)
+def members_grant(api: API, domain: str, user: str, role: str) -> None:
+    """Give a user (id or email) a role in the domain (replacing the one it had)."""
+    api.show(api.call("PUT", f"/domains/{_q(domain)}/members/{_q(user)}", {"role": role}))
+
+
+@api_command(members, "revoke")
+@domain_opt
+@click.argument("user")
+def members_revoke(api: API, domain: str, user: str) -> None:
+    """Take a user's role in the domain away."""
+    api.call("DELETE", f"/domains/{_q(domain)}/members/{_q(user)}")
+    api.show({"revoked": user, "domain": domain})
 
 
 @main.group()

@@ -153,6 +153,57 @@ SCHEMAS: dict[str, Any] = {
             },
         ],
     },
+    "UserRequest": {
+        "type": "object",
+        "required": ["email", "name"],
+        "properties": {
+            "email": _str,
+            "name": _str,
+            "password": {
+                "type": "string",
+                "description": "12 to 1024 characters; omit for a"
+                " user who signs in with an identity provider only",
+            },
+            "platform_admin": {"type": "boolean", "default": False},
+        },
+    },
+    "User": {
+        "type": "object",
+        "properties": {
+            "id": _str,
+            "email": _str,
+            "name": _str,
+            "enabled": {"type": "boolean"},
+            "platform_admin": {"type": "boolean"},
+            "created": {"type": "number"},
+            "last_login": {"type": ["number", "null"]},
+        },
+    },
+    "UserWithRoles": {
+        "allOf": [
+            {"$ref": "#/components/schemas/User"},
+            {
+                "type": "object",
+                "properties": {
+                    "roles": {"type": "object", "additionalProperties": _str},
+                },
+            },
+        ],
+    },
+    "Password": {
+        "type": "object",
+        "required": ["password"],
+        "properties": {"password": _str},
+    },
+    "RoleRequest": {
+        "type": "object",
+        "required": ["role"],
+        "properties": {"role": {"type": "string", "enum": ["admin", "member"]}},
+    },
+    "Member": {
+        "type": "object",
+        "properties": {"user_id": _str, "domain": _str, "role": _str},
+    },
     "SigningKey": {
         "type": "object",
         "properties": {
@@ -294,6 +345,41 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, int, str | None]] = {
         200,
         "IssuedCertificate",
     ),
+    ("post", "/users"): ("Create a user (platform administrators)", "UserRequest", 201, "User"),
+    ("get", "/users"): ("List users", None, 200, "User[]"),
+    ("get", "/users/{user}"): (
+        "Show a user (by id or email) with its roles",
+        None,
+        200,
+        "UserWithRoles",
+    ),
+    ("delete", "/users/{user}"): ("Delete a user", None, 204, None),
+    ("post", "/users/{user}/enable"): ("Enable a user", None, 200, "User"),
+    ("post", "/users/{user}/disable"): (
+        "Disable a user; its sign-ins end at once",
+        None,
+        200,
+        "User",
+    ),
+    ("put", "/users/{user}/password"): ("Set a user's password", "Password", 200, "User"),
+    ("get", "/domains/{domain}/members"): (
+        "The users with a role in the domain",
+        None,
+        200,
+        "Member[]",
+    ),
+    ("put", "/domains/{domain}/members/{user}"): (
+        "Give a user a role in the domain (replacing the one it had)",
+        "RoleRequest",
+        200,
+        "Member",
+    ),
+    ("delete", "/domains/{domain}/members/{user}"): (
+        "Take a user's role in the domain away",
+        None,
+        204,
+        None,
+    ),
     ("get", "/keys"): (
         "The keys that sign and verify Conduit's tokens (public facts only)",
         None,
@@ -376,7 +462,11 @@ def spec() -> dict[str, Any]:
             op["responses"]["404"] = _problem("No CA in pki_dir")
         if path not in _OPEN and not path.startswith(_OPEN_PREFIX):
             op["security"] = [{"adminKey": []}]
-            op["responses"]["401"] = _problem("Missing or wrong admin key")
+            op["responses"]["401"] = _problem("Missing or wrong admin key or access token")
+            op["responses"]["403"] = _problem(
+                "A user's role does not allow it (members read their domains, admins manage"
+                " them, platform administrators manage domains and users)"
+            )
             op["responses"]["404"] = _problem(
                 "No such domain, client, channel, connection, certificate or DTLS key; no CA in"
                 " pki_dir"
@@ -405,7 +495,8 @@ def spec() -> dict[str, Any]:
                 "adminKey": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "The admin key: CONDUIT_ADMIN_KEY or <data_dir>/admin.key",
+                    "description": "The admin key (CONDUIT_ADMIN_KEY or <data_dir>/admin.key),"
+                    " or a user's access token (POST /users/tokens on the HTTP listeners)",
                 },
             },
         },

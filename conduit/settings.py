@@ -172,6 +172,12 @@ class Settings(BaseSettings):
     broker_token_max_ttl: int = Field(
         86400, gt=0, description="Seconds a broker token may be asked to be good for, at most"
     )
+    access_token_ttl: int = Field(
+        900, gt=0, description="Seconds a user's access token is good for"
+    )
+    refresh_token_ttl: int = Field(
+        86400, gt=0, description="Seconds a user's refresh token is good for (one use)"
+    )
 
     # limits
     max_payload: int = Field(262144, gt=0, description="Largest message payload, bytes")
@@ -232,10 +238,12 @@ class Settings(BaseSettings):
     def _lifetimes(self) -> Settings:
         if self.broker_token_ttl > self.broker_token_max_ttl:
             raise ValueError("broker_token_ttl is longer than broker_token_max_ttl")
-        if self.broker_token_max_ttl > self.signing_key_grace:
+        longest = max(self.broker_token_max_ttl, self.access_token_ttl, self.refresh_token_ttl)
+        if longest > self.signing_key_grace:
             raise ValueError(
-                "signing_key_grace is shorter than broker_token_max_ttl: tokens signed before a"
-                " rotation would stop verifying before they expire"
+                "signing_key_grace is shorter than the longest token lifetime"
+                " (broker_token_max_ttl, access_token_ttl, refresh_token_ttl): tokens signed"
+                " before a rotation would stop verifying before they expire"
             )
         return self
 

@@ -45,6 +45,7 @@ from core.topics import TOPIC_CACHE, Topic, TopicFilter, parse_filter, parse_top
 
 if TYPE_CHECKING:
     from core.tokens import Tokens
+    from core.users import Users
 
 log = logging.getLogger("conduit.gateway")
 
@@ -75,10 +76,13 @@ class Gateway:
         sessions: SessionStore | None = None,
         tokens: Tokens | None = None,
         sealing: SealingKey | None = None,
+        users: Users | None = None,
     ) -> None:
         self.store = store
         # Conduit's own tokens, when it issues them (its keys are loaded at start).
         self.tokens = tokens
+        # People who sign in (the public token routes, the management API).
+        self.users = users
         self.bus = bus
         # Where protocol sessions that outlive their connection are kept (MQTT).
         self.sessions: SessionStore = sessions if sessions is not None else MemorySessions()

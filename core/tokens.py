@@ -34,6 +34,12 @@ AUDIENCES: dict[TokenType, str] = {
     "refresh": "conduit:refresh",
     "recovery": "conduit:recovery",
 }
+NAMED: dict[TokenType, str] = {
+    "broker": "a broker token",
+    "access": "an access token",
+    "refresh": "a refresh token",
+    "recovery": "a recovery token",
+}
 LEEWAY = 30  # seconds of clock difference forgiven on exp, nbf and iat
 REQUIRED = ["iss", "aud", "sub", "exp", "nbf", "iat", "jti"]
 
@@ -68,10 +74,15 @@ class Tokens:
         return int(asked)
 
     def issue(
-        self, typ: TokenType, subject: str, ttl: float, claims: dict[str, Any] | None = None
+        self,
+        typ: TokenType,
+        subject: str,
+        ttl: float,
+        claims: dict[str, Any] | None = None,
+        jti: str | None = None,
     ) -> tuple[str, int]:
         """A signed token of ``typ`` for ``subject``, good for ``ttl`` seconds; with its expiry
-        (seconds since the epoch)."""
+        (seconds since the epoch). ``jti`` names it (random when not given)."""
         key = self.keyring.signing
         now = int(time.time())
         expires = now + max(1, int(ttl))
@@ -83,7 +94,7 @@ class Tokens:
             "iat": now,
             "nbf": now,
             "exp": expires,
-            "jti": secrets.token_urlsafe(12),
+            "jti": jti or secrets.token_urlsafe(12),
         }
         headers = {"kid": key.kid, "typ": f"{typ}+jwt"}
         return jwt.encode(payload, key.private, key.algorithm, headers), expires
@@ -128,7 +139,7 @@ class Tokens:
         except jwt.ImmatureSignatureError:
             raise AuthenticationError("the token is not valid yet (nbf or iat)") from None
         except jwt.InvalidAudienceError:
-            raise AuthenticationError(f"the token is not a {typ} token (aud)") from None
+            raise AuthenticationError(f"the token is not {NAMED[typ]} (aud)") from None
         except jwt.InvalidIssuerError:
             raise AuthenticationError("the token was not issued by this gateway (iss)") from None
         except jwt.InvalidAlgorithmError:
@@ -142,7 +153,7 @@ class Tokens:
         except jwt.InvalidTokenError:
             raise AuthenticationError("the token is malformed") from None
         if decoded["header"].get("typ") != f"{typ}+jwt":
-            raise AuthenticationError(f"the token is not a {typ} token (typ)")
+            raise AuthenticationError(f"the token is not {NAMED[typ]} (typ)")
         payload: dict[str, Any] = decoded["payload"]
         return payload
 

@@ -27,6 +27,7 @@ from core.sealing import master_key
 from core.signing import Keyring
 from core.store.sqlite import SQLiteStore
 from core.tokens import Tokens
+from core.users import Users
 
 
 @dataclass
@@ -63,6 +64,7 @@ async def make_gateway(tmp_path: Path, limits: Limits | None = None) -> Gateway:
         limits=limits,
         tokens=tokens,
         sealing=sealing,
+        users=Users(store, tokens),
     )
     await gateway.start()
     return gateway

@@ -18,6 +18,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import orjson
 from aiohttp import HttpVersion11, web
@@ -225,6 +226,10 @@ class HTTPAdapter(Listening):
             return _ready(response)
         if path == "/.well-known/jwks.json" and method in ("GET", "HEAD"):
             return self.jwks(request)
+        if path == "/users/tokens" and method in ("POST", "DELETE"):
+            return self.login(request) if method == "POST" else self.logout(request)
+        if path == "/users/tokens/refresh" and method == "POST":
+            return self.refresh(request)
         return _ready(
             self._refuse(TopicError(f"{path} is not a messaging path", "path", Condition.NOT_FOUND))
         )
@@ -291,6 +296,54 @@ class HTTPAdapter(Listening):
         if ttl is not None and (not isinstance(ttl, int | float) or isinstance(ttl, bool)):
             raise ValueError("'ttl' is a number of seconds")
         return ttl
+
+    # users: sign in, refresh, sign out
+    async def _fields(self, request: web.BaseRequest, *names: str) -> list[str]:
+        """The named string fields of a JSON object body (ValueError otherwise)."""
+        try:
+            body = orjson.loads(await self._body(request))
+        except orjson.JSONDecodeError:
+            raise ValueError("the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ValueError("the body is a JSON object")
+        values = [body.get(name) for name in names]
+        for name, value in zip(names, values, strict=True):
+            if not isinstance(value, str):
+                raise ValueError(f"{name!r} is required (a string)")
+        return values  # type: ignore[return-value]
+
+    async def _users_call(
+        self, request: web.BaseRequest, names: tuple[str, ...], call: Any
+    ) -> web.Response:
+        users = self.gateway.users
+        if users is None:
+            return _problem(404, "Not found", "this gateway has no users")
+        try:
+            answer = await call(users, *(await self._fields(request, *names)))
+        except ConduitError as exc:
+            return self._refuse(exc)
+        except ValueError as exc:
+            return _problem(400, "Invalid request", str(exc))
+        if answer is None:
+            return web.Response(status=204)
+        return web.Response(
+            body=orjson.dumps(answer),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def login(self, request: web.BaseRequest) -> web.Response:
+        """``POST /users/tokens`` ``{email, password}``: an access and a refresh token."""
+        return await self._users_call(request, ("email", "password"), lambda u, e, p: u.login(e, p))
+
+    async def refresh(self, request: web.BaseRequest) -> web.Response:
+        """``POST /users/tokens/refresh`` ``{refresh_token}``: a new pair; the one used is
+        spent."""
+        return await self._users_call(request, ("refresh_token",), lambda u, t: u.refresh(t))
+
+    async def logout(self, request: web.BaseRequest) -> web.Response:
+        """``DELETE /users/tokens`` ``{refresh_token}``: the sign-in ends (204)."""
+        return await self._users_call(request, ("refresh_token",), lambda u, t: u.logout(t))
 
     async def jwks(self, request: web.BaseRequest) -> web.Response:
         """``GET /.well-known/jwks.json``: the keys that verify Conduit's tokens."""

@@ -72,6 +72,28 @@ class IssuedCertificate:
 
 
 @dataclass(frozen=True, slots=True)
+class User:
+    """A person who signs in (see :mod:`core.users`)."""
+
+    id: str
+    email: str
+    name: str
+    enabled: bool
+    platform_admin: bool
+    created: float
+    last_login: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A user's role in a domain: ``admin`` or ``member``."""
+
+    user_id: str
+    domain: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
 class SigningKeyRecord:
     """A key Conduit signs its tokens with (see :mod:`core.signing`), its private part sealed
     under the master key (:mod:`core.sealing`)."""
@@ -205,6 +227,48 @@ class Store(Protocol):
 
     async def revoked_certificates(self, serials: Iterable[str] | None = None) -> dict[str, float]:
         """Serial -> revocation time of the revoked certificates (of ``serials``, or all)."""
+
+    # users, their roles, and the families of their refresh tokens
+    async def create_user(self, user: User, password_hash: str | None) -> User: ...
+
+    async def get_user(self, ref: str) -> User:
+        """A user by id, or by email (any case)."""
+
+    async def list_users(self) -> list[User]: ...
+
+    async def user_password(self, email: str) -> tuple[User, str | None] | None:
+        """A user by email with its password hash, or None."""
+
+    async def set_user_enabled(self, ref: str, enabled: bool) -> User: ...
+
+    async def set_user_password(self, ref: str, password_hash: str | None) -> User: ...
+
+    async def set_last_login(self, user_id: str, when: float) -> None: ...
+
+    async def delete_user(self, ref: str) -> None: ...
+
+    async def set_member(self, domain: str, user_ref: str, role: str) -> Member: ...
+
+    async def remove_member(self, domain: str, user_ref: str) -> None: ...
+
+    async def list_members(self, domain: str) -> list[Member]: ...
+
+    async def roles(self, user_id: str) -> dict[str, str]:
+        """Domain -> role of a user."""
+
+    async def add_token_family(self, family: str, user_id: str, when: float) -> None: ...
+
+    async def revoke_token_family(self, family: str, when: float) -> bool:
+        """True when the family was live until now."""
+
+    async def token_family_live(self, family: str) -> bool:
+        """Whether the family exists, is not revoked and its user is enabled."""
+
+    async def add_refresh_token(self, jti: str, family: str, expires: float) -> None: ...
+
+    async def use_refresh_token(self, jti: str, when: float) -> str:
+        """Mark a refresh token used: ``fresh`` (it was not), ``used`` (it was: a replay), or
+        ``unknown``."""
 
     # the keys Conduit's tokens are signed with
     async def add_signing_key(self, key: SigningKeyRecord) -> None: ...

@@ -23,8 +23,10 @@ from core.store import (
     Domain,
     DTLSKey,
     IssuedCertificate,
+    Member,
     NotFound,
     SigningKeyRecord,
+    User,
 )
 
 # Each entry migrates the schema from version i to i + 1. Append only; never edit a shipped one.
@@ -140,6 +142,37 @@ MIGRATIONS: list[str] = [
         client_id TEXT PRIMARY KEY REFERENCES clients(id) ON DELETE CASCADE,
         sealed BLOB NOT NULL,
         created REAL NOT NULL
+    );
+    """,
+    # Users (core.users), their roles in domains, and their refresh token families.
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        name TEXT NOT NULL,
+        password_hash TEXT,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        platform_admin INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL,
+        last_login REAL
+    );
+    CREATE TABLE members (
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+        role TEXT NOT NULL,
+        PRIMARY KEY (user_id, domain)
+    );
+    CREATE TABLE token_families (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        created REAL NOT NULL,
+        revoked REAL
+    );
+    CREATE TABLE refresh_tokens (
+        jti TEXT PRIMARY KEY,
+        family TEXT NOT NULL REFERENCES token_families(id) ON DELETE CASCADE,
+        expires REAL NOT NULL,
+        used REAL
     );
     """,
 ]
@@ -504,6 +537,129 @@ class SQLiteStore:
                 (json.dumps(wanted),),
             )
         return {r["serial"]: r["revoked"] for r in rows}
+
+    # users
+    @staticmethod
+    def _user(row: sqlite3.Row) -> User:
+        return User(
+            row["id"], row["email"], row["name"], bool(row["enabled"]),
+            bool(row["platform_admin"]), row["created"], row["last_login"],
+        )  # fmt: skip
+
+    async def create_user(self, user: User, password_hash: str | None) -> User:
+        try:
+            await self._write(
+                "INSERT INTO users (id, email, name, password_hash, enabled, platform_admin,"
+                " created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (user.id, user.email, user.name, password_hash, int(user.enabled),
+                 int(user.platform_admin), user.created),
+            )  # fmt: skip
+        except Conflict:
+            raise Conflict(f"a user with email {user.email!r} exists") from None
+        return user
+
+    async def get_user(self, ref: str) -> User:
+        row = await self._one(
+            "SELECT * FROM users WHERE id = ? OR email = ? COLLATE NOCASE"
+            " ORDER BY id = ? DESC LIMIT 1",
+            (ref, ref, ref),
+        )
+        if row is None:
+            raise NotFound(f"no user {ref!r}")
+        return self._user(row)
+
+    async def list_users(self) -> list[User]:
+        return [self._user(r) for r in await self._all("SELECT * FROM users ORDER BY email", ())]
+
+    async def user_password(self, email: str) -> tuple[User, str | None] | None:
+        row = await self._one("SELECT * FROM users WHERE email = ? COLLATE NOCASE", (email,))
+        return None if row is None else (self._user(row), row["password_hash"])
+
+    async def set_user_enabled(self, ref: str, enabled: bool) -> User:
+        user = await self.get_user(ref)
+        await self._write("UPDATE users SET enabled = ? WHERE id = ?", (int(enabled), user.id))
+        return await self.get_user(user.id)
+
+    async def set_user_password(self, ref: str, password_hash: str | None) -> User:
+        user = await self.get_user(ref)
+        await self._write(
+            "UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user.id)
+        )
+        return user
+
+    async def set_last_login(self, user_id: str, when: float) -> None:
+        await self._write("UPDATE users SET last_login = ? WHERE id = ?", (when, user_id))
+
+    async def delete_user(self, ref: str) -> None:
+        user = await self.get_user(ref)
+        await self._write("DELETE FROM users WHERE id = ?", (user.id,))
+
+    async def set_member(self, domain: str, user_ref: str, role: str) -> Member:
+        await self.get_domain(domain)
+        user = await self.get_user(user_ref)
+        await self._write(
+            "INSERT INTO members (user_id, domain, role) VALUES (?, ?, ?)"
+            " ON CONFLICT (user_id, domain) DO UPDATE SET role = excluded.role",
+            (user.id, domain, role),
+        )
+        return Member(user.id, domain, role)
+
+    async def remove_member(self, domain: str, user_ref: str) -> None:
+        user = await self.get_user(user_ref)
+        if not await self._write(
+            "DELETE FROM members WHERE user_id = ? AND domain = ?", (user.id, domain)
+        ):
+            raise NotFound(f"user {user.email!r} has no role in domain {domain!r}")
+
+    async def list_members(self, domain: str) -> list[Member]:
+        await self.get_domain(domain)
+        rows = await self._all(
+            "SELECT m.* FROM members m JOIN users u ON u.id = m.user_id WHERE m.domain = ?"
+            " ORDER BY u.email",
+            (domain,),
+        )
+        return [Member(r["user_id"], r["domain"], r["role"]) for r in rows]
+
+    async def roles(self, user_id: str) -> dict[str, str]:
+        rows = await self._all("SELECT domain, role FROM members WHERE user_id = ?", (user_id,))
+        return {r["domain"]: r["role"] for r in rows}
+
+    async def add_token_family(self, family: str, user_id: str, when: float) -> None:
+        await self._write(
+            "INSERT INTO token_families (id, user_id, created) VALUES (?, ?, ?)",
+            (family, user_id, when),
+        )
+        await self._write("DELETE FROM refresh_tokens WHERE expires < ?", (when,))
+
+    async def revoke_token_family(self, family: str, when: float) -> bool:
+        return bool(
+            await self._write(
+                "UPDATE token_families SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                (when, family),
+            )
+        )
+
+    async def token_family_live(self, family: str) -> bool:
+        row = await self._one(
+            "SELECT 1 FROM token_families f JOIN users u ON u.id = f.user_id"
+            " WHERE f.id = ? AND f.revoked IS NULL AND u.enabled",
+            (family,),
+        )
+        return row is not None
+
+    async def add_refresh_token(self, jti: str, family: str, expires: float) -> None:
+        await self._write(
+            "INSERT INTO refresh_tokens (jti, family, expires) VALUES (?, ?, ?)",
+            (jti, family, expires),
+        )
+
+    async def use_refresh_token(self, jti: str, when: float) -> str:
+        if await self._write(
+            "UPDATE refresh_tokens SET used = ? WHERE jti = ? AND used IS NULL", (when, jti)
+        ):
+            return "fresh"
+        row = await self._one("SELECT 1 FROM refresh_tokens WHERE jti = ?", (jti,))
+        return "used" if row is not None else "unknown"
 
     # signing keys
     async def add_signing_key(self, key: SigningKeyRecord) -> None:

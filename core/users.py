@@ -1,0 +1,193 @@
+"""People who sign in: users, their passwords, their roles in domains, and the tokens they get.
+
+A user has an email (unique in any case), a name, a password hashed with Argon2id
+(``argon2-cffi``), and roles per domain: ``admin`` (manage the domain's clients, channels,
+connections and certificates) or ``member`` (read them). A platform administrator manages
+domains and users; the admin key of the management API is the bootstrap platform credential.
+
+Signing in (:meth:`Users.login`) gives a pair: an access token (``access_token_ttl``, 15
+minutes) and a refresh token (``refresh_token_ttl``, 24 hours), both of one *family*, one per
+sign-in. :meth:`Users.refresh` trades a refresh token for a new pair of the same family, and the
+refresh token used is spent: presenting a spent one again is a replay (the token was stolen, or
+the client lost an answer), and the whole family is revoked, so that neither the thief's nor
+the owner's tokens work on (RFC 9700 section 4.14.2). Signing out revokes the family. An access
+token is checked against its family on every use: a revoked family, or a disabled user, is
+refused at once.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import argon2
+
+from core.errors import AuthenticationError, AuthorizationError
+from core.store import NotFound, Store, User
+from core.tokens import Tokens
+
+Role = Literal["admin", "member"]
+ROLES: tuple[Role, ...] = ("admin", "member")
+MIN_PASSWORD = 12  # characters
+MAX_PASSWORD = 1024  # characters: Argon2 hashes any length; a bound keeps requests cheap
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+BAD_LOGIN = "wrong email or password"
+
+
+class InvalidUser(ValueError):
+    """A user request with a bad email, name, password or role; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who calls the management API: the admin key, or a user with its roles."""
+
+    user: User | None  # None: the admin key
+    roles: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def platform(self) -> bool:
+        return self.user is None or self.user.platform_admin
+
+    def may_read(self, domain: str) -> bool:
+        return self.platform or domain in self.roles
+
+    def may_manage(self, domain: str) -> bool:
+        return self.platform or self.roles.get(domain) == "admin"
+
+    def require(self, allowed: bool, what: str) -> None:
+        if not allowed:
+            raise AuthorizationError(f"your role does not allow you to {what}")
+
+
+def check_password(password: str) -> None:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise InvalidUser(f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+
+
+def check_email(email: str) -> None:
+    if len(email) > 254 or not _EMAIL.fullmatch(email):
+        raise InvalidUser(f"{email!r} is not an email address")
+
+
+def check_role(role: object) -> Role:
+    if role not in ROLES:
+        raise InvalidUser("'role' is admin or member")
+    return role
+
+
+class Users:
+    """Users, their passwords and their tokens (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        tokens: Tokens,
+        *,
+        access_ttl: int = 900,
+        refresh_ttl: int = 86400,
+    ) -> None:
+        self.store = store
+        self.tokens = tokens
+        self.access_ttl = access_ttl
+        self.refresh_ttl = refresh_ttl
+        self._hasher = argon2.PasswordHasher()  # Argon2id, RFC 9106's second recommendation
+        # What an unknown email's password is checked against, for the same work as a known
+        # one: made at the first sign-in (a hash takes tens of milliseconds).
+        self._decoy: str | None = None
+
+    # people -----------------------------------------------------------------------------------
+
+    async def create(
+        self, email: str, name: str, password: str | None, platform_admin: bool = False
+    ) -> User:
+        check_email(email)
+        if not 0 < len(name) <= 256 or not name.isprintable():
+            raise InvalidUser("a name has 1 to 256 printable characters")
+        hashed = None
+        if password is not None:
+            check_password(password)
+            hashed = self._hasher.hash(password)
+        user = User(str(uuid.uuid4()), email, name, True, platform_admin, time.time(), None)
+        return await self.store.create_user(user, hashed)
+
+    async def set_password(self, ref: str, password: str) -> User:
+        check_password(password)
+        user = await self.store.set_user_password(ref, self._hasher.hash(password))
+        return user
+
+    # tokens -----------------------------------------------------------------------------------
+
+    async def login(self, email: str, password: str) -> dict[str, Any]:
+        """A new pair for a user's email and password; AuthenticationError otherwise, the same
+        for an unknown email as for a wrong password."""
+        found = await self.store.user_password(email) if len(password) <= MAX_PASSWORD else None
+        hashed = found[1] if found is not None else None
+        if hashed is None and self._decoy is None:
+            self._decoy = self._hasher.hash(secrets.token_urlsafe(16))
+        try:
+            self._hasher.verify(hashed or self._decoy or "", password)
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+            raise AuthenticationError(BAD_LOGIN) from None
+        if found is None or hashed is None:
+            raise AuthenticationError(BAD_LOGIN)
+        user = found[0]
+        if not user.enabled:
+            raise AuthenticationError("this user is disabled")
+        if self._hasher.check_needs_rehash(hashed):
+            await self.store.set_user_password(user.id, self._hasher.hash(password))
+        now = time.time()
+        await self.store.set_last_login(user.id, now)
+        family = secrets.token_urlsafe(16)
+        await self.store.add_token_family(family, user.id, now)
+        return await self._pair(user.id, family)
+
+    async def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """A new pair for a refresh token, which is spent; a spent one revokes its family."""
+        claims = await self.tokens.verify(refresh_token, "refresh")
+        family = str(claims.get("fam", ""))
+        state = await self.store.use_refresh_token(str(claims["jti"]), time.time())
+        if state == "used":
+            await self.store.revoke_token_family(family, time.time())
+            raise AuthenticationError(
+                "this refresh token was used before: every token of its sign-in is revoked"
+            )
+        if state != "fresh" or not await self.store.token_family_live(family):
+            raise AuthenticationError("this sign-in has ended (signed out, or user disabled)")
+        return await self._pair(str(claims["sub"]), family)
+
+    async def logout(self, refresh_token: str) -> None:
+        """End a sign-in: its family is revoked, access tokens included."""
+        claims = await self.tokens.verify(refresh_token, "refresh")
+        await self.store.revoke_token_family(str(claims.get("fam", "")), time.time())
+
+    async def _pair(self, user_id: str, family: str) -> dict[str, Any]:
+        access, expires = self.tokens.issue("access", user_id, self.access_ttl, {"fam": family})
+        jti = secrets.token_urlsafe(16)
+        refresh, refresh_expires = self.tokens.issue(
+            "refresh", user_id, self.refresh_ttl, {"fam": family}, jti
+        )
+        await self.store.add_refresh_token(jti, family, refresh_expires)
+        return {
+            "access_token": access,
+            "refresh_token": refresh,
+            "token_type": "Bearer",
+            "expires_at": expires,
+            "refresh_expires_at": refresh_expires,
+        }
+
+    async def principal(self, access_token: str) -> Principal:
+        """The user an access token names, with its roles; AuthenticationError when the token
+        is not a valid access token, its sign-in ended, or the user is disabled or gone."""
+        claims = await self.tokens.verify(access_token, "access")
+        if not await self.store.token_family_live(str(claims.get("fam", ""))):
+            raise AuthenticationError("this sign-in has ended (signed out, or user disabled)")
+        try:
+            user = await self.store.get_user(str(claims["sub"]))
+        except NotFound:
+            raise AuthenticationError("this user no longer exists") from None
+        return Principal(user, await self.store.roles(user.id))

@@ -1,0 +1,233 @@
+"""Users: created through the management API, signing in on the HTTP listener for an access and
+a refresh token, refresh rotation with reuse detection, sign-out, and every management route
+taken with a user's access token under its role: 401 without a valid token, 403 where the role
+does not reach, the exact answers."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+
+from adapters.http.server import Listener
+from conduit.api import ManagementAPI
+from core.limits import ListenerLimits
+from core.listeners import Endpoint
+from tests.conftest import World
+
+KEY = "test-admin-key-" + "0" * 32
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+async def api(world: World) -> AsyncIterator[str]:
+    app = ManagementAPI(world.gateway, KEY).app
+    listener = Listener(
+        world.gateway, "api", app, Endpoint("api", "127.0.0.1", 0), limits=ListenerLimits()
+    )
+    await listener.start()
+    yield f"http://127.0.0.1:{listener.port}"
+    await listener.stop(2)
+
+
+async def call(
+    base: str, method: str, path: str, token: str | None = KEY, body: Any = None
+) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, base + path, json=body, headers=headers) as r:
+            if r.status == 204:
+                return 204, None
+            return r.status, await r.json()
+
+
+async def user(api: str, email: str, **extra: Any) -> dict[str, Any]:
+    status, made = await call(
+        api, "POST", "/users", body={"email": email, "name": email.split("@")[0],
+                                     "password": PASSWORD, **extra},
+    )  # fmt: skip
+    assert status == 201, made
+    return made  # type: ignore[no-any-return]
+
+
+async def login(http: str, email: str, password: str = PASSWORD) -> tuple[int, Any]:
+    return await call(http, "POST", "/users/tokens", None, {"email": email, "password": password})
+
+
+async def test_sign_in_refresh_and_sign_out(api: str, http: str, world: World) -> None:
+    alice = await user(api, "Alice@Example.com")
+    # Sign in, in any case of the email.
+    status, pair = await login(http, "alice@example.COM")
+    assert status == 200 and pair["token_type"] == "Bearer"
+    for name, aud in (("access_token", "conduit:api"), ("refresh_token", "conduit:refresh")):
+        claims = jwt.decode(pair[name], options={"verify_signature": False})
+        assert (claims["sub"], claims["aud"]) == (alice["id"], aud)
+    assert pair["refresh_expires_at"] - pair["expires_at"] == 86400 - 900
+    # The access token works on the management API; the refresh token does not.
+    assert (await call(api, "GET", "/domains", pair["access_token"]))[0] == 200
+    status, problem = await call(api, "GET", "/domains", pair["refresh_token"])
+    assert (status, problem["detail"]) == (401, "the token is not an access token (aud)")
+    # Nor is an access token a broker token on the messaging side.
+    async with aiohttp.ClientSession() as s:
+        bearer = {"Authorization": f"Bearer {pair['access_token']}"}
+        async with s.post(f"{http}/m/acme/c/temps", data=b"x", headers=bearer) as r:
+            assert (r.status, (await r.json())["detail"]) == (
+                401,
+                "the token is not a broker token (aud)",
+            )
+    # Refresh: a new pair; the refresh token used is spent.
+    status, second = await call(
+        http, "POST", "/users/tokens/refresh", None, {"refresh_token": pair["refresh_token"]}
+    )
+    assert status == 200 and second["refresh_token"] != pair["refresh_token"]
+    assert (await call(api, "GET", "/domains", second["access_token"]))[0] == 200
+    # Its replay revokes the whole sign-in: the new pair too.
+    status, problem = await call(
+        http, "POST", "/users/tokens/refresh", None, {"refresh_token": pair["refresh_token"]}
+    )
+    assert (status, problem["detail"]) == (
+        401,
+        "this refresh token was used before: every token of its sign-in is revoked",
+    )
+    for token in (second["access_token"], pair["access_token"]):
+        status, problem = await call(api, "GET", "/domains", token)
+        assert (status, problem["detail"]) == (
+            401,
+            "this sign-in has ended (signed out, or user disabled)",
+        )
+    status, problem = await call(
+        http, "POST", "/users/tokens/refresh", None, {"refresh_token": second["refresh_token"]}
+    )
+    assert status == 401
+    # Sign out: the family ends.
+    _, third = await login(http, "alice@example.com")
+    assert await call(
+        http, "DELETE", "/users/tokens", None, {"refresh_token": third["refresh_token"]}
+    ) == (204, None)
+    assert (await call(api, "GET", "/domains", third["access_token"]))[0] == 401
+    # last_login is kept.
+    _, shown = await call(api, "GET", f"/users/{alice['id']}")
+    assert shown["last_login"] is not None and shown["roles"] == {}
+
+
+async def test_what_sign_in_refuses(api: str, http: str, world: World) -> None:
+    await user(api, "bob@example.com")
+    unknown = await login(http, "nobody@example.com")
+    wrong = await login(http, "bob@example.com", "not the password at all")
+    assert unknown == wrong  # no answer tells whether an email exists
+    assert unknown[0] == 401 and unknown[1]["detail"] == "wrong email or password"
+    status, problem = await call(http, "POST", "/users/tokens", None, {"email": "bob@example.com"})
+    assert (status, problem["detail"]) == (400, "'password' is required (a string)")
+    # Disabled: no sign-in, and its open sign-ins end at once.
+    _, pair = await login(http, "bob@example.com")
+    await call(api, "POST", "/users/bob@example.com/disable")
+    status, problem = await login(http, "bob@example.com")
+    assert (status, problem["detail"]) == (401, "this user is disabled")
+    assert (await call(api, "GET", "/domains", pair["access_token"]))[0] == 401
+    # A new password replaces the old one.
+    await call(api, "POST", "/users/bob@example.com/enable")
+    status, _ = await call(
+        api, "PUT", "/users/bob@example.com/password", body={"password": "another long one!"}
+    )
+    assert status == 200
+    assert (await login(http, "bob@example.com"))[0] == 401
+    assert (await login(http, "bob@example.com", "another long one!"))[0] == 200
+
+
+async def test_what_user_creation_refuses(api: str) -> None:
+    await user(api, "carol@example.com")
+    cases = [
+        ({"email": "CAROL@example.com", "name": "c", "password": PASSWORD}, 409,
+         "a user with email 'CAROL@example.com' exists"),
+        ({"email": "not-an-email", "name": "c", "password": PASSWORD}, 400,
+         "'not-an-email' is not an email address"),
+        ({"email": "dan@example.com", "name": "d", "password": "short"}, 400,
+         "a password has 12 to 1024 characters"),
+        ({"email": "dan@example.com", "name": "d", "platform_admin": "yes"}, 400,
+         "'platform_admin' is a boolean"),
+    ]  # fmt: skip
+    for body, status, detail in cases:
+        assert await call(api, "POST", "/users", body=body) == (
+            status,
+            {"type": "about:blank", "title": {400: "Invalid request", 409: "Conflict"}[status],
+             "status": status, "detail": detail},
+        )  # fmt: skip
+
+
+async def test_passwords_are_argon2id_hashes(api: str, world: World, tmp_path: Path) -> None:
+    await user(api, "erin@example.com")
+    with sqlite3.connect(tmp_path / "conduit.db") as db:
+        (hashed,) = db.execute("SELECT password_hash FROM users").fetchone()
+    assert hashed.startswith("$argon2id$") and PASSWORD not in hashed
+
+
+async def test_roles_on_every_route(api: str, http: str, world: World) -> None:
+    """A member of acme reads acme; an admin of acme manages it; neither reaches another
+    domain, users, certificates or keys; a platform administrator reaches everything."""
+    await call(api, "POST", "/domains", body={"name": "globex"})
+    for email in ("member@x.io", "admin@x.io", "outsider@x.io", "target@x.io"):
+        await user(api, email)
+    await user(api, "root@x.io", platform_admin=True)
+    assert (await call(api, "PUT", "/domains/acme/members/member@x.io", body={"role": "member"}))[
+        0
+    ] == 200
+    await call(api, "PUT", "/domains/acme/members/admin@x.io", body={"role": "admin"})
+    status, problem = await call(
+        api, "PUT", "/domains/acme/members/admin@x.io", body={"role": "owner"}
+    )
+    assert (status, problem["detail"]) == (400, "'role' is admin or member")
+    tokens = {}
+    for email in ("member@x.io", "admin@x.io", "outsider@x.io", "root@x.io"):
+        tokens[email] = (await login(http, email))[1]["access_token"]
+    member, admin, outsider, root = (tokens[e] for e in tokens)
+
+    # (method, path, body, allowed for: member, admin, outsider, root)
+    routes: list[tuple[str, str, Any, tuple[bool, bool, bool, bool]]] = [
+        ("GET", "/domains/acme", None, (True, True, False, True)),
+        ("GET", "/domains/acme/clients", None, (True, True, False, True)),
+        ("GET", "/domains/acme/channels", None, (True, True, False, True)),
+        ("GET", "/domains/acme/connections", None, (True, True, False, True)),
+        ("GET", "/domains/acme/members", None, (True, True, False, True)),
+        ("POST", "/domains/acme/channels", {"name": "made"}, (False, True, False, True)),
+        ("DELETE", "/domains/acme/channels/made", None, (False, True, False, True)),
+        ("POST", "/domains/acme/clients", {"name": "dev"}, (False, True, False, True)),
+        ("PUT", "/domains/acme/members/outsider@x.io", {"role": "member"},
+         (False, True, False, True)),
+        ("DELETE", "/domains/acme/members/outsider@x.io", None, (False, True, False, True)),
+        ("GET", "/domains/globex", None, (False, False, False, True)),
+        ("GET", "/domains/globex/clients", None, (False, False, False, True)),
+        ("POST", "/domains/globex/channels", {"name": "x"}, (False, False, False, True)),
+        ("POST", "/domains", {"name": "initech"}, (False, False, False, True)),
+        ("DELETE", "/domains/initech", None, (False, False, False, True)),
+        ("GET", "/users", None, (False, False, False, True)),
+        ("POST", "/users/target@x.io/disable", None, (False, False, False, True)),
+        ("POST", "/users/target@x.io/enable", None, (False, False, False, True)),
+        ("GET", "/certs", None, (False, False, False, True)),
+        ("GET", "/keys", None, (False, False, False, True)),
+    ]  # fmt: skip
+    for method, path, body, allowed in routes:
+        callers = zip(
+            ("member", "admin", "outsider", "root"), (member, admin, outsider, root), allowed,
+            strict=True,
+        )  # fmt: skip
+        for who, token, ok in callers:
+            status, answer = await call(api, method, path, token, body)
+            if ok:  # let through: done, or already done by the one before (404, 409)
+                assert status in (200, 201, 204, 404, 409), (method, path, who, status, answer)
+            else:
+                assert (status, answer["title"]) == (403, "Forbidden"), (method, path, who)
+    # Listing domains: each user sees its own.
+    names = {
+        who: [d["name"] for d in (await call(api, "GET", "/domains", token))[1]]
+        for who, token in (("member", member), ("outsider", outsider), ("root", root))
+    }
+    assert names == {"member": ["acme"], "outsider": [], "root": ["acme", "globex"]}
+    # No token, a bad one, a broker token: 401.
+    for token in (None, "not-a-token", "eyJhbGciOiJFZERTQSJ9.e30.sig"):
+        status, answer = await call(api, "GET", "/domains", token)
+        assert status == 401, token
