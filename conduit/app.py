@@ -32,6 +32,7 @@ from core.bus import Change, make_bus
 from core.gateway import Gateway
 from core.limits import Limits
 from core.listeners import Endpoint, ListenError
+from core.mail import Mailer
 from core.noise import printable, redact
 from core.sealing import SealError, master_key
 from core.sessions import make_sessions
@@ -120,7 +121,22 @@ class Conduit:
             tokens=tokens,
             sealing=sealing,
             users=Users(
-                store, tokens, access_ttl=s.access_token_ttl, refresh_ttl=s.refresh_token_ttl
+                store,
+                tokens,
+                access_ttl=s.access_token_ttl,
+                refresh_ttl=s.refresh_token_ttl,
+                recovery_ttl=s.recovery_token_ttl,
+                recovery_url=s.recovery_url,
+                mailer=Mailer(
+                    s.smtp_host,
+                    s.smtp_port,
+                    sender=s.smtp_from,
+                    username=s.smtp_username,
+                    password=s.smtp_password,
+                    starttls=s.smtp_starttls,
+                )
+                if s.smtp_host
+                else None,
             ),
         )
         try:

@@ -178,6 +178,24 @@ class Settings(BaseSettings):
     refresh_token_ttl: int = Field(
         86400, gt=0, description="Seconds a user's refresh token is good for (one use)"
     )
+    recovery_token_ttl: int = Field(
+        900, gt=0, description="Seconds a mailed password recovery key is good for (one use)"
+    )
+    recovery_url: str | None = Field(
+        None,
+        description="Link mailed for password recovery, {key} replaced by the recovery key"
+        " (https://app.example.com/reset?key={key}); default: the key alone",
+    )
+
+    # mail (password recovery)
+    smtp_host: str | None = Field(
+        None, description="SMTP server for password recovery mail; none: recovery is off"
+    )
+    smtp_port: int = Field(587, ge=1, le=65535, description="SMTP server port")
+    smtp_username: str | None = Field(None, description="SMTP user name, if it asks for one")
+    smtp_password: str | None = Field(None, description="SMTP password (better in the environment)")
+    smtp_starttls: bool = Field(True, description="Upgrade the SMTP connection with STARTTLS")
+    smtp_from: str = Field("Conduit <conduit@localhost>", description="Sender of Conduit's mail")
 
     # limits
     max_payload: int = Field(262144, gt=0, description="Largest message payload, bytes")

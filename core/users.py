@@ -1,5 +1,11 @@
 """People who sign in: users, their passwords, their roles in domains, and the tokens they get.
 
+Password recovery (:meth:`Users.request_recovery`, :meth:`Users.reset_password`): a recovery
+key, a short-lived ``recovery`` token, is mailed to the user. It names a digest of the password
+hash it was made under, so it works once: the reset changes the hash. The reset also ends every
+sign-in of the user. Asking for a key answers the same whether the email exists or not, at once;
+the lookup and the mail happen after the answer.
+
 A user has an email (unique in any case), a name, a password hashed with Argon2id
 (``argon2-cffi``), and roles per domain: ``admin`` (manage the domain's clients, channels,
 connections and certificates) or ``member`` (read them). A platform administrator manages
@@ -17,6 +23,9 @@ refused at once.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import logging
 import re
 import secrets
 import time
@@ -27,8 +36,11 @@ from typing import Any, Literal
 import argon2
 
 from core.errors import AuthenticationError, AuthorizationError
+from core.mail import Mailer
 from core.store import NotFound, Store, User
 from core.tokens import Tokens
+
+log = logging.getLogger("conduit.users")
 
 Role = Literal["admin", "member"]
 ROLES: tuple[Role, ...] = ("admin", "member")
@@ -90,11 +102,18 @@ class Users:
         *,
         access_ttl: int = 900,
         refresh_ttl: int = 86400,
+        recovery_ttl: int = 900,
+        mailer: Mailer | None = None,
+        recovery_url: str | None = None,
     ) -> None:
         self.store = store
         self.tokens = tokens
         self.access_ttl = access_ttl
         self.refresh_ttl = refresh_ttl
+        self.recovery_ttl = recovery_ttl
+        self.mailer = mailer
+        self.recovery_url = recovery_url
+        self._mailing: set[asyncio.Task[None]] = set()
         self._hasher = argon2.PasswordHasher()  # Argon2id, RFC 9106's second recommendation
         # What an unknown email's password is checked against, for the same work as a known
         # one: made at the first sign-in (a hash takes tens of milliseconds).
@@ -180,6 +199,58 @@ class Users:
             "refresh_expires_at": refresh_expires,
         }
 
+    # recovery --------------------------------------------------------------------------------
+
+    def request_recovery(self, email: str) -> None:
+        """Mail a recovery key to ``email`` if it is an enabled user's, after returning: the
+        caller answers the same, as fast, either way."""
+        if self.mailer is None:
+            raise AuthenticationError("password recovery is not configured (smtp_host)")
+        check_email(email)
+        task = asyncio.get_running_loop().create_task(self._mail_recovery(email))
+        self._mailing.add(task)
+        task.add_done_callback(self._mailing.discard)
+
+    async def _mail_recovery(self, email: str) -> None:
+        assert self.mailer is not None
+        try:
+            found = await self.store.user_password(email)
+            if found is None or not found[0].enabled:
+                return  # nobody to tell; the answer was the same
+            user, hashed = found
+            key, _ = self.tokens.issue(
+                "recovery", user.id, self.recovery_ttl, {"pwh": _fingerprint(hashed or "")}
+            )
+            where = self.recovery_url.format(key=key) if self.recovery_url else key
+            minutes = max(1, self.recovery_ttl // 60)
+            await self.mailer.send(
+                user.email,
+                "Reset your Conduit password",
+                f"Someone asked to reset the password of {user.email} on Conduit.\n\n"
+                f"To choose a new one, use this recovery key within {minutes} minutes:\n\n"
+                f"{where}\n\nIt works once. If you did not ask, ignore this message: your"
+                " password stays as it is.\n",
+            )
+        except Exception as exc:  # the SMTP server is down: logged, the answer was given
+            log.error("recovery mail to a user not sent: %s", exc)
+
+    async def reset_password(self, key: str, password: str) -> None:
+        """A new password for the user a recovery key names; the key is spent and every
+        sign-in of the user ends."""
+        claims = await self.tokens.verify(key, "recovery")
+        check_password(password)
+        try:
+            user = await self.store.get_user(str(claims["sub"]))
+        except NotFound:
+            raise AuthenticationError("this user no longer exists") from None
+        found = await self.store.user_password(user.email)
+        if found is None or _fingerprint(found[1] or "") != claims.get("pwh"):
+            raise AuthenticationError("this recovery key was used, or the password changed since")
+        if not user.enabled:
+            raise AuthenticationError("this user is disabled")
+        await self.store.set_user_password(user.id, self._hasher.hash(password))
+        await self.store.revoke_user_token_families(user.id, time.time())
+
     async def principal(self, access_token: str) -> Principal:
         """The user an access token names, with its roles; AuthenticationError when the token
         is not a valid access token, its sign-in ended, or the user is disabled or gone."""
@@ -191,3 +262,9 @@ class Users:
         except NotFound:
             raise AuthenticationError("this user no longer exists") from None
         return Principal(user, await self.store.roles(user.id))
+
+
+def _fingerprint(password_hash: str) -> str:
+    """What a recovery key knows of the password hash it was made under: enough to tell that it
+    changed, nothing to attack it with."""
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:32]

@@ -5,6 +5,10 @@ does not reach, the exact answers."""
 
 from __future__ import annotations
 
+import asyncio
+import email
+import email.policy
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,8 +45,8 @@ async def call(
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as s:
         async with s.request(method, base + path, json=body, headers=headers) as r:
-            if r.status == 204:
-                return 204, None
+            if r.status in (202, 204):
+                return r.status, None
             return r.status, await r.json()
 
 
@@ -170,8 +174,8 @@ async def test_roles_on_every_route(api: str, http: str, world: World) -> None:
     """A member of acme reads acme; an admin of acme manages it; neither reaches another
     domain, users, certificates or keys; a platform administrator reaches everything."""
     await call(api, "POST", "/domains", body={"name": "globex"})
-    for email in ("member@x.io", "admin@x.io", "outsider@x.io", "target@x.io"):
-        await user(api, email)
+    for address in ("member@x.io", "admin@x.io", "outsider@x.io", "target@x.io"):
+        await user(api, address)
     await user(api, "root@x.io", platform_admin=True)
     assert (await call(api, "PUT", "/domains/acme/members/member@x.io", body={"role": "member"}))[
         0
@@ -182,8 +186,8 @@ async def test_roles_on_every_route(api: str, http: str, world: World) -> None:
     )
     assert (status, problem["detail"]) == (400, "'role' is admin or member")
     tokens = {}
-    for email in ("member@x.io", "admin@x.io", "outsider@x.io", "root@x.io"):
-        tokens[email] = (await login(http, email))[1]["access_token"]
+    for address in ("member@x.io", "admin@x.io", "outsider@x.io", "root@x.io"):
+        tokens[address] = (await login(http, address))[1]["access_token"]
     member, admin, outsider, root = (tokens[e] for e in tokens)
 
     # (method, path, body, allowed for: member, admin, outsider, root)
@@ -231,3 +235,77 @@ async def test_roles_on_every_route(api: str, http: str, world: World) -> None:
     for token in (None, "not-a-token", "eyJhbGciOiJFZERTQSJ9.e30.sig"):
         status, answer = await call(api, "GET", "/domains", token)
         assert status == 401, token
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[tuple[int, asyncio.Queue[Any]]]:
+    """A real SMTP server (aiosmtpd) on a free port; what it receives lands in the queue."""
+    from aiosmtpd.controller import Controller
+
+    received: asyncio.Queue[Any] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            loop.call_soon_threadsafe(received.put_nowait, message)
+            return "250 OK"
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    yield port, received
+    controller.stop()
+
+
+async def test_password_recovery_by_mail(
+    api: str, http: str, world: World, smtp: tuple[int, asyncio.Queue[Any]]
+) -> None:
+    """The key arrives by mail (a real SMTP server), resets the password once, and ends every
+    sign-in; an unknown email gets the same answer and no mail."""
+    from core.mail import Mailer
+
+    port, received = smtp
+    users = world.gateway.users
+    assert users is not None
+    users.mailer = Mailer("127.0.0.1", port, sender="Conduit <conduit@test>", starttls=False)
+    users.recovery_url = "https://app.example/reset?key={key}"
+    await user(api, "frank@example.com")
+    _, pair = await login(http, "frank@example.com")
+    ask = {"email": "FRANK@example.com"}
+    assert await call(http, "POST", "/password/recovery", None, ask) == (202, None)
+    message = await asyncio.wait_for(received.get(), 10)
+    assert message["To"] == "frank@example.com" and message["From"] == "Conduit <conduit@test>"
+    body = message.get_content()
+    key = body.split("https://app.example/reset?key=")[1].split()[0]
+    assert jwt.get_unverified_header(key)["typ"] == "recovery+jwt"
+    # The key is not a sign-in; it sets a new password once.
+    assert (await call(api, "GET", "/domains", key))[0] == 401
+    new = {"key": key, "password": "a brand new password"}
+    assert await call(http, "POST", "/password/reset", None, new) == (204, None)
+    status, problem = await call(http, "POST", "/password/reset", None, new)
+    assert (status, problem["detail"]) == (
+        401,
+        "this recovery key was used, or the password changed since",
+    )
+    assert (await login(http, "frank@example.com"))[0] == 401
+    assert (await login(http, "frank@example.com", "a brand new password"))[0] == 200
+    assert (await call(api, "GET", "/domains", pair["access_token"]))[0] == 401  # signed out
+    # Unknown and malformed emails.
+    nobody = {"email": "nobody@example.com"}
+    assert await call(http, "POST", "/password/recovery", None, nobody) == (202, None)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(received.get(), 1)
+    status, problem = await call(http, "POST", "/password/recovery", None, {"email": "x"})
+    assert (status, problem["detail"]) == (400, "'x' is not an email address")
+    status, problem = await call(http, "POST", "/password/reset", None, {"key": key})
+    assert (status, problem["detail"]) == (400, "'password' is required (a string)")
+
+
+async def test_recovery_is_off_without_smtp(http: str, world: World) -> None:
+    status, problem = await call(
+        http, "POST", "/password/recovery", None, {"email": "a@example.com"}
+    )
+    assert (status, problem["detail"]) == (404, "password recovery is off (no smtp_host)")

@@ -230,6 +230,10 @@ class HTTPAdapter(Listening):
             return self.login(request) if method == "POST" else self.logout(request)
         if path == "/users/tokens/refresh" and method == "POST":
             return self.refresh(request)
+        if path == "/password/recovery" and method == "POST":
+            return self.recovery(request)
+        if path == "/password/reset" and method == "POST":
+            return self.reset_password(request)
         return _ready(
             self._refuse(TopicError(f"{path} is not a messaging path", "path", Condition.NOT_FOUND))
         )
@@ -322,7 +326,7 @@ class HTTPAdapter(Listening):
             answer = await call(users, *(await self._fields(request, *names)))
         except ConduitError as exc:
             return self._refuse(exc)
-        except ValueError as exc:
+        except ValueError as exc:  # a bad body, email or password (core.users.InvalidUser)
             return _problem(400, "Invalid request", str(exc))
         if answer is None:
             return web.Response(status=204)
@@ -344,6 +348,28 @@ class HTTPAdapter(Listening):
     async def logout(self, request: web.BaseRequest) -> web.Response:
         """``DELETE /users/tokens`` ``{refresh_token}``: the sign-in ends (204)."""
         return await self._users_call(request, ("refresh_token",), lambda u, t: u.logout(t))
+
+    async def recovery(self, request: web.BaseRequest) -> web.Response:
+        """``POST /password/recovery`` ``{email}``: 202 whether the email is a user's or not;
+        a user gets a recovery key by mail."""
+
+        async def ask(users: Any, email: str) -> None:
+            users.request_recovery(email)
+
+        users = self.gateway.users
+        if users is not None and users.mailer is None:
+            return _problem(404, "Not found", "password recovery is off (no smtp_host)")
+        response = await self._users_call(request, ("email",), ask)
+        if response.status == 204:
+            response = web.Response(status=202)
+        return response
+
+    async def reset_password(self, request: web.BaseRequest) -> web.Response:
+        """``POST /password/reset`` ``{key, password}``: the new password (204); every sign-in
+        of the user ends."""
+        return await self._users_call(
+            request, ("key", "password"), lambda u, k, p: u.reset_password(k, p)
+        )
 
     async def jwks(self, request: web.BaseRequest) -> web.Response:
         """``GET /.well-known/jwks.json``: the keys that verify Conduit's tokens."""

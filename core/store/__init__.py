@@ -261,6 +261,9 @@ class Store(Protocol):
     async def revoke_token_family(self, family: str, when: float) -> bool:
         """True when the family was live until now."""
 
+    async def revoke_user_token_families(self, user_id: str, when: float) -> None:
+        """End every sign-in of a user."""
+
     async def token_family_live(self, family: str) -> bool:
         """Whether the family exists, is not revoked and its user is enabled."""
 

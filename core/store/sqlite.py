@@ -639,6 +639,12 @@ class SQLiteStore:
             )
         )
 
+    async def revoke_user_token_families(self, user_id: str, when: float) -> None:
+        await self._write(
+            "UPDATE token_families SET revoked = ? WHERE user_id = ? AND revoked IS NULL",
+            (when, user_id),
+        )
+
     async def token_family_live(self, family: str) -> bool:
         row = await self._one(
             "SELECT 1 FROM token_families f JOIN users u ON u.id = f.user_id"
