@@ -139,6 +139,12 @@ class Conduit:
                 else None,
             ),
         )
+        self.signin = None
+        if s.signin_providers and self.gateway.users is not None:
+            from core.signin import Provider, SignIn
+
+            providers = [Provider(**p.model_dump()) for p in s.signin_providers]
+            self.signin = SignIn(providers, self.gateway.users, sealing)
         try:
             key = admin_key(s.data_dir, s.admin_key)
         except WeakAdminKey as exc:
@@ -189,6 +195,7 @@ class Conduit:
                     self.gateway,
                     endpoints=http,
                     limits=s.listener_limits(s.http_max_connections),
+                    signin=self.signin,
                 ),
             ),
             (

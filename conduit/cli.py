@@ -30,6 +30,8 @@ def _setting_options(func: Any) -> Any:
     for name, field in reversed(list(Settings.model_fields.items())):
         flag = "--" + name.replace("_", "-")
         kind = field.annotation
+        if get_origin(kind) is list:
+            continue  # a list of tables: the TOML file or a JSON environment variable
         help_text = f"{field.description} [CONDUIT_{name.upper()}]"
         args = [a for a in get_args(kind) if a is not type(None)]
         base = kind if get_origin(kind) is Literal else (args[0] if args else kind)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,6 +21,34 @@ from pydantic_settings import (
 from core.limits import ListenerLimits
 
 ADMIN_KEY_FILE = "admin.key"  # in the data directory, mode 0600
+
+
+class SignInProvider(BaseModel):
+    """A provider users sign in with (OpenID Connect): ``[[signin_providers]]`` in the TOML
+    file, or a JSON list in ``CONDUIT_SIGNIN_PROVIDERS``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", description="In the URLs: /oauth/<name>/"
+    )
+    issuer: str | None = Field(
+        None, description="Issuer URL (discovery); default for name google: accounts.google.com"
+    )
+    client_id: str
+    client_secret: str
+    redirect_url: str = Field(description="https://<gateway>/oauth/<name>/callback, registered")
+    success_url: str = Field(description="Where the browser goes once signed in")
+    failure_url: str = Field(description="Where the browser goes on failure, with ?error=")
+    scopes: str = "openid email profile"
+
+    @model_validator(mode="after")
+    def _issuer(self) -> SignInProvider:
+        if self.issuer is None:
+            if self.name != "google":
+                raise ValueError(f"sign-in provider {self.name!r} needs an issuer")
+            self.issuer = "https://accounts.google.com"
+        return self
 
 
 class Settings(BaseSettings):
@@ -185,6 +213,10 @@ class Settings(BaseSettings):
         None,
         description="Link mailed for password recovery, {key} replaced by the recovery key"
         " (https://app.example.com/reset?key={key}); default: the key alone",
+    )
+
+    signin_providers: list[SignInProvider] = Field(
+        [], description="Providers users sign in with (OpenID Connect; see docs/users.md)"
     )
 
     # mail (password recovery)

@@ -159,6 +159,11 @@ class Users:
             raise AuthenticationError("this user is disabled")
         if self._hasher.check_needs_rehash(hashed):
             await self.store.set_user_password(user.id, self._hasher.hash(password))
+        return await self.session(user)
+
+    async def session(self, user: User) -> dict[str, Any]:
+        """A new sign-in of a user whose identity was proven (a password, a provider): a new
+        family and its first pair."""
         now = time.time()
         await self.store.set_last_login(user.id, now)
         family = secrets.token_urlsafe(16)

@@ -18,12 +18,13 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import SERVER_SOFTWARE
+from yarl import URL
 
 from adapters.http.server import Listener
 from core.bus import Subscription
@@ -48,12 +49,18 @@ from core.listeners import Endpoint, Listening, peer_certificate, verifies_clien
 from core.message import Message, envelope_json
 from core.topics import parse_path, path_topic
 
+if TYPE_CHECKING:
+    from core.signin import SignIn
+
 log = logging.getLogger("conduit.http")
 
 SSE_KEEPALIVE = 15.0
 # Seconds a verifier may keep the JWKS: a key made by a rotation signs at once, so a verifier
 # that meets an unknown key id should fetch the set again rather than wait this long.
 JWKS_MAX_AGE = 300
+# The cookies a provider sign-in leaves: HTTP-only, Secure, SameSite=Lax.
+ACCESS_COOKIE = "conduit_access"
+REFRESH_COOKIE = "conduit_refresh"
 SSE_WRITE_LIMIT = 256 * 1024  # bytes a stream may have unsent before messages are dropped
 
 
@@ -151,10 +158,12 @@ class HTTPAdapter(Listening):
         limits: ListenerLimits | None = None,
         *,
         endpoints: Sequence[Endpoint] | None = None,
+        signin: SignIn | None = None,
     ) -> None:
         """Serve ``endpoints`` (plain and TLS side by side), or one endpoint made of ``host``,
-        ``port`` and ``ssl_context``."""
+        ``port`` and ``ssl_context``; ``signin``: the providers users sign in with."""
         self.gateway = gateway
+        self.signin = signin
         self.endpoints = list(endpoints or [Endpoint("http", host, port, ssl_context)])
         # Client certificates are read only where a listener asks for them (mutual TLS).
         self._mtls = verifies_clients(self.endpoints)
@@ -230,6 +239,10 @@ class HTTPAdapter(Listening):
             return self.login(request) if method == "POST" else self.logout(request)
         if path == "/users/tokens/refresh" and method == "POST":
             return self.refresh(request)
+        if path.startswith("/oauth/") and method == "GET":
+            return self.oauth(request, path)
+        if path == "/users/me" and method == "GET":
+            return self.me(request)
         if path == "/password/recovery" and method == "POST":
             return self.recovery(request)
         if path == "/password/reset" and method == "POST":
@@ -369,6 +382,72 @@ class HTTPAdapter(Listening):
         of the user ends."""
         return await self._users_call(
             request, ("key", "password"), lambda u, k, p: u.reset_password(k, p)
+        )
+
+    # sign-in with an identity provider
+    async def oauth(self, request: web.BaseRequest, path: str) -> web.Response:
+        """``GET /oauth/<provider>/login`` and ``/oauth/<provider>/callback``."""
+        parts = path.split("/")
+        if self.signin is None or len(parts) != 4 or parts[3] not in ("login", "callback"):
+            return _problem(404, "Not found", f"{path} is not a sign-in path")
+        from core.signin import SignInError, cookie_name
+
+        name, step = parts[2], parts[3]
+        try:
+            provider = self.signin.provider(name)
+        except SignInError as exc:
+            return _problem(404, "Not found", str(exc))
+        login_cookie = cookie_name(name)
+        scope = f"/oauth/{name}/"
+        if step == "login":
+            try:
+                url, sealed = await self.signin.start(name)
+            except SignInError as exc:
+                return _redirect(provider.failure_url, {"error": str(exc)})
+            response = _redirect(url)
+            response.set_cookie(login_cookie, sealed, max_age=600, path=scope, httponly=True,
+                                secure=True, samesite="Lax")  # fmt: skip
+            return response
+        params = {k: v for k, v in request.query.items()}
+        try:
+            user, pair = await self.signin.finish(name, params, request.cookies.get(login_cookie))
+        except SignInError as exc:
+            log.info("sign-in with %s refused: %s", name, exc)
+            response = _redirect(provider.failure_url, {"error": str(exc)})
+        else:
+            log.info("user %s signed in with %s", user.id, name)
+            response = _redirect(provider.success_url)
+            now = time.time()
+            for cookie, token, expires, where in (
+                (ACCESS_COOKIE, pair["access_token"], pair["expires_at"], "/"),
+                (REFRESH_COOKIE, pair["refresh_token"], pair["refresh_expires_at"],
+                 "/users/tokens"),
+            ):  # fmt: skip
+                response.set_cookie(cookie, token, max_age=int(expires - now), path=where,
+                                    httponly=True, secure=True, samesite="Lax")  # fmt: skip
+        response.del_cookie(login_cookie, path=scope)
+        return response
+
+    async def me(self, request: web.BaseRequest) -> web.Response:
+        """``GET /users/me``: the signed-in user (an access token as Bearer, or the cookie a
+        provider sign-in left)."""
+        users = self.gateway.users
+        header = request.headers.get("Authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        token = token or request.cookies.get(ACCESS_COOKIE, "")
+        if users is None or not token:
+            return _problem(401, "Unauthorized", "sign in first: no access token")
+        try:
+            principal = await users.principal(token)
+        except ConduitError as exc:
+            return _problem(401, "Unauthorized", exc.detail)
+        assert principal.user is not None
+        body = {"id": principal.user.id, "email": principal.user.email,
+                "name": principal.user.name, "roles": principal.roles}  # fmt: skip
+        return web.Response(
+            body=orjson.dumps(body),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
         )
 
     async def jwks(self, request: web.BaseRequest) -> web.Response:
@@ -570,6 +649,13 @@ def _accepted_bytes() -> bytes:
         data = _ACCEPTED % (SERVER_SOFTWARE.encode(), date.encode())
         _accepted_cache = (now, data)
     return data
+
+
+def _redirect(url: str, query: dict[str, str] | None = None) -> web.Response:
+    """A 302 to ``url``, with ``query`` added to its own."""
+    if query:
+        url = str(URL(url).update_query(query))
+    return web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
 
 
 def _problem(status: int, title: str, detail: str) -> web.Response:
