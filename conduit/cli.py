@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -79,11 +81,98 @@ def serve(config: Path | None, **overrides: Any) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+# a user's sign-in, kept for the CLI
+def login_file() -> Path:
+    """Where `conduit login` keeps a user's tokens: $CONDUIT_LOGIN_FILE, or
+    $XDG_CONFIG_HOME/conduit/login.json (~/.config/conduit/login.json), mode 0600."""
+    if os.environ.get("CONDUIT_LOGIN_FILE"):
+        return Path(os.environ["CONDUIT_LOGIN_FILE"])
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "conduit" / "login.json"
+
+
+def _post_json(url: str, body: dict[str, Any], method: str = "POST") -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method=method)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("detail", exc.reason)
+        except ValueError:
+            detail = exc.reason
+        raise click.ClickException(f"{exc.code}: {detail}") from None
+    except urllib.error.URLError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc.reason}") from None
+    return json.loads(raw) if raw else None
+
+
+def _keep_login(saved: dict[str, Any]) -> None:
+    path = login_file()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(saved, f)
+    tmp.replace(path)
+
+
+def _access_token() -> str | None:
+    """The signed-in user's access token, refreshed when it is about to expire; None when
+    nobody signed in with `conduit login`."""
+    path = login_file()
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved["expires_at"] - time.time() < 30:
+        if saved["refresh_expires_at"] <= time.time():
+            raise click.ClickException("the sign-in has expired: run conduit login again")
+        pair = _post_json(f"{saved['url']}/users/tokens/refresh",
+                          {"refresh_token": saved["refresh_token"]})  # fmt: skip
+        saved.update(pair)
+        _keep_login(saved)
+    return str(saved["access_token"])
+
+
+@main.command()
+@click.argument("email")
+@click.option("--url", envvar="CONDUIT_HTTP_URL", default="http://127.0.0.1:8008",
+              show_default=True, help="Conduit's HTTP listener [CONDUIT_HTTP_URL]")  # fmt: skip
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input")
+def login(email: str, url: str, password_stdin: bool) -> None:
+    """Sign in as a user: the management commands then act as that user (with its roles),
+    until `conduit logout`. The tokens are kept in a 0600 file and refreshed as needed."""
+    password = _password(password_stdin, confirm=False)
+    pair = _post_json(f"{url.rstrip('/')}/users/tokens", {"email": email, "password": password})
+    _keep_login({"url": url.rstrip("/"), "email": email, **pair})
+    click.echo(f"signed in as {email} (kept in {login_file()})")
+
+
+@main.command()
+def logout() -> None:
+    """End the sign-in of `conduit login` (every token of it is revoked)."""
+    path = login_file()
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise click.ClickException("nobody is signed in") from None
+    try:
+        _post_json(f"{saved['url']}/users/tokens", {"refresh_token": saved["refresh_token"]},
+                   method="DELETE")  # fmt: skip
+    finally:
+        path.unlink(missing_ok=True)
+    click.echo(f"signed out {saved.get('email', '')}")
+
+
 # provisioning client
 class API:
     def __init__(self, url: str, key: str | None, data_dir: Path, as_json: bool) -> None:
         self.url = url.rstrip("/")
         self.as_json = as_json
+        if key is None:
+            key = _access_token()
         if key is None:
             path = data_dir / KEY_FILE
             try:
@@ -282,14 +371,14 @@ def clients_list(api: API, domain: str) -> None:
     api.show(api.call("GET", f"/domains/{_q(domain)}/clients"), CLIENT_FIELDS)
 
 
-def _password(password_stdin: bool) -> str:
+def _password(password_stdin: bool, confirm: bool = True) -> str:
     """A password from standard input (one line), or from a prompt that does not echo."""
     if password_stdin:
         line = sys.stdin.readline().rstrip("\n")
         if not line:
             raise click.ClickException("no password on standard input")
         return line
-    return str(click.prompt("Password", hide_input=True, confirmation_prompt=True))
+    return str(click.prompt("Password", hide_input=True, confirmation_prompt=confirm))
 
 
 @main.group()

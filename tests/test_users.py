@@ -309,3 +309,50 @@ async def test_recovery_is_off_without_smtp(http: str, world: World) -> None:
         http, "POST", "/password/recovery", None, {"email": "a@example.com"}
     )
     assert (status, problem["detail"]) == (404, "password recovery is off (no smtp_host)")
+
+
+def test_conduit_login_keeps_and_refreshes_the_tokens(tmp_path: Path) -> None:
+    """`conduit login` signs in over HTTP and keeps the pair in a 0600 file; the management
+    commands then act as the user (its role: it sees its own domain only); an expired access
+    token is refreshed on the next command; `conduit logout` ends the sign-in."""
+    import json as json_module
+
+    from tests.test_serve import start
+
+    server = start(tmp_path / "data")
+    try:
+        server.cli("domains", "create", "acme")
+        server.cli("domains", "create", "globex")
+        made = server.cli(
+            "users", "create", "ida@example.com", "--name", "Ida", "--password-stdin",
+            input_text=PASSWORD + "\n",
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        server.cli("members", "grant", "--domain", "acme", "ida@example.com", "--role", "member")
+        kept = tmp_path / "login.json"
+        env = {"CONDUIT_LOGIN_FILE": str(kept),
+               "CONDUIT_HTTP_URL": f"http://127.0.0.1:{server.ports['http']}"}  # fmt: skip
+        signed = server.cli("login", "ida@example.com", "--password-stdin",
+                            input_text=PASSWORD + "\n", env=env)  # fmt: skip
+        assert signed.returncode == 0 and "signed in as ida@example.com" in signed.stdout
+        assert kept.stat().st_mode & 0o777 == 0o600
+        listed = json_module.loads(server.cli("domains", "list", "--json", env=env).stdout)
+        assert [d["name"] for d in listed] == ["acme"]
+        denied = server.cli("channels", "create", "--domain", "acme", "x", env=env, check=False)
+        assert denied.returncode != 0 and "403" in denied.stderr
+        # An access token past its time: refreshed (and the file rewritten) on the next call.
+        saved = json_module.loads(kept.read_text())
+        saved["expires_at"] = 0
+        kept.write_text(json_module.dumps(saved))
+        assert server.cli("domains", "list", env=env).returncode == 0
+        renewed = json_module.loads(kept.read_text())
+        assert renewed["refresh_token"] != saved["refresh_token"]
+        assert renewed["expires_at"] > 0
+        out = server.cli("logout", env=env)
+        assert out.returncode == 0 and not kept.exists()
+        # Signed out: back to the admin key of the data directory (every domain).
+        listed = json_module.loads(server.cli("domains", "list", "--json", env=env).stdout)
+        assert [d["name"] for d in listed] == ["acme", "globex"]
+    finally:
+        server.proc.terminate()
+        server.proc.wait()
