@@ -35,14 +35,9 @@ class Server:
         env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*CONDUIT, *args],
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=check,
-            input=input_text,
-        )
+            [*CONDUIT, *args], env={**self.env, **(env or {})}, capture_output=True, text=True,
+            timeout=30, check=check, input=input_text,
+        )  # fmt: skip
 
     def cli_json(self, *args: str) -> object:
         return json.loads(self.cli(*args, "--json").stdout)
@@ -52,29 +47,9 @@ def start(data_dir: Path, *extra: str) -> Server:
     env = {**os.environ, "CONDUIT_DATA_DIR": str(data_dir), "CONDUIT_LOG_LEVEL": "info"}
     env.pop("CONDUIT_ADMIN_KEY", None)
     proc = subprocess.Popen(
-        [
-            *CONDUIT,
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--ws-port",
-            "0",
-            "--coap-port",
-            "0",
-            "--mqtt-port",
-            "0",
-            "--mqtt-ws-port",
-            "0",
-            "--api-port",
-            "0",
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [*CONDUIT, "serve", "--host", "127.0.0.1", "--http-port", "0", "--ws-port", "0",
+         "--coap-port", "0", "--mqtt-port", "0", "--mqtt-ws-port", "0", "--api-port", "0", *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -103,21 +78,18 @@ def test_admin_key_file_is_private(server: Server, tmp_path: Path) -> None:
 
 
 def test_cli_walkthrough_and_publish(server: Server) -> None:
-    assert server.cli_json("domains", "create", "acme")["name"] == "acme"  # type: ignore[index]
+    assert server.cli_json("domains", "create", "acme") ["name"] == "acme"  # type: ignore[index]
     dev = server.cli_json("clients", "create", "--domain", "acme", "sensor-1")
     app = server.cli_json("clients", "create", "--domain", "acme", "dashboard")
     assert set(dev) >= {"id", "secret", "name", "enabled"}  # type: ignore[arg-type]
     server.cli("channels", "create", "--domain", "acme", "temps")
-    server.cli(
-        "connect", "--domain", "acme", "--client", "sensor-1", "--channel", "temps", "--publish"
-    )
-    server.cli(
-        "connect", "--domain", "acme", "--client", "dashboard", "--channel", "temps", "--subscribe"
-    )
+    server.cli("connect", "--domain", "acme", "--client", "sensor-1", "--channel", "temps",
+               "--publish")
+    server.cli("connect", "--domain", "acme", "--client", "dashboard", "--channel", "temps",
+               "--subscribe")
     conns = server.cli_json("connections", "--domain", "acme")
     assert {(c["client_id"], c["publish"], c["subscribe"]) for c in conns} == {  # type: ignore[union-attr, index]
-        (dev["id"], True, False),
-        (app["id"], False, True),  # type: ignore[index]
+        (dev["id"], True, False), (app["id"], False, True)  # type: ignore[index]
     }
     # human output shows the secret once, and warns
     human = server.cli("clients", "create", "--domain", "acme", "other")
@@ -125,27 +97,18 @@ def test_cli_walkthrough_and_publish(server: Server) -> None:
     listing = server.cli("clients", "list", "--domain", "acme").stdout
     assert "sensor-1" in listing and "secret" not in listing
     # times as dates, in UTC
-    assert re.search(
-        r"name=acme  created=20\d\d-\d\d-\d\dT[\d:]{8}\+00:00 ",
-        server.cli("domains", "list").stdout,
-    )
+    assert re.search(r"name=acme  created=20\d\d-\d\d-\d\dT[\d:]{8}\+00:00 ",
+                     server.cli("domains", "list").stdout)
 
     async def flow() -> list[str]:
         base = f"http://127.0.0.1:{server.ports['http']}"
         async with aiohttp.ClientSession() as s:
-            sse = await s.get(
-                f"{base}/m/acme/c/temps/%23",
-                headers={"Accept": "text/event-stream", "Authorization": f"Client {app['secret']}"},
-            )  # type: ignore[index]
+            sse = await s.get(f"{base}/m/acme/c/temps/%23", headers={
+                "Accept": "text/event-stream", "Authorization": f"Client {app['secret']}"})  # type: ignore[index]
             await sse.content.readline()
-            r = await s.post(
-                f"{base}/m/acme/c/temps/kitchen",
-                data=b'[{"n":"t","v":21}]',
-                headers={
-                    "Content-Type": "application/senml+json",
-                    "Authorization": f"Client {dev['secret']}",
-                },
-            )  # type: ignore[index]
+            r = await s.post(f"{base}/m/acme/c/temps/kitchen", data=b'[{"n":"t","v":21}]',
+                             headers={"Content-Type": "application/senml+json",
+                                      "Authorization": f"Client {dev['secret']}"})  # type: ignore[index]
             assert r.status == 202
             lines = []
             while len(lines) < 2:
@@ -185,13 +148,8 @@ def test_cli_finds_the_server_from_its_settings(server: Server, tmp_path: Path) 
     environment or configuration file, and finds the admin key in the same data directory."""
     env = {k: v for k, v in server.env.items() if k != "CONDUIT_API_URL"}
     env["CONDUIT_API_PORT"] = str(server.ports["api"])
-    r = subprocess.run(
-        [*CONDUIT, "domains", "create", "from-env"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    r = subprocess.run([*CONDUIT, "domains", "create", "from-env"], env=env,
+                       capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
 
     cfg = tmp_path / "conduit.toml"
@@ -199,13 +157,8 @@ def test_cli_finds_the_server_from_its_settings(server: Server, tmp_path: Path) 
     del env["CONDUIT_API_PORT"]
     port = server.ports["api"]
     cfg.write_text(f'data_dir = "{data_dir}"\napi_host = "0.0.0.0"\napi_port = {port}\n')
-    r = subprocess.run(
-        [*CONDUIT, "domains", "list", "--json", "--config", str(cfg)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    r = subprocess.run([*CONDUIT, "domains", "list", "--json", "--config", str(cfg)], env=env,
+                       capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert [d["name"] for d in json.loads(r.stdout)] == ["from-env"]
 
@@ -225,28 +178,10 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, name: str) -> None:
         env = {**os.environ, "CONDUIT_DATA_DIR": str(tmp_path)}
         ports = {"http": "0", "mqtt": "0", "mqtt-ws": "0", name: str(port)}
         r = subprocess.run(
-            [
-                *CONDUIT,
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--api-port",
-                "0",
-                "--ws-port",
-                "0",
-                "--coap-port",
-                "0",
-                "--mqtt-port",
-                ports["mqtt"],
-                "--mqtt-ws-port",
-                ports["mqtt-ws"],
-                "--http-port",
-                ports["http"],
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
+            [*CONDUIT, "serve", "--host", "127.0.0.1", "--api-port", "0", "--ws-port", "0",
+             "--coap-port", "0", "--mqtt-port", ports["mqtt"],
+             "--mqtt-ws-port", ports["mqtt-ws"], "--http-port", ports["http"]],
+            env=env, capture_output=True, text=True, timeout=30,
         )
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == (  # after the log of listeners started
@@ -258,9 +193,8 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, name: str) -> None:
 def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
     cfg = tmp_path / "conduit.toml"
     cfg.write_text("htp_port = 1\n")
-    r = subprocess.run(
-        [*CONDUIT, "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=30
-    )
+    r = subprocess.run([*CONDUIT, "serve", "--config", str(cfg)], capture_output=True, text=True,
+                       timeout=30)
     assert r.returncode != 0 and "htp_port" in r.stderr
 
 
@@ -275,10 +209,8 @@ def test_signal_drains_and_exits(tmp_path: Path, sig: signal.Signals) -> None:
     async def watch_until_close() -> str:
         base = f"http://127.0.0.1:{srv.ports['http']}"
         async with aiohttp.ClientSession() as s:
-            sse = await s.get(
-                f"{base}/m/acme/c/temps",
-                headers={"Accept": "text/event-stream", "Authorization": f"Client {sub['secret']}"},
-            )  # type: ignore[index]
+            sse = await s.get(f"{base}/m/acme/c/temps", headers={
+                "Accept": "text/event-stream", "Authorization": f"Client {sub['secret']}"})  # type: ignore[index]
             await sse.content.readline()
             srv.proc.send_signal(sig)
             body = await asyncio.wait_for(sse.content.read(), 10)
@@ -302,28 +234,9 @@ def test_a_weak_admin_key_stops_the_start(tmp_path: Path, where: str, key: str) 
         env["CONDUIT_ADMIN_KEY"] = key
         source = "the admin_key setting (CONDUIT_ADMIN_KEY)"
     r = subprocess.run(
-        [
-            *CONDUIT,
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--ws-port",
-            "0",
-            "--coap-port",
-            "0",
-            "--mqtt-port",
-            "0",
-            "--mqtt-ws-port",
-            "0",
-            "--api-port",
-            "0",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
+        [*CONDUIT, "serve", "--host", "127.0.0.1", "--http-port", "0", "--ws-port", "0",
+         "--coap-port", "0", "--mqtt-port", "0", "--mqtt-ws-port", "0", "--api-port", "0"],
+        env=env, capture_output=True, text=True, timeout=30,
     )
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
@@ -356,15 +269,8 @@ def test_an_older_database_is_made_private(tmp_path: Path) -> None:
 def test_sigterm_does_not_wait_for_idle_connections(tmp_path: Path) -> None:
     """Idle HTTP, API and WebSocket connections (and one that never upgraded), and an MQTT one:
     none of them holds the exit for the shutdown timeout (an hour here)."""
-    srv = start(
-        tmp_path / "data",
-        "--shutdown-timeout",
-        "3600",
-        "--header-timeout",
-        "3600",
-        "--idle-timeout",
-        "3600",
-    )
+    srv = start(tmp_path / "data", "--shutdown-timeout", "3600", "--header-timeout", "3600",
+                "--idle-timeout", "3600")
     srv.cli("domains", "create", "acme")
     client = srv.cli_json("clients", "create", "--domain", "acme", "c")
     srv.cli("channels", "create", "--domain", "acme", "temps")
@@ -384,8 +290,7 @@ def test_sigterm_does_not_wait_for_idle_connections(tmp_path: Path) -> None:
 
         url = f"ws://127.0.0.1:{srv.ports['ws']}/m/acme/c/temps?mode=subscribe"
         async with websockets.connect(
-            url,
-            additional_headers={"Authorization": f"Client {client['secret']}"},  # type: ignore[index]
+            url, additional_headers={"Authorization": f"Client {client['secret']}"}  # type: ignore[index]
         ) as ws:
             srv.proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(ws.wait_closed(), 30)
