@@ -462,3 +462,26 @@ def test_openssl_refused_at_the_handshake_revoked_and_expired(conduit: PKIServer
     certs.write(conduit.pki, "old", certs.Issued(expired, key))
     r = s_client("old")
     assert r.returncode != 0, r.stderr
+
+
+def test_a_certificate_traded_for_a_broker_token(conduit: PKIServer) -> None:
+    """POST /clients/tokens over HTTPS with the client certificate alone: a broker token of
+    that client, which then publishes without the certificate."""
+    import jwt
+
+    async def flow() -> None:
+        await conduit.issue("dev", "dev")
+        https = f"https://localhost:{conduit.server.ports['https']}"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{https}/clients/tokens", ssl=conduit.context("dev")) as r:
+                assert r.status == 200
+                token = (await r.json())["token"]
+            claims = jwt.decode(token, options={"verify_signature": False})
+            assert claims["sub"] == conduit.clients["dev"]["id"]
+            async with s.post(f"{https}/m/acme/c/temps/t", data=b"x",
+                              headers={"Authorization": f"Bearer {token}",
+                                       "Content-Type": "text/plain"},
+                              ssl=conduit.context(None)) as r:  # fmt: skip
+                assert r.status == 202
+
+    asyncio.run(flow())
