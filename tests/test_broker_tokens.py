@@ -391,3 +391,43 @@ def test_tokens_with_real_clients_across_rotation_and_restart(tmp_path: Path) ->
     finally:
         server.proc.terminate()
         server.proc.wait()
+
+
+def test_keys_rotate_on_their_schedule(tmp_path: Path) -> None:
+    """With signing_key_rotation = 2 s a running server makes a new signing key by itself; the
+    previous one keeps verifying (its grace period), and a token signed by it still works."""
+    import subprocess
+
+    from tests.test_serve import start
+
+    server = start(tmp_path / "data", "--signing-key-rotation", "2")
+    try:
+        server.cli("domains", "create", "acme")
+        server.cli("channels", "create", "--domain", "acme", "temps")
+        dev: Any = server.cli_json("clients", "create", "--domain", "acme", "dev")
+        server.cli("connect", "--domain", "acme", "--client", "dev", "--channel", "temps")
+        http = f"http://127.0.0.1:{server.ports['http']}"
+
+        def curl(*args: str) -> str:
+            return subprocess.run(["curl", "-sS", *args], capture_output=True, text=True,
+                                  timeout=30, check=True).stdout  # fmt: skip
+
+        token = json.loads(curl("-X", "POST", "-H", f"Authorization: Client {dev['secret']}",
+                                f"{http}/clients/tokens"))["token"]  # fmt: skip
+        first = jwt.get_unverified_header(token)["kid"]
+        deadline = time.monotonic() + 20
+        while True:
+            keys: Any = server.cli_json("keys", "list")
+            if len(keys) >= 2:
+                break
+            assert time.monotonic() < deadline, "no rotation"
+            time.sleep(0.5)
+        assert keys[0]["signs"] and keys[0]["kid"] != first
+        assert any(k["kid"] == first and not k["signs"] for k in keys)
+        status = curl("-o", "/dev/null", "-w", "%{http_code}", "-H",
+                      f"Authorization: Bearer {token}", "-H", "Content-Type: text/plain",
+                      "--data-binary", "x", f"{http}/m/acme/c/temps/t")  # fmt: skip
+        assert status == "202"
+    finally:
+        server.proc.terminate()
+        server.proc.wait()
