@@ -58,10 +58,10 @@ class Adapter(Protocol):
 # Seconds between two looks at the TLS files besides the change events (see watch_tls).
 TLS_CHECK = 5
 
-# Seconds between two writings of the CRL of Conduit's CA (it is valid 7 days), and after a
-# failed one.
+# Seconds between two writings of the CRL of Conduit's CA (it is valid 7 days).
 CRL_EVERY = 24 * 3600
-CRL_RETRY = 60
+# Seconds before a periodic job that failed (a CRL, a key rotation) is tried again.
+RETRY = 60
 
 # Allocations between two young collections (CPython's default: 700).
 GC_THRESHOLD = 20_000
@@ -288,7 +288,7 @@ class Conduit:
                 log.info("pki: CRL written: %s", path)
             except Exception as exc:  # the store is down, the disk full: try again soon
                 log.error("pki: CRL not written: %s", exc)
-                await asyncio.sleep(CRL_RETRY)
+                await asyncio.sleep(RETRY)
                 continue
             await asyncio.sleep(CRL_EVERY)
 
@@ -309,7 +309,7 @@ class Conduit:
                     await self.gateway.bus.announce(Change("keys", ""))
             except Exception as exc:  # the store is down: try again soon
                 log.error("signing keys: not rotated: %s", exc)
-                await asyncio.sleep(CRL_RETRY)
+                await asyncio.sleep(RETRY)
 
     def reload_tls(self) -> bool:
         """Load the TLS files again (SIGHUP): new handshakes use them, open connections keep
