@@ -127,6 +127,7 @@ class Conduit:
                 refresh_ttl=s.refresh_token_ttl,
                 recovery_ttl=s.recovery_token_ttl,
                 recovery_url=s.recovery_url,
+                attempts_per_minute=s.signin_attempts,
                 mailer=Mailer(
                     s.smtp_host,
                     s.smtp_port,

@@ -206,6 +206,11 @@ class Settings(BaseSettings):
     refresh_token_ttl: int = Field(
         86400, gt=0, description="Seconds a user's refresh token is good for (one use)"
     )
+    signin_attempts: int = Field(
+        10,
+        ge=0,
+        description="Sign-in attempts a minute per email and per address (then 429); 0 = any",
+    )
     recovery_token_ttl: int = Field(
         900, gt=0, description="Seconds a mailed password recovery key is good for (one use)"
     )

@@ -38,9 +38,10 @@ class RateLimiter:
     """A token bucket per client id, for a positive ``rate`` (the gateway builds none when
     no rate is set)."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, refusal: str | None = None) -> None:
         self.rate = rate
         self.burst = max(burst, 1)
+        self.refusal = refusal or f"more than {rate:g} messages per second"
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def check(self, client_id: str) -> None:
@@ -49,7 +50,7 @@ class RateLimiter:
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
         if tokens < 1.0:
             self._buckets[client_id] = (tokens, now)
-            raise RateLimitError(f"more than {self.rate:g} messages per second")
+            raise RateLimitError(self.refusal)
         self._buckets[client_id] = (tokens - 1.0, now)
         if len(self._buckets) > 100_000:
             self._forget(now)

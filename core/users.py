@@ -36,6 +36,7 @@ from typing import Any, Literal
 import argon2
 
 from core.errors import AuthenticationError, AuthorizationError
+from core.limits import RateLimiter
 from core.mail import Mailer
 from core.store import NotFound, Store, User
 from core.tokens import Tokens
@@ -105,6 +106,7 @@ class Users:
         recovery_ttl: int = 900,
         mailer: Mailer | None = None,
         recovery_url: str | None = None,
+        attempts_per_minute: int = 10,
     ) -> None:
         self.store = store
         self.tokens = tokens
@@ -114,6 +116,17 @@ class Users:
         self.mailer = mailer
         self.recovery_url = recovery_url
         self._mailing: set[asyncio.Task[None]] = set()
+        # Sign-in attempts per email and per address: each is an Argon2 check (tens of ms and
+        # 64 MiB), and each guess of a password.
+        self._attempts = (
+            RateLimiter(
+                attempts_per_minute / 60.0,
+                attempts_per_minute,
+                f"more than {attempts_per_minute} sign-in attempts a minute: wait a minute",
+            )
+            if attempts_per_minute
+            else None
+        )
         self._hasher = argon2.PasswordHasher()  # Argon2id, RFC 9106's second recommendation
         # What an unknown email's password is checked against, for the same work as a known
         # one: made at the first sign-in (a hash takes tens of milliseconds).
@@ -141,9 +154,14 @@ class Users:
 
     # tokens -----------------------------------------------------------------------------------
 
-    async def login(self, email: str, password: str) -> dict[str, Any]:
+    async def login(self, email: str, password: str, source: str | None = None) -> dict[str, Any]:
         """A new pair for a user's email and password; AuthenticationError otherwise, the same
-        for an unknown email as for a wrong password."""
+        for an unknown email as for a wrong password. Attempts are limited per email and per
+        ``source`` (the client's address): RateLimitError past the limit."""
+        if self._attempts is not None:
+            self._attempts.check("email:" + email.lower())
+            if source:
+                self._attempts.check("from:" + source)
         found = await self.store.user_password(email) if len(password) <= MAX_PASSWORD else None
         hashed = found[1] if found is not None else None
         if hashed is None and self._decoy is None:

@@ -408,3 +408,22 @@ async def test_every_management_route_under_every_role(api: str, http: str, worl
                     assert (status, answer["title"]) == (403, "Forbidden"), (method, path, who)
                 checked += 1
     assert checked > 100
+
+
+async def test_sign_in_attempts_are_limited(api: str, http: str, world: World) -> None:
+    """Three attempts a minute here (ten by default), per email and per address: past that,
+    429 without an Argon2 check, whatever the password."""
+    from core.users import Users
+
+    users = world.gateway.users
+    assert users is not None
+    world.gateway.users = Users(users.store, users.tokens, attempts_per_minute=3)
+    await user(api, "judy@example.com")
+    for _ in range(3):
+        assert (await login(http, "judy@example.com", "a wrong password here"))[0] == 401
+    limited = (429, "more than 3 sign-in attempts a minute: wait a minute")
+    status, problem = await login(http, "judy@example.com", PASSWORD)  # the email's limit
+    assert (status, problem["detail"]) == limited
+    # The address: three attempts counted (the refused one was not), a fourth is refused.
+    status, problem = await login(http, "kim@example.com", PASSWORD)
+    assert (status, problem["detail"]) == limited

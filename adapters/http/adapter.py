@@ -351,7 +351,10 @@ class HTTPAdapter(Listening):
 
     async def login(self, request: web.BaseRequest) -> web.Response:
         """``POST /users/tokens`` ``{email, password}``: an access and a refresh token."""
-        return await self._users_call(request, ("email", "password"), lambda u, e, p: u.login(e, p))
+        source = request.remote
+        return await self._users_call(
+            request, ("email", "password"), lambda u, e, p: u.login(e, p, source)
+        )
 
     async def refresh(self, request: web.BaseRequest) -> web.Response:
         """``POST /users/tokens/refresh`` ``{refresh_token}``: a new pair; the one used is
