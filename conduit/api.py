@@ -37,6 +37,7 @@ from core.gateway import Gateway
 from core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from core.provisioning import InvalidRequest
 from core.store import Conflict, NotFound, StoreError
+from core.topics import NAME_RE
 from core.users import InvalidUser, Principal, check_role
 
 if TYPE_CHECKING:
@@ -108,6 +109,7 @@ class ManagementAPI:
         body_timeout: float = 30.0,
         pki: Path | None = None,
         mtls_identity: Literal["client_id", "secret"] = "client_id",
+        idp_allow_http: bool = False,
     ) -> None:
         self.gateway = gateway
         self.body_timeout = body_timeout
@@ -115,6 +117,7 @@ class ManagementAPI:
         self._key = key.encode()
         self._pki = pki
         self._mtls_identity = mtls_identity
+        self._idp_allow_http = idp_allow_http
         self._authority: Authority | None = None
         app = web.Application(middlewares=[self._errors])
         r = app.router
@@ -157,6 +160,11 @@ class ManagementAPI:
         r.add_get("/domains/{domain}/members", self.list_members)
         r.add_put("/domains/{domain}/members/{user}", self.set_member)
         r.add_delete("/domains/{domain}/members/{user}", self.remove_member)
+        r.add_post("/domains/{domain}/idps", self.add_idp)
+        r.add_get("/domains/{domain}/idps", self.list_idps)
+        r.add_get("/domains/{domain}/idps/{name}", self.get_idp)
+        r.add_patch("/domains/{domain}/idps/{name}", self.update_idp)
+        r.add_delete("/domains/{domain}/idps/{name}", self.remove_idp)
         r.add_get("/keys", self.list_keys)
         r.add_post("/keys/rotate", self.rotate_keys)
         r.add_get("/pki/ca.pem", self.ca_certificate)
@@ -498,6 +506,60 @@ class ManagementAPI:
     async def remove_member(self, request: web.Request) -> web.Response:
         m = request.match_info
         await self.gateway.store.remove_member(m["domain"], m["user"])
+        return web.Response(status=204)
+
+    # external identity providers of a domain
+    def _derived(self, domain: str, name: str, type_: Any, config: dict[str, Any]) -> Any:
+        from core.idps import ProviderError, derive
+
+        if not isinstance(type_, str):
+            raise InvalidRequest("'type' is required (a string)")
+        try:
+            return derive(domain, name, type_, config, self._idp_allow_http)
+        except ProviderError as exc:
+            raise InvalidRequest(str(exc)) from None
+
+    async def add_idp(self, request: web.Request) -> web.Response:
+        body = await self._body(request, "name", "type")
+        domain, name, type_ = request.match_info["domain"], body.pop("name"), body.pop("type")
+        if not NAME_RE.fullmatch(name):
+            raise InvalidRequest(f"provider name {name!r}: 1-64 letters, digits, '-' and '_'")
+        provider = self._derived(domain, name, type_, body)
+        await self.gateway.store.put_idp(domain, name, type_, body, create=True)
+        await self.gateway.bus.announce(Change("idp", domain, name))
+        return _json(provider.shown(), 201)
+
+    async def list_idps(self, request: web.Request) -> web.Response:
+        domain = request.match_info["domain"]
+        found = await self.gateway.store.list_idps(domain)
+        return _json([self._derived(domain, n, t, c).shown() for n, t, c in found])
+
+    async def get_idp(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        type_, config = await self.gateway.store.get_idp(m["domain"], m["name"])
+        return _json(self._derived(m["domain"], m["name"], type_, config).shown())
+
+    async def update_idp(self, request: web.Request) -> web.Response:
+        """Change what is given (a JSON merge: a null removes a field)."""
+        m = request.match_info
+        type_, config = await self.gateway.store.get_idp(m["domain"], m["name"])
+        changes = await self._body(request)
+        type_ = changes.pop("type", type_)
+        changes.pop("name", None)
+        for key, value in changes.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        provider = self._derived(m["domain"], m["name"], type_, config)
+        await self.gateway.store.put_idp(m["domain"], m["name"], type_, config, create=False)
+        await self.gateway.bus.announce(Change("idp", m["domain"], m["name"]))
+        return _json(provider.shown())
+
+    async def remove_idp(self, request: web.Request) -> web.Response:
+        m = request.match_info
+        await self.gateway.store.delete_idp(m["domain"], m["name"])
+        await self.gateway.bus.announce(Change("idp", m["domain"], m["name"]))
         return web.Response(status=204)
 
     # the signing keys of Conduit's tokens

@@ -140,6 +140,9 @@ class Conduit:
                 else None,
             ),
         )
+        from core.idps import Exchange
+
+        self.exchange = Exchange(store, tokens, s.idp_allow_http)
         self.signin = None
         if s.signin_providers and self.gateway.users is not None:
             from core.signin import Provider, SignIn
@@ -171,6 +174,7 @@ class Conduit:
             body_timeout=s.body_timeout,
             pki=s.pki,
             mtls_identity=s.mtls_identity,
+            idp_allow_http=s.idp_allow_http,
         )
         self.api = Listener(
             self.gateway,
@@ -197,6 +201,7 @@ class Conduit:
                     endpoints=http,
                     limits=s.listener_limits(s.http_max_connections),
                     signin=self.signin,
+                    exchange=self.exchange,
                 ),
             ),
             (

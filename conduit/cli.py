@@ -463,6 +463,70 @@ def members_revoke(api: API, domain: str, user: str) -> None:
 
 
 @main.group()
+def idps() -> None:
+    """Identity providers of a domain, whose tokens are exchanged for broker credentials."""
+
+
+def _config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise click.ClickException(f"{path}: a JSON object (the type's fields and rules)")
+    return config
+
+
+@api_command(idps, "add")
+@domain_opt
+@click.argument("name")
+@click.option("--type", "type_", required=True,
+              type=click.Choice(["supabase", "firebase", "auth0", "oidc"]))  # fmt: skip
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path),
+              help="JSON: what the type needs (url, project_id, tenant, issuer, audience...),"
+                   " overrides, ttl, max_ttl and rules")  # fmt: skip
+def idps_add(api: API, domain: str, name: str, type_: str, config_file: Path) -> None:
+    """Register a provider; shows what Conduit derived."""
+    body = {**_config(config_file), "name": name, "type": type_}
+    api.show(api.call("POST", f"/domains/{_q(domain)}/idps", body))
+
+
+@api_command(idps, "update")
+@domain_opt
+@click.argument("name")
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path),
+              help="JSON merged into the registration (null removes a field)")  # fmt: skip
+def idps_update(api: API, domain: str, name: str, config_file: Path) -> None:
+    """Change a provider."""
+    api.show(api.call("PATCH", f"/domains/{_q(domain)}/idps/{_q(name)}", _config(config_file)))
+
+
+@api_command(idps, "list")
+@domain_opt
+def idps_list(api: API, domain: str) -> None:
+    """The domain's providers."""
+    api.show(api.call("GET", f"/domains/{_q(domain)}/idps"),
+             ("name", "type", "enabled", "issuer", "audience"))  # fmt: skip
+
+
+@api_command(idps, "show")
+@domain_opt
+@click.argument("name")
+def idps_show(api: API, domain: str, name: str) -> None:
+    """A provider: what was given and what was derived."""
+    api.show(api.call("GET", f"/domains/{_q(domain)}/idps/{_q(name)}"))
+
+
+@api_command(idps, "remove")
+@domain_opt
+@click.argument("name")
+def idps_remove(api: API, domain: str, name: str) -> None:
+    """Remove a provider."""
+    api.call("DELETE", f"/domains/{_q(domain)}/idps/{_q(name)}")
+    api.show({"removed": name, "domain": domain})
+
+
+@main.group()
 def keys() -> None:
     """The keys Conduit signs its tokens with."""
 

@@ -204,6 +204,46 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {"user_id": _str, "domain": _str, "role": _str},
     },
+    "IdpRequest": {
+        "type": "object",
+        "required": ["name", "type", "rules"],
+        "description": "supabase: url; firebase: project_id; auth0: tenant, audience; oidc:"
+        " issuer, audience. Overrides: issuer, audience, keys_url, algorithms. ttl, max_ttl,"
+        " enabled.",
+        "properties": {
+            "name": _str,
+            "type": {"type": "string", "enum": ["supabase", "firebase", "auth0", "oidc"]},
+            "rules": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "when": {"type": "object"},
+                        "publish": {"type": "array", "items": _str},
+                        "subscribe": {"type": "array", "items": _str},
+                    },
+                },
+            },
+        },
+        "additionalProperties": True,
+    },
+    "IdpChange": {"type": "object", "additionalProperties": True},
+    "Idp": {
+        "type": "object",
+        "properties": {
+            "domain": _str,
+            "name": _str,
+            "type": _str,
+            "enabled": {"type": "boolean"},
+            "issuer": _str,
+            "audience": _str,
+            "keys_url": {"type": ["string", "null"]},
+            "algorithms": {"type": "array", "items": _str},
+            "ttl": {"type": "integer"},
+            "max_ttl": {"type": "integer"},
+            "rules": {"type": "array", "items": {"type": "object"}},
+        },
+    },
     "SigningKey": {
         "type": "object",
         "properties": {
@@ -380,6 +420,26 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, int, str | None]] = {
         204,
         None,
     ),
+    ("post", "/domains/{domain}/idps"): (
+        "Register an identity provider of the domain (its type's fields, rules, ttl)",
+        "IdpRequest",
+        201,
+        "Idp",
+    ),
+    ("get", "/domains/{domain}/idps"): ("List the domain's identity providers", None, 200, "Idp[]"),
+    ("get", "/domains/{domain}/idps/{name}"): (
+        "Show a provider: what was given and what Conduit derived",
+        None,
+        200,
+        "Idp",
+    ),
+    ("patch", "/domains/{domain}/idps/{name}"): (
+        "Change a provider (a JSON merge: null removes a field)",
+        "IdpChange",
+        200,
+        "Idp",
+    ),
+    ("delete", "/domains/{domain}/idps/{name}"): ("Remove a provider", None, 204, None),
     ("get", "/keys"): (
         "The keys that sign and verify Conduit's tokens (public facts only)",
         None,

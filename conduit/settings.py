@@ -220,6 +220,11 @@ class Settings(BaseSettings):
         " (https://app.example.com/reset?key={key}); default: the key alone",
     )
 
+    idp_allow_http: bool = Field(
+        False,
+        description="Let identity providers' key and discovery URLs be plain http beyond"
+        " loopback addresses (never in production)",
+    )
     signin_providers: list[SignInProvider] = Field(
         [], description="Providers users sign in with (OpenID Connect; see docs/users.md)"
     )

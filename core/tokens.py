@@ -159,9 +159,12 @@ class Tokens:
 
     # broker tokens ---------------------------------------------------------------------------
 
-    def broker(self, identity: Identity, rules: Rules, ttl: float) -> tuple[str, int]:
+    def broker(
+        self, identity: Identity, rules: Rules, ttl: float, extra: dict[str, Any] | None = None
+    ) -> tuple[str, int]:
         """A broker token: the identity's client, domain and name, and ``rules``."""
         claims = {
+            **(extra or {}),
             "dom": identity.domain,
             "name": identity.name,
             "rules": {

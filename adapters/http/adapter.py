@@ -33,11 +33,14 @@ from core.credentials import Credentials, from_authorization, with_certificate
 from core.errors import (
     PROBLEM_JSON,
     WWW_AUTHENTICATE,
+    AuthenticationError,
+    AuthorizationError,
     Condition,
     ConduitError,
     RequestTimeoutError,
     TooLargeError,
     TopicError,
+    UnavailableError,
     challenge,
     plain_problem,
 )
@@ -50,6 +53,7 @@ from core.message import Message, envelope_json
 from core.topics import parse_path, path_topic
 
 if TYPE_CHECKING:
+    from core.idps import Exchange
     from core.signin import SignIn
 
 log = logging.getLogger("conduit.http")
@@ -159,11 +163,13 @@ class HTTPAdapter(Listening):
         *,
         endpoints: Sequence[Endpoint] | None = None,
         signin: SignIn | None = None,
+        exchange: Exchange | None = None,
     ) -> None:
         """Serve ``endpoints`` (plain and TLS side by side), or one endpoint made of ``host``,
         ``port`` and ``ssl_context``; ``signin``: the providers users sign in with."""
         self.gateway = gateway
         self.signin = signin
+        self.exchange = exchange
         self.endpoints = list(endpoints or [Endpoint("http", host, port, ssl_context)])
         # Client certificates are read only where a listener asks for them (mutual TLS).
         self._mtls = verifies_clients(self.endpoints)
@@ -241,6 +247,8 @@ class HTTPAdapter(Listening):
             return self.refresh(request)
         if path.startswith("/oauth/") and method == "GET":
             return self.oauth(request, path)
+        if path == "/auth/exchange" and method == "POST":
+            return self.exchange_token(request)
         if path == "/users/me" and method == "GET":
             return self.me(request)
         if path == "/password/recovery" and method == "POST":
@@ -385,6 +393,53 @@ class HTTPAdapter(Listening):
         of the user ends."""
         return await self._users_call(
             request, ("key", "password"), lambda u, k, p: u.reset_password(k, p)
+        )
+
+    # external identity providers
+    async def exchange_token(self, request: web.BaseRequest) -> web.Response:
+        """``POST /auth/exchange`` ``{domain, provider, token, ttl?}``: broker credentials for
+        a token of the domain's identity provider. Each failure has its own problem ``type``."""
+        if self.exchange is None:
+            return _problem(404, "Not found", "this gateway exchanges no tokens")
+        try:
+            body = orjson.loads(await self._body(request))
+        except orjson.JSONDecodeError:
+            return _exchange_problem(400, "invalid-request", "the body is not valid JSON")
+        except ConduitError as exc:
+            return self._refuse(exc)
+        if not isinstance(body, dict) or not all(
+            isinstance(body.get(k), str) for k in ("domain", "provider", "token")
+        ):
+            return _exchange_problem(
+                400, "invalid-request", "'domain', 'provider' and 'token' are required (strings)"
+            )
+        ttl = body.get("ttl")
+        if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool)):
+            return _exchange_problem(400, "invalid-request", "'ttl' is a number of seconds")
+        from core.idps import NotRegistered, ProviderError
+
+        try:
+            answer = await self.exchange.exchange(
+                body["domain"], body["provider"], body["token"], ttl
+            )
+        except NotRegistered as exc:
+            return _exchange_problem(404, f"{exc.what}-not-found", str(exc))
+        except AuthorizationError as exc:
+            return _exchange_problem(403, "no-rule-matched", exc.detail)
+        except AuthenticationError as exc:
+            expired = exc.detail == "the token has expired"
+            kind = "token-expired" if expired else "token-invalid"
+            return _exchange_problem(401, kind, exc.detail)
+        except UnavailableError as exc:
+            return _exchange_problem(503, "provider-unreachable", exc.detail)
+        except ProviderError as exc:
+            return _exchange_problem(503, "provider-misconfigured", str(exc))
+        except ValueError as exc:
+            return _exchange_problem(400, "invalid-request", str(exc))
+        return web.Response(
+            body=orjson.dumps(answer),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
         )
 
     # sign-in with an identity provider
@@ -652,6 +707,13 @@ def _accepted_bytes() -> bytes:
         data = _ACCEPTED % (SERVER_SOFTWARE.encode(), date.encode())
         _accepted_cache = (now, data)
     return data
+
+
+def _exchange_problem(status: int, kind: str, detail: str) -> web.Response:
+    """A refusal of the token exchange, with a stable ``type`` an SDK can switch on."""
+    body = {"type": f"urn:conduit:exchange:{kind}", "title": kind.replace("-", " "),
+            "status": status, "detail": detail}  # fmt: skip
+    return web.Response(status=status, body=orjson.dumps(body), content_type=PROBLEM_JSON)
 
 
 def _redirect(url: str, query: dict[str, str] | None = None) -> web.Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from core.sessions import SessionStore
@@ -272,6 +272,20 @@ class Store(Protocol):
     async def use_refresh_token(self, jti: str, when: float) -> str:
         """Mark a refresh token used: ``fresh`` (it was not), ``used`` (it was: a replay), or
         ``unknown``."""
+
+    # external identity providers of a domain (core.idps): their registration as given
+    async def put_idp(
+        self, domain: str, name: str, type_: str, config: dict[str, Any], create: bool
+    ) -> None:
+        """Add a provider (``create``; Conflict if it exists) or replace its registration."""
+
+    async def get_idp(self, domain: str, name: str) -> tuple[str, dict[str, Any]]:
+        """A provider's type and registration (NotFound)."""
+
+    async def list_idps(self, domain: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """Every provider of a domain: name, type, registration."""
+
+    async def delete_idp(self, domain: str, name: str) -> None: ...
 
     # the keys Conduit's tokens are signed with
     async def add_signing_key(self, key: SigningKeyRecord) -> None: ...

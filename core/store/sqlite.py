@@ -175,6 +175,16 @@ MIGRATIONS: list[str] = [
         used REAL
     );
     """,
+    # External identity providers of a domain (core.idps), as registered.
+    """
+    CREATE TABLE idps (
+        domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        type TEXT NOT NULL,
+        config TEXT NOT NULL,
+        PRIMARY KEY (domain, name)
+    );
+    """,
 ]
 
 
@@ -666,6 +676,44 @@ class SQLiteStore:
             return "fresh"
         row = await self._one("SELECT 1 FROM refresh_tokens WHERE jti = ?", (jti,))
         return "used" if row is not None else "unknown"
+
+    # identity providers
+    async def put_idp(
+        self, domain: str, name: str, type_: str, config: dict[str, Any], create: bool
+    ) -> None:
+        await self.get_domain(domain)
+        if create:
+            try:
+                await self._write(
+                    "INSERT INTO idps (domain, name, type, config) VALUES (?, ?, ?, ?)",
+                    (domain, name, type_, json.dumps(config)),
+                )
+            except Conflict:
+                raise Conflict(f"domain {domain!r} has a provider {name!r}") from None
+        elif not await self._write(
+            "UPDATE idps SET type = ?, config = ? WHERE domain = ? AND name = ?",
+            (type_, json.dumps(config), domain, name),
+        ):
+            raise NotFound(f"no provider {name!r} in domain {domain!r}")
+
+    async def get_idp(self, domain: str, name: str) -> tuple[str, dict[str, Any]]:
+        row = await self._one(
+            "SELECT type, config FROM idps WHERE domain = ? AND name = ?", (domain, name)
+        )
+        if row is None:
+            raise NotFound(f"no provider {name!r} in domain {domain!r}")
+        return row["type"], json.loads(row["config"])
+
+    async def list_idps(self, domain: str) -> list[tuple[str, str, dict[str, Any]]]:
+        await self.get_domain(domain)
+        rows = await self._all(
+            "SELECT name, type, config FROM idps WHERE domain = ? ORDER BY name", (domain,)
+        )
+        return [(r["name"], r["type"], json.loads(r["config"])) for r in rows]
+
+    async def delete_idp(self, domain: str, name: str) -> None:
+        if not await self._write("DELETE FROM idps WHERE domain = ? AND name = ?", (domain, name)):
+            raise NotFound(f"no provider {name!r} in domain {domain!r}")
 
     # signing keys
     async def add_signing_key(self, key: SigningKeyRecord) -> None:

@@ -1,0 +1,434 @@
+"""External identity providers of a domain: the apps' own sign-in (Supabase, Firebase, Auth0,
+any OpenID Connect issuer), whose tokens are exchanged for Conduit's broker tokens.
+
+A provider is registered per domain with its type and what the type needs; Conduit derives the
+rest (:func:`derive`): the issuer, the audience, where the keys are, the algorithms. Any derived
+value can be overridden. The algorithms are pinned per provider, never taken from a token.
+
+Keys are fetched with aiohttp (:class:`Keys`): kept as long as the answer's cache headers say
+(within bounds), fetched again for an unknown ``kid`` at most once per :data:`REFETCH_EVERY`
+seconds per provider (an attacker's stream of unknown key ids must not become a request storm),
+kept and used while the endpoint is down, with a timeout and a size limit. Key and discovery
+URLs must be https, except loopback addresses (development, tests) unless a setting allows
+plain http. A provider that cannot be reached and has no key yet is unavailable (503), not a
+bad token (401).
+
+Claims become rights through the provider's ordered rules (:func:`rights`): the first rule whose
+conditions hold grants its topic filters, with placeholders filled from the claims (``{sub}``,
+``{email}``, ``{claim:org_id}``). A claim value that would change a filter's meaning (``/``,
+``+``, ``#``, empty, control characters) makes the rule not apply: it never widens a filter.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import jwt
+import orjson
+from cryptography import x509
+
+from core.errors import AuthenticationError, AuthorizationError, UnavailableError
+from core.identity import Identity, Rules
+from core.store import NotFound, Store
+from core.tokens import Tokens
+from core.topics import parse_filter
+
+TYPES = ("supabase", "firebase", "auth0", "oidc")
+ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+              "EdDSA")  # fmt: skip
+FIREBASE_KEYS = (
+    "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
+)
+LEEWAY = 30  # seconds of clock difference forgiven on exp, nbf and iat
+REFETCH_EVERY = 30.0  # seconds between two fetches for unknown key ids, per provider
+MIN_CACHE, MAX_CACHE, DEFAULT_CACHE = 60.0, 86400.0, 3600.0  # seconds keys are kept
+FETCH_TIMEOUT = 5.0
+MAX_DOCUMENT = 1 << 20  # bytes of a key set or discovery document
+_PLACEHOLDER = re.compile(r"\{(sub|email|claim:[A-Za-z0-9_.-]+)\}")
+_MAX_AGE = re.compile(r"max-age=(\d+)")
+
+
+class ProviderError(ValueError):
+    """A provider definition Conduit cannot use; the message says why."""
+
+
+class NotRegistered(LookupError):
+    """No such domain (``what`` = ``domain``), or no such provider in it (``provider``)."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    when: dict[str, Any]
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityProvider:
+    """A registered provider, its derived values resolved."""
+
+    domain: str
+    name: str
+    type: str
+    enabled: bool
+    issuer: str
+    audience: str
+    keys_url: str | None  # a JWKS, or Google's X.509 document (firebase); None: discovery
+    algorithms: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    ttl: int = 3600
+    max_ttl: int = 86400
+    config: dict[str, Any] = field(default_factory=dict)  # as registered
+
+    def shown(self) -> dict[str, Any]:
+        """What the management API shows: what was given and what was derived."""
+        return {
+            "domain": self.domain, "name": self.name, "type": self.type,
+            "enabled": self.enabled, "issuer": self.issuer, "audience": self.audience,
+            "keys_url": self.keys_url, "algorithms": list(self.algorithms),
+            "ttl": self.ttl, "max_ttl": self.max_ttl,
+            "rules": [{"when": r.when, "publish": list(r.publish),
+                       "subscribe": list(r.subscribe)} for r in self.rules],
+        }  # fmt: skip
+
+
+def _text(config: dict[str, Any], name: str, what: str) -> str:
+    value = config.get(name)
+    if not isinstance(value, str) or not value:
+        raise ProviderError(f"a {what} provider needs {name!r} (a string)")
+    return value
+
+
+def check_url(url: str, allow_http: bool = False) -> str:
+    """A key or discovery URL: https, or http on a loopback address (or with ``allow_http``)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url
+    if parts.scheme == "http" and parts.hostname:
+        if allow_http or parts.hostname == "localhost":
+            return url
+        try:
+            if ipaddress.ip_address(parts.hostname).is_loopback:
+                return url
+        except ValueError:
+            pass
+    raise ProviderError(f"{url!r} is not an https URL (plain http only on a loopback address)")
+
+
+def derive(
+    domain: str, name: str, type_: str, config: dict[str, Any], allow_http: bool = False
+) -> IdentityProvider:
+    """A provider from its registration: what its type needs, overrides, rules and lifetimes."""
+    if type_ not in TYPES:
+        raise ProviderError(f"type {type_!r} is one of {', '.join(TYPES)}")
+    keys_url: str | None
+    algorithms: tuple[str, ...]
+    if type_ == "supabase":
+        url = _text(config, "url", "supabase").rstrip("/")
+        issuer, audience = f"{url}/auth/v1", "authenticated"
+        keys_url, algorithms = f"{url}/auth/v1/.well-known/jwks.json", ("ES256", "RS256")
+    elif type_ == "firebase":
+        project = _text(config, "project_id", "firebase")
+        issuer, audience = f"https://securetoken.google.com/{project}", project
+        keys_url, algorithms = FIREBASE_KEYS, ("RS256",)
+    elif type_ == "auth0":
+        tenant = _text(config, "tenant", "auth0").removeprefix("https://").strip("/")
+        issuer, audience = f"https://{tenant}/", _text(config, "audience", "auth0")
+        keys_url, algorithms = f"https://{tenant}/.well-known/jwks.json", ("RS256",)
+    else:
+        issuer, audience = _text(config, "issuer", "oidc"), _text(config, "audience", "oidc")
+        keys_url, algorithms = None, ("RS256", "ES256")
+    issuer = str(config.get("issuer", issuer))
+    audience = str(config.get("audience", audience))
+    keys_url = config.get("keys_url", keys_url)
+    given = config.get("algorithms")
+    if given is not None:
+        if not isinstance(given, list) or not given or not all(a in ASYMMETRIC for a in given):
+            raise ProviderError(f"'algorithms' is a list of {', '.join(ASYMMETRIC)}")
+        algorithms = tuple(given)
+    check_url(issuer if keys_url is None else keys_url, allow_http)
+    ttl, max_ttl = config.get("ttl", 3600), config.get("max_ttl", 86400)
+    if not isinstance(ttl, int) or not isinstance(max_ttl, int) or not 0 < ttl <= max_ttl:
+        raise ProviderError("'ttl' and 'max_ttl' are seconds, 0 < ttl <= max_ttl")
+    return IdentityProvider(
+        domain, name, type_, bool(config.get("enabled", True)), issuer, audience, keys_url,
+        algorithms, _rules(domain, config.get("rules")), ttl, max_ttl, config,
+    )  # fmt: skip
+
+
+def _rules(domain: str, given: Any) -> tuple[Rule, ...]:
+    if not isinstance(given, list) or not given:
+        raise ProviderError("'rules' is a non-empty list of {when, publish, subscribe}")
+    rules = []
+    for i, rule in enumerate(given):
+        if not isinstance(rule, dict) or not isinstance(rule.get("when", {}), dict):
+            raise ProviderError(f"rule {i}: an object with 'when' (an object of claims)")
+        filters = {}
+        for action in ("publish", "subscribe"):
+            items = rule.get(action, [])
+            if not isinstance(items, list) or not all(isinstance(f, str) for f in items):
+                raise ProviderError(f"rule {i}: {action!r} is a list of topic filters")
+            for f in items:
+                sample = _PLACEHOLDER.sub("x", f)
+                try:
+                    parsed = parse_filter(sample)
+                except ValueError as exc:
+                    raise ProviderError(f"rule {i}: {f!r} is not a topic filter: {exc}") from None
+                if parsed.domain != domain:
+                    raise ProviderError(f"rule {i}: {f!r} is not in domain {domain!r}")
+            filters[action] = tuple(items)
+        rules.append(Rule(rule.get("when", {}), filters["publish"], filters["subscribe"]))
+    return tuple(rules)
+
+
+# --- claims to rights -------------------------------------------------------------------------
+
+
+def _holds(condition: Any, value: Any) -> bool:
+    if isinstance(condition, dict):
+        if "one_of" in condition:
+            return isinstance(condition["one_of"], list) and value in condition["one_of"]
+        if "contains" in condition:
+            wanted = condition["contains"]
+            if isinstance(value, list):
+                return wanted in value
+            return isinstance(value, str) and isinstance(wanted, str) and wanted in value.split()
+        return False
+    return bool(value == condition)
+
+
+def _claim(claims: dict[str, Any], path: str) -> Any:
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _safe(value: Any) -> str | None:
+    """A claim value that can stand in a topic level as it is, or None."""
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        return None
+    text = str(value)
+    if not text or any(c in "/+#" or not c.isprintable() for c in text):
+        return None
+    return text
+
+
+def rights(provider: IdentityProvider, claims: dict[str, Any]) -> Rules:
+    """The rights of the first rule whose conditions hold and whose placeholders all fill
+    safely; AuthorizationError (403) when none does."""
+    for rule in provider.rules:
+        if not all(_holds(c, _claim(claims, k)) for k, c in rule.when.items()):
+            continue
+        try:
+            filled = {
+                action: tuple(parse_filter(_fill(f, claims)) for f in getattr(rule, action))
+                for action in ("publish", "subscribe")
+            }
+        except (_Unsafe, ValueError):
+            continue  # a claim would change a filter's meaning: the rule does not apply
+        return Rules(publish=filled["publish"], subscribe=filled["subscribe"])
+    raise AuthorizationError(f"no rule of provider {provider.name!r} matches this token's claims")
+
+
+class _Unsafe(Exception):
+    pass
+
+
+def _fill(template: str, claims: dict[str, Any]) -> str:
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        value = _safe(_claim(claims, name[6:]) if name.startswith("claim:") else claims.get(name))
+        if value is None:
+            raise _Unsafe(name)
+        return value
+
+    return _PLACEHOLDER.sub(one, template)
+
+
+# --- keys ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Held:
+    keys: dict[str, Any] = field(default_factory=dict)  # kid -> public key
+    fresh_until: float = 0.0
+    fetched_at: float = 0.0  # last attempt, for the unknown-kid rate bound
+    jwks_url: str | None = None  # an oidc provider's, from its discovery document
+
+
+class Keys:
+    """Every provider's verification keys (see the module docstring)."""
+
+    def __init__(self, allow_http: bool = False, refetch_every: float = REFETCH_EVERY) -> None:
+        self.allow_http = allow_http
+        self.refetch_every = refetch_every
+        self._held: dict[tuple[str, str], _Held] = {}
+
+    async def key(self, provider: IdentityProvider, kid: str | None) -> Any:
+        held = self._held.setdefault((provider.domain, provider.name), _Held())
+        now = time.monotonic()
+        stale = now >= held.fresh_until
+        unknown = kid not in held.keys
+        if stale or (unknown and now - held.fetched_at >= self.refetch_every):
+            held.fetched_at = now
+            try:
+                await self._fetch(provider, held)
+            except UnavailableError:
+                if not held.keys:
+                    raise
+        found = held.keys.get(kid) if kid is not None else None
+        if found is None and kid is None and len(held.keys) == 1:
+            found = next(iter(held.keys.values()))
+        if found is None:
+            raise AuthenticationError("the token's signing key is not one of its provider's")
+        return found
+
+    async def _fetch(self, provider: IdentityProvider, held: _Held) -> None:
+        url = provider.keys_url
+        if url is None:
+            if held.jwks_url is None:
+                discovery = provider.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                document, _ = await self._get(check_url(discovery, self.allow_http))
+                if document.get("issuer") != provider.issuer or not isinstance(
+                    document.get("jwks_uri"), str
+                ):
+                    raise UnavailableError(f"provider {provider.name!r}: bad discovery document")
+                held.jwks_url = check_url(document["jwks_uri"], self.allow_http)
+            url = held.jwks_url
+        document, max_age = await self._get(check_url(url, self.allow_http))
+        keys: dict[str, Any] = {}
+        if provider.type == "firebase" and "keys" not in document:
+            for kid, pem in document.items():  # Google's X.509 document: kid -> certificate
+                keys[kid] = x509.load_pem_x509_certificate(pem.encode()).public_key()
+        else:
+            for jwk in document.get("keys", []):
+                try:
+                    keys[jwk.get("kid")] = jwt.PyJWK(jwk).key
+                except (jwt.PyJWKError, jwt.InvalidKeyError, TypeError, ValueError):
+                    continue  # a key of a kind Conduit does not verify with
+        held.keys = keys
+        held.fresh_until = time.monotonic() + max_age
+
+    async def _get(self, url: str) -> tuple[dict[str, Any], float]:
+        timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(url) as response:
+                    if response.status != 200:
+                        raise UnavailableError(f"{url}: HTTP {response.status}")
+                    body = await response.content.read(MAX_DOCUMENT + 1)
+                    cache = response.headers.get("Cache-Control", "")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UnavailableError(f"{url}: {type(exc).__name__} {exc}") from None
+        if len(body) > MAX_DOCUMENT:
+            raise UnavailableError(f"{url}: more than {MAX_DOCUMENT} bytes")
+        try:
+            document = orjson.loads(body)
+        except ValueError:
+            raise UnavailableError(f"{url}: not JSON") from None
+        if not isinstance(document, dict):
+            raise UnavailableError(f"{url}: not a JSON object")
+        age = _MAX_AGE.search(cache)
+        max_age = float(age.group(1)) if age else DEFAULT_CACHE
+        return document, min(MAX_CACHE, max(MIN_CACHE, max_age))
+
+
+async def verify(keys: Keys, provider: IdentityProvider, token: str) -> dict[str, Any]:
+    """The claims of a valid token of the provider: signature with its pinned algorithms,
+    ``iss``, ``aud``, ``exp`` required, ``nbf``/``iat`` with leeway, ``sub`` not empty."""
+    if not provider.enabled:
+        raise AuthenticationError(f"provider {provider.name!r} is disabled")
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.InvalidTokenError:
+        raise AuthenticationError("the token is not a JWT") from None
+    key = await keys.key(provider, kid if isinstance(kid, str) else None)
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token, key, algorithms=list(provider.algorithms), audience=provider.audience,
+            issuer=provider.issuer, leeway=LEEWAY,
+            options={"require": ["exp", "iss", "aud", "sub"]},
+        )  # fmt: skip
+    except jwt.ExpiredSignatureError:
+        raise AuthenticationError("the token has expired") from None
+    except jwt.InvalidAlgorithmError:
+        raise AuthenticationError(
+            f"the token's algorithm is not one of {', '.join(provider.algorithms)}"
+        ) from None
+    except jwt.InvalidTokenError as exc:
+        raise AuthenticationError(f"the token is not valid: {exc}") from None
+    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+        raise AuthenticationError("the token has no subject")
+    return claims
+
+
+# --- the exchange -------------------------------------------------------------------------------
+
+
+class Exchange:
+    """External tokens traded for broker tokens (``POST /auth/exchange``)."""
+
+    def __init__(
+        self,
+        store: Store,
+        tokens: Tokens,
+        allow_http: bool = False,
+        refetch_every: float = REFETCH_EVERY,
+    ) -> None:
+        self.store = store
+        self.tokens = tokens
+        self.allow_http = allow_http
+        self.keys = Keys(allow_http, refetch_every)
+
+    async def provider(self, domain: str, name: str) -> IdentityProvider:
+        try:
+            await self.store.get_domain(domain)
+        except NotFound as exc:
+            raise NotRegistered("domain", str(exc)) from None
+        try:
+            type_, config = await self.store.get_idp(domain, name)
+        except NotFound as exc:
+            raise NotRegistered("provider", str(exc)) from None
+        return derive(domain, name, type_, config, self.allow_http)
+
+    async def exchange(
+        self, domain: str, name: str, token: str, ttl: int | None = None
+    ) -> dict[str, Any]:
+        """Broker credentials for a valid token of the domain's provider ``name``."""
+        provider = await self.provider(domain, name)
+        claims = await verify(self.keys, provider, token)
+        granted = rights(provider, claims)
+        life = provider.ttl if ttl is None else ttl
+        if not 0 < life <= provider.max_ttl:
+            raise ValueError(f"'ttl' is 1 to {provider.max_ttl} seconds for this provider")
+        subject = str(claims["sub"])
+        identity = Identity(
+            f"{provider.name}:{subject}", domain, str(claims.get("email") or subject), granted
+        )
+        session = secrets.token_urlsafe(12)
+        password, expires = self.tokens.broker(identity, granted, life, {"sid": session})
+        return {
+            "token_id": session,
+            "username": identity.client_id,
+            "password": password,
+            "expires_at": expires,
+            "refresh_at": int(time.time() + 0.8 * life),
+            "rules": {
+                "publish": [str(f) for f in granted.publish],
+                "subscribe": [str(f) for f in granted.subscribe],
+            },
+        }

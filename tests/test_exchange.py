@@ -1,0 +1,371 @@
+"""External identity providers and the token exchange: providers registered through the
+management API (what each type derives), tokens of a local provider (its own keys, served as a
+JWKS or as Google's X.509 document) exchanged at ``POST /auth/exchange`` for broker credentials
+whose rights come from the claims, used on MQTT and HTTP; every refusal with its stable problem
+type; keys cached, kept while the provider is down, and an unknown ``kid`` fetched again at most
+once per interval; a claim that would widen a filter never does."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from adapters.http import HTTPAdapter
+from adapters.http.server import Listener
+from conduit.api import ManagementAPI
+from core.bus import Subscription
+from core.idps import FIREBASE_KEYS, REFETCH_EVERY, Exchange, ProviderError, derive
+from core.limits import ListenerLimits
+from core.listeners import Endpoint
+from tests.conftest import World, drain, running
+
+KEY = "test-admin-key-" + "0" * 32
+RULES = [
+    {"when": {"role": "device"}, "publish": ["m/acme/c/temps/{sub}/#"],
+     "subscribe": ["m/acme/c/temps/{sub}/#"]},
+    {"when": {"permissions": {"contains": "alerts:read"}}, "subscribe": ["m/acme/c/temps/alerts"]},
+    {"when": {"org": {"one_of": ["acme", "acme-labs"]}},
+     "subscribe": ["m/acme/c/temps/{claim:org}/#"]},
+]  # fmt: skip
+
+
+@dataclass
+class Issuer:
+    """A local identity provider: its keys, served as a JWKS (and as X.509 certificates)."""
+
+    base: str = ""
+    key: rsa.RSAPrivateKey = field(default_factory=lambda: rsa.generate_private_key(65537, 2048))
+    kid: str = "key-1"
+    fetches: int = 0
+    down: bool = False
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", self.discovery)
+        app.router.add_get("/jwks", self.jwks)
+        app.router.add_get("/x509", self.certificates)
+        return app
+
+    async def discovery(self, request: web.Request) -> web.Response:
+        return web.json_response({"issuer": self.base, "jwks_uri": f"{self.base}/jwks"})
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        self.fetches += 1
+        if self.down:
+            return web.Response(status=503)
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
+        return web.json_response(
+            {"keys": [{**jwk, "kid": self.kid, "alg": "RS256", "use": "sig"}]},
+            headers={"Cache-Control": "public, max-age=600"},
+        )
+
+    async def certificates(self, request: web.Request) -> web.Response:
+        self.fetches += 1
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "securetoken")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(self.key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(self.key, hashes.SHA256())
+        )  # fmt: skip
+        return web.json_response({self.kid: cert.public_bytes(serialization.Encoding.PEM).decode()})
+
+    def token(self, claims: dict[str, Any], **header: Any) -> str:
+        now = int(time.time())
+        payload = {"iss": self.base, "aud": "conduit-app", "sub": "dev-7", "iat": now,
+                   "exp": now + 600, "role": "device", **claims}  # fmt: skip
+        payload = {k: v for k, v in payload.items() if v is not None}
+        return jwt.encode(payload, self.key, "RS256", {"kid": self.kid, **header})
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[Issuer]:
+    provider = Issuer()
+    runner = web.AppRunner(provider.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    provider.base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    yield provider
+    await runner.cleanup()
+
+
+@dataclass
+class Gateway:
+    http: str
+    api: str
+
+
+@pytest.fixture
+async def gateway(world: World, issuer: Issuer) -> AsyncIterator[Gateway]:
+    tokens = world.gateway.tokens
+    assert tokens is not None
+    exchange = Exchange(world.gateway.store, tokens, refetch_every=1.0)
+    app = ManagementAPI(world.gateway, KEY).app
+    api = Listener(world.gateway, "api", app, Endpoint("api", "127.0.0.1", 0),
+                   limits=ListenerLimits())  # fmt: skip
+    await api.start()
+    async with running(HTTPAdapter(world.gateway, "127.0.0.1", 0, exchange=exchange)) as http:
+        yield Gateway(f"http://127.0.0.1:{http.port}", f"http://127.0.0.1:{api.port}")
+    await api.stop(2)
+
+
+async def call(url: str, method: str, body: Any = None, key: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, url, json=body, headers=headers) as r:
+            return r.status, (await r.json() if r.status != 204 else None)
+
+
+async def register(gw: Gateway, body: dict[str, Any]) -> tuple[int, Any]:
+    return await call(f"{gw.api}/domains/acme/idps", "POST", {"rules": RULES, **body}, KEY)
+
+
+async def exchange(gw: Gateway, token: str, provider: str = "app", **more: Any) -> tuple[int, Any]:
+    body = {"domain": "acme", "provider": provider, "token": token, **more}
+    return await call(f"{gw.http}/auth/exchange", "POST", body)
+
+
+async def test_an_oidc_token_exchanged_and_used(
+    gateway: Gateway, issuer: Issuer, watch: Subscription
+) -> None:
+    status, shown = await register(
+        gateway, {"name": "app", "type": "oidc", "issuer": issuer.base, "audience": "conduit-app"}
+    )
+    assert status == 201, shown
+    assert (shown["issuer"], shown["audience"], shown["keys_url"]) == (
+        issuer.base, "conduit-app", None,
+    )  # fmt: skip
+    status, creds = await exchange(gateway, issuer.token({}), ttl=120)
+    assert status == 200, creds
+    assert creds["username"] == "app:dev-7"
+    assert creds["rules"] == {"publish": ["m/acme/c/temps/dev-7/#"],
+                              "subscribe": ["m/acme/c/temps/dev-7/#"]}  # fmt: skip
+    now = time.time()
+    assert now + 110 < creds["expires_at"] <= now + 121
+    assert creds["refresh_at"] < creds["expires_at"]
+    bearer = {"Authorization": f"Bearer {creds['password']}", "Content-Type": "text/plain"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            f"{gateway.http}/m/acme/c/temps/dev-7/t", data=b"ok", headers=bearer
+        ) as r:
+            assert r.status == 202
+        async with s.post(
+            f"{gateway.http}/m/acme/c/temps/dev-8/t", data=b"no", headers=bearer
+        ) as r:
+            assert r.status == 403
+    assert [m.payload for m in drain(watch)] == [b"ok"]
+    # Keys fetched once (discovery, then the JWKS), then cached.
+    assert (await exchange(gateway, issuer.token({})))[0] == 200
+    assert issuer.fetches == 1
+
+
+@pytest.mark.parametrize(
+    ("claims", "rules"),
+    [
+        ({"role": "viewer", "permissions": ["alerts:read"]},
+         {"publish": [], "subscribe": ["m/acme/c/temps/alerts"]}),
+        ({"role": "viewer", "permissions": "profile alerts:read"},
+         {"publish": [], "subscribe": ["m/acme/c/temps/alerts"]}),
+        ({"role": "viewer", "org": "acme-labs"},
+         {"publish": [], "subscribe": ["m/acme/c/temps/acme-labs/#"]}),
+    ],
+    ids=["contains in a list", "contains in a string", "one of"],
+)  # fmt: skip
+async def test_conditions_on_claims(
+    gateway: Gateway, issuer: Issuer, claims: dict[str, Any], rules: dict[str, Any]
+) -> None:
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app"})  # fmt: skip
+    status, creds = await exchange(gateway, issuer.token(claims))
+    assert status == 200 and creds["rules"] == rules
+
+
+@pytest.mark.parametrize("sub", ["a/b", "+", "#", "x\nq", "dev\x00", "\u200b"])
+async def test_a_claim_that_would_widen_a_filter_never_does(
+    gateway: Gateway, issuer: Issuer, sub: str
+) -> None:
+    """The device rule does not apply (its placeholder would change the filter); no other rule
+    matches: 403 with its type."""
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app"})  # fmt: skip
+    status, problem = await exchange(gateway, issuer.token({"sub": sub}))
+    assert (status, problem["type"]) == (403, "urn:conduit:exchange:no-rule-matched")
+    assert problem["detail"] == "no rule of provider 'app' matches this token's claims"
+
+
+async def test_every_refusal_has_its_type(gateway: Gateway, issuer: Issuer) -> None:
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app"})  # fmt: skip
+    other = rsa.generate_private_key(65537, 2048)
+    now = int(time.time())
+    forged = jwt.encode({"iss": issuer.base, "aud": "conduit-app", "sub": "x", "exp": now + 60,
+                         "role": "device"}, other, "RS256", {"kid": issuer.kid})  # fmt: skip
+    claims = {"iss": issuer.base, "aud": "conduit-app", "sub": "x", "exp": now + 60}
+    hs256 = jwt.encode(claims, "a-shared-secret-of-enough-length", "HS256", {"kid": issuer.kid})
+    cases = [
+        ({"provider": "nope"}, issuer.token({}), 404, "provider-not-found"),
+        ({"domain": "nope"}, issuer.token({}), 404, "domain-not-found"),
+        ({}, issuer.token({"exp": now - 120}), 401, "token-expired"),
+        ({}, issuer.token({"exp": None}), 401, "token-invalid"),
+        ({}, issuer.token({"aud": "another-app"}), 401, "token-invalid"),
+        ({}, issuer.token({"iss": "https://elsewhere"}), 401, "token-invalid"),
+        ({}, forged, 401, "token-invalid"),
+        ({}, hs256, 401, "token-invalid"),
+        ({}, "not-a-jwt", 401, "token-invalid"),
+        ({}, issuer.token({"role": "nobody"}), 403, "no-rule-matched"),
+        ({"ttl": 10**6}, issuer.token({}), 400, "invalid-request"),
+    ]
+    for more, token, status, kind in cases:
+        got, problem = await exchange(gateway, token, **more)
+        assert (got, problem["type"]) == (status, f"urn:conduit:exchange:{kind}"), (kind, problem)
+    # Disabled: its tokens are refused.
+    status, _ = await call(f"{gateway.api}/domains/acme/idps/app", "PATCH", {"enabled": False},
+                           KEY)  # fmt: skip
+    assert status == 200
+    got, problem = await exchange(gateway, issuer.token({}))
+    assert (got, problem["detail"]) == (401, "provider 'app' is disabled")
+
+
+async def test_keys_kept_while_down_and_unknown_kids_fetched_at_most_once(
+    gateway: Gateway, issuer: Issuer
+) -> None:
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app",
+                             "keys_url": f"{issuer.base}/jwks"})  # fmt: skip
+    assert (await exchange(gateway, issuer.token({})))[0] == 200
+    assert issuer.fetches == 1
+    issuer.down = True
+    assert (await exchange(gateway, issuer.token({})))[0] == 200  # the key kept
+    # A stream of unknown key ids right after a fetch: none fetched again (the interval is 1 s
+    # here, 30 s by default); one second later, one fetch for the five.
+    for i in range(5):
+        got, problem = await exchange(gateway, issuer.token({}, kid=f"unknown-{i}"))
+        assert (got, problem["type"]) == (401, "urn:conduit:exchange:token-invalid")
+    assert issuer.fetches == 1
+    await asyncio.sleep(1.1)
+    for i in range(5):
+        got, problem = await exchange(gateway, issuer.token({}, kid=f"unknown-{i}"))
+        assert (got, problem["type"]) == (401, "urn:conduit:exchange:token-invalid")
+    assert issuer.fetches == 2
+    assert REFETCH_EVERY == 30
+    # Still down: the key it had still verifies.
+    assert (await exchange(gateway, issuer.token({})))[0] == 200
+
+
+async def test_a_provider_that_cannot_be_reached_is_503(gateway: Gateway, issuer: Issuer) -> None:
+    await register(gateway, {"name": "gone", "type": "oidc", "issuer": "http://127.0.0.1:9",
+                             "audience": "conduit-app"})  # fmt: skip
+    got, problem = await exchange(gateway, issuer.token({}), provider="gone")
+    assert (got, problem["type"]) == (503, "urn:conduit:exchange:provider-unreachable")
+
+
+async def test_firebase_keys_from_google_s_certificate_document(
+    gateway: Gateway, issuer: Issuer
+) -> None:
+    status, shown = await register(gateway, {
+        "name": "fb", "type": "firebase", "project_id": "my-proj",
+        "keys_url": f"{issuer.base}/x509",
+    })  # fmt: skip
+    assert status == 201 and shown["issuer"] == "https://securetoken.google.com/my-proj"
+    token = issuer.token({"iss": "https://securetoken.google.com/my-proj", "aud": "my-proj"})
+    status, creds = await exchange(gateway, token, provider="fb")
+    assert status == 200 and creds["username"] == "fb:dev-7"
+
+
+def test_what_each_type_derives() -> None:
+    rules = [{"when": {}, "subscribe": ["m/acme/c/temps/#"]}]
+    supa = derive("acme", "s", "supabase", {"url": "https://abc.supabase.co/", "rules": rules})
+    assert (supa.issuer, supa.audience, supa.keys_url, supa.algorithms) == (
+        "https://abc.supabase.co/auth/v1", "authenticated",
+        "https://abc.supabase.co/auth/v1/.well-known/jwks.json", ("ES256", "RS256"),
+    )  # fmt: skip
+    fire = derive("acme", "f", "firebase", {"project_id": "p1", "rules": rules})
+    assert (fire.issuer, fire.audience, fire.keys_url, fire.algorithms) == (
+        "https://securetoken.google.com/p1", "p1", FIREBASE_KEYS, ("RS256",),
+    )  # fmt: skip
+    auth0 = derive("acme", "a", "auth0", {"tenant": "acme.eu.auth0.com", "audience": "api://x",
+                                           "rules": rules})  # fmt: skip
+    assert (auth0.issuer, auth0.keys_url) == (
+        "https://acme.eu.auth0.com/", "https://acme.eu.auth0.com/.well-known/jwks.json",
+    )  # fmt: skip
+    refusals = [
+        ("oidc", {"issuer": "http://example.com", "audience": "a", "rules": rules},
+         "'http://example.com' is not an https URL (plain http only on a loopback address)"),
+        ("oidc", {"issuer": "https://x", "rules": rules},
+         "a oidc provider needs 'audience' (a string)"),
+        ("auth0", {"tenant": "t", "audience": "a", "rules": rules, "algorithms": ["HS256"]},
+         "'algorithms' is a list of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, "
+         "ES512, EdDSA"),
+        ("firebase", {"project_id": "p", "rules": [{"when": {}, "publish": ["m/globex/c/x"]}]},
+         "rule 0: 'm/globex/c/x' is not in domain 'acme'"),
+        ("firebase", {"project_id": "p", "rules": []},
+         "'rules' is a non-empty list of {when, publish, subscribe}"),
+        ("ldap", {"rules": rules}, "type 'ldap' is one of supabase, firebase, auth0, oidc"),
+    ]  # fmt: skip
+    for type_, config, message in refusals:
+        with pytest.raises(ProviderError) as error:
+            derive("acme", "x", type_, config)
+        assert str(error.value) == message
+
+
+async def test_providers_through_the_management_api(gateway: Gateway, issuer: Issuer) -> None:
+    base = f"{gateway.api}/domains/acme/idps"
+    bad = {"name": "bad", "type": "oidc", "issuer": "http://example.com", "audience": "a"}
+    status, problem = await register(gateway, bad)
+    assert status == 400 and "not an https URL" in problem["detail"]
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app"})  # fmt: skip
+    assert (await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                                     "audience": "x"}))[0] == 409  # fmt: skip
+    status, listed = await call(base, "GET", key=KEY)
+    assert status == 200 and [p["name"] for p in listed] == ["app"]
+    status, changed = await call(f"{base}/app", "PATCH", {"audience": "other", "ttl": 60}, KEY)
+    assert status == 200 and (changed["audience"], changed["ttl"]) == ("other", 60)
+    assert await call(f"{base}/app", "DELETE", key=KEY) == (204, None)
+    assert (await call(f"{base}/app", "GET", key=KEY))[0] == 404
+
+
+def test_conduit_idps_commands(tmp_path: Path) -> None:
+    import json
+
+    from tests.test_serve import start
+
+    server = start(tmp_path / "data")
+    try:
+        server.cli("domains", "create", "acme")
+        config = tmp_path / "supabase.json"
+        config.write_text(json.dumps({"url": "https://abc.supabase.co", "rules": RULES}))
+        added = server.cli("idps", "add", "--domain", "acme", "app", "--type", "supabase",
+                           "--config", str(config), "--json")  # fmt: skip
+        shown = json.loads(added.stdout)
+        assert shown["issuer"] == "https://abc.supabase.co/auth/v1"
+        assert shown["audience"] == "authenticated"
+        config.write_text(json.dumps({"ttl": 120}))
+        server.cli("idps", "update", "--domain", "acme", "app", "--config", str(config))
+        listed = json.loads(server.cli("idps", "list", "--domain", "acme", "--json").stdout)
+        assert [(p["name"], p["ttl"]) for p in listed] == [("app", 120)]
+        server.cli("idps", "remove", "--domain", "acme", "app")
+        missing = server.cli("idps", "show", "--domain", "acme", "app", check=False)
+        assert (
+            missing.returncode == 1 and "404: no provider 'app' in domain 'acme'" in missing.stderr
+        )
+    finally:
+        server.proc.terminate()
+        server.proc.wait()
