@@ -345,6 +345,26 @@ class Gateway:
             await self.bus.unsubscribe(sub)
         sub.close(reason)
 
+    async def reauthenticate(self, subs: list[Subscription], identity: Identity) -> None:
+        """Subscriptions now held under ``identity`` (a fresh token of their client, presented
+        on the open connection): they take its rights and expiry; those it does not allow end
+        with :data:`REVOKED`."""
+        for sub in subs:
+            if sub not in self._subs:
+                continue
+            try:
+                await self._authorize(identity, sub.filter, "subscribe")
+            except UnavailableError:
+                raise
+            except ConduitError:
+                await self.unsubscribe(sub, REVOKED)
+                continue
+            sub.identity = identity
+            self._cancel_expiry(sub)
+            if identity.expires is not None:
+                expire = functools.partial(self._unsubscribe_expired, sub)
+                self._expire_at(sub, identity.expires, expire)
+
     async def broker_token(self, identity: Identity, ttl: float | None) -> tuple[str, int]:
         """A broker token for a provisioned client: its rights of now (the store's connections)
         as topic rules, good for ``ttl`` seconds (the default when None; ValueError past the

@@ -94,8 +94,8 @@ from adapters.mqtt.sessions import SessionRegistry
 from core import senml
 from core.bus import Subscription
 from core.content import SENML
-from core.credentials import from_mqtt
-from core.errors import Condition, ConduitError, QuotaError, TooLargeError
+from core.credentials import Credentials, from_mqtt
+from core.errors import AuthenticationError, Condition, ConduitError, QuotaError, TooLargeError
 from core.gateway import Gateway
 from core.identity import Identity
 from core.noise import claimed_client, printable
@@ -105,6 +105,11 @@ log = logging.getLogger("conduit.mqtt")
 
 #: Asynchronous work a packet needs; the connection runs it before the next packet.
 Pending: TypeAlias = Coroutine[Any, Any, None]
+
+AUTH_METHOD = "CONDUIT-TOKEN"
+"""The MQTT 5 enhanced authentication method: a broker token as the Authentication Data at
+CONNECT, and a fresh one in AUTH (0x19) to renew the connection's credentials in place."""
+
 
 class State(enum.Enum):
     """Where a channel is in its life."""
@@ -160,6 +165,7 @@ class Channel:
     __slots__ = (
         "_unregister",
         "aliases",
+        "auth_method",
         "certificate",
         "clean_exit",
         "congested",
@@ -190,6 +196,7 @@ class Channel:
         self.state = WAITING
         self.level = 0  # the protocol level, once CONNECT says it (4 or 5)
         self.identity: Identity | None = None
+        self.auth_method: str | None = None  # CONDUIT-TOKEN: enhanced authentication
         self._unregister: Callable[[], None] | None = None
         self.session: Session | None = None
         self.congested = False
@@ -252,9 +259,8 @@ class Channel:
         elif isinstance(packet, Connect):
             raise MQTTProtocolError(ReasonCode.PROTOCOL_ERROR, "a second CONNECT")
         elif isinstance(packet, Auth):
-            raise MQTTProtocolError(
-                ReasonCode.PROTOCOL_ERROR, "AUTH without enhanced authentication"
-            )
+            self._check_auth(packet)
+            return self._reauthenticate(packet)
         else:
             raise MQTTProtocolError(
                 ReasonCode.PROTOCOL_ERROR,
@@ -404,14 +410,17 @@ class Channel:
                 self.max_packet_size = props.maximum_packet_size
             receive_maximum = props.receive_maximum or 0xFFFF
             if props.authentication_method is not None:
-                self._refuse_connect_code(
-                    ReasonCode.BAD_AUTHENTICATION_METHOD,
-                    "bad_authentication_method",
-                    f"authentication method {props.authentication_method!r} is not supported:"
-                    " send the client secret as the password",
-                    claimed_client(p.username),
-                )
-                return
+                if props.authentication_method != AUTH_METHOD or p.password:
+                    self._refuse_connect_code(
+                        ReasonCode.BAD_AUTHENTICATION_METHOD,
+                        "bad_authentication_method",
+                        f"authentication method {props.authentication_method!r} is not"
+                        f" supported: {AUTH_METHOD} with a broker token as the Authentication"
+                        " Data (and no password), or the secret or token as the password",
+                        claimed_client(p.username),
+                    )
+                    return
+                self.auth_method = AUTH_METHOD
         client_id = p.client_id
         assigned: str | None = None
         if not client_id:
@@ -439,7 +448,10 @@ class Channel:
                 return
             keep_alive = server_keep_alive = maximum
         try:
-            credentials = from_mqtt(p.username, p.password, self.certificate)
+            if self.auth_method is not None:
+                credentials = self._token_credentials(p.username, props.authentication_data)
+            else:
+                credentials = from_mqtt(p.username, p.password, self.certificate)
             identity = await self.gateway.authenticate(credentials)
         except ConduitError as exc:
             self._refuse_connect(exc, claimed_client(p.username))
@@ -501,12 +513,64 @@ class Channel:
                         receive_maximum=options.max_inflight,
                         topic_alias_maximum=options.topic_alias_maximum or None,
                         maximum_packet_size=options.max_packet_size,
+                        authentication_method=self.auth_method,
                     ),
                 )
             )
         else:
             self.send_packet(ConnAck(present, ReturnCode.ACCEPTED))
         session.attach(self, receive_maximum)
+
+    def _token_credentials(self, username: str | None, data: bytes | None) -> Credentials:
+        """The credentials of ``CONDUIT-TOKEN``: a broker token as the Authentication Data."""
+        credentials = from_mqtt(username, data, self.certificate)
+        if credentials.token is None:
+            raise AuthenticationError(
+                f"{AUTH_METHOD} carries a broker token (a JWT) as the Authentication Data"
+            )
+        return credentials
+
+    def _check_auth(self, p: Auth) -> None:
+        """An AUTH packet this connection may send (MQTTProtocolError 0x82 otherwise)."""
+        if self.auth_method is None:
+            raise MQTTProtocolError(
+                ReasonCode.PROTOCOL_ERROR, "AUTH without enhanced authentication"
+            )
+        if (
+            p.reason_code != ReasonCode.RE_AUTHENTICATE
+            or p.properties.authentication_method != self.auth_method
+        ):
+            raise MQTTProtocolError(
+                ReasonCode.PROTOCOL_ERROR,
+                f"AUTH re-authenticates (0x19) with the CONNECT's method {self.auth_method}",
+            )
+
+    async def _reauthenticate(self, p: Auth) -> None:
+        """AUTH 0x19 with a fresh token of the same client (``CONDUIT-TOKEN``): the connection's
+        rights and expiry become the new token's, in place; subscriptions it no longer allows
+        end. A failed re-authentication ends the connection (DISCONNECT with the reason)."""
+        old, session = self.identity, self.session
+        assert old is not None and session is not None
+        try:
+            credentials = self._token_credentials(None, p.properties.authentication_data)
+            identity = await self.gateway.authenticate(credentials)
+            if (identity.domain, identity.client_id) != (old.domain, old.client_id):
+                raise AuthenticationError("re-authentication with another client's token")
+        except ConduitError as exc:
+            self.refused(exc)
+            code = exc.condition.answer.mqtt5
+            self.disconnect(ReasonCode.NOT_AUTHORIZED if code == 0x86 else code, exc.detail)
+            return
+        if self.state is not CONNECTED:
+            return
+        self.identity = session.identity = identity
+        if self._unregister is not None:
+            self._unregister()
+        self._unregister = self.gateway.connected(identity, self.revoked)
+        held = [sub.bus for sub in session.subs.values() if sub.bus is not None]
+        await self.gateway.reauthenticate(held, identity)
+        session.save()
+        self.send_packet(Auth(ReasonCode.SUCCESS, Properties(authentication_method=AUTH_METHOD)))
 
     async def _check_will(self, identity: Identity, will: Will) -> None:
         """Refuse at CONNECT a will that could never be published (raises ConduitError, or
