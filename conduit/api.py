@@ -15,6 +15,7 @@ import binascii
 import hmac
 import os
 import secrets
+import time
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -165,6 +166,7 @@ class ManagementAPI:
         r.add_get("/domains/{domain}/idps/{name}", self.get_idp)
         r.add_patch("/domains/{domain}/idps/{name}", self.update_idp)
         r.add_delete("/domains/{domain}/idps/{name}", self.remove_idp)
+        r.add_post("/domains/{domain}/revocations", self.revoke_subject)
         r.add_get("/keys", self.list_keys)
         r.add_post("/keys/rotate", self.rotate_keys)
         r.add_get("/pki/ca.pem", self.ca_certificate)
@@ -561,6 +563,17 @@ class ManagementAPI:
         await self.gateway.store.delete_idp(m["domain"], m["name"])
         await self.gateway.bus.announce(Change("idp", m["domain"], m["name"]))
         return web.Response(status=204)
+
+    async def revoke_subject(self, request: web.Request) -> web.Response:
+        """``{subject}``: a token holder's client id (``<provider>:<sub>`` for an exchanged
+        token, or a client's id). Its tokens issued until now stop working, its connections end
+        at once on every node, and its credentials are not refreshed."""
+        body = await self._body(request, "subject")
+        domain = request.match_info["domain"]
+        now = time.time()
+        await self.gateway.store.revoke_subject(domain, body["subject"], now)
+        await self.gateway.bus.announce(Change("subject", domain, body["subject"]))
+        return _json({"domain": domain, "subject": body["subject"], "revoked": now})
 
     # the signing keys of Conduit's tokens
     def _keyring(self) -> Any:

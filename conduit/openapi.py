@@ -244,6 +244,11 @@ SCHEMAS: dict[str, Any] = {
             "rules": {"type": "array", "items": {"type": "object"}},
         },
     },
+    "Subject": {"type": "object", "required": ["subject"], "properties": {"subject": _str}},
+    "Revocation": {
+        "type": "object",
+        "properties": {"domain": _str, "subject": _str, "revoked": {"type": "number"}},
+    },
     "SigningKey": {
         "type": "object",
         "properties": {
@@ -440,6 +445,13 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, int, str | None]] = {
         "Idp",
     ),
     ("delete", "/domains/{domain}/idps/{name}"): ("Remove a provider", None, 204, None),
+    ("post", "/domains/{domain}/revocations"): (
+        "Revoke a token holder (<provider>:<sub>, or a client id): its tokens issued until now"
+        " stop, its connections end, its credentials are not refreshed",
+        "Subject",
+        200,
+        "Revocation",
+    ),
     ("get", "/keys"): (
         "The keys that sign and verify Conduit's tokens (public facts only)",
         None,

@@ -43,6 +43,13 @@ from core.sessions import MemorySessions, SessionStore
 from core.store import NotFound, Store
 from core.topics import TOPIC_CACHE, Topic, TopicFilter, parse_filter, parse_topic
 
+
+def _revoked(identity: Identity, subjects: dict[tuple[str, str], float]) -> bool:
+    """Whether a token identity's subject was revoked after its token was issued."""
+    revoked = subjects.get((identity.domain, identity.client_id))
+    return revoked is not None and (identity.issued or 0.0) <= revoked
+
+
 if TYPE_CHECKING:
     from core.tokens import Tokens
     from core.users import Users
@@ -57,6 +64,8 @@ CLIENT_REVOKED = "client disabled or deleted"
 EXPIRED = "credentials expired"
 # The reason given to connections whose client certificate was revoked.
 CERTIFICATE_REVOKED = "certificate revoked"
+# The reason given to connections of a token whose subject was revoked.
+SUBJECT_REVOKED = "credentials revoked"
 
 # Topics repeat: parse each once.
 _topic = functools.lru_cache(maxsize=TOPIC_CACHE)(parse_topic)
@@ -503,11 +512,15 @@ class Gateway:
         whose client was disabled or deleted, or whose client certificate was revoked."""
         try:
             revoked = await self._revoked_certificates()
+            subjects = await self._revoked_subjects()
             for sub in list(self._subs):
                 identity = sub.identity
                 assert isinstance(identity, Identity)
                 if identity.certificate in revoked:
                     await self.unsubscribe(sub, CERTIFICATE_REVOKED)
+                    continue
+                if _revoked(identity, subjects):
+                    await self.unsubscribe(sub, SUBJECT_REVOKED)
                     continue
                 try:
                     await self._authorize(identity, sub.filter, "subscribe")
@@ -522,13 +535,29 @@ class Gateway:
                         on_revoked(CERTIFICATE_REVOKED)
                     continue
                 if identity.rules is not None:
-                    continue  # its rights are its own, until it expires
+                    # its rights are its own, until it expires or its subject is revoked
+                    if _revoked(identity, subjects):
+                        if self._connections.pop(token, None) is not None:
+                            on_revoked(SUBJECT_REVOKED)
+                    continue
                 if identity.client_id not in gone:
                     gone[identity.client_id] = not await self._client_enabled(identity)
                 if gone[identity.client_id] and self._connections.pop(token, None) is not None:
                     on_revoked(CLIENT_REVOKED)
         except UnavailableError:  # the store is down: keep serving what was allowed
             log.warning("cannot recheck subscriptions and connections: store unavailable")
+
+    async def _revoked_subjects(self) -> dict[tuple[str, str], float]:
+        """(domain, client id) -> revocation time, of the token identities in use."""
+        identities = [identity for identity, _ in self._connections.values()]
+        identities += [sub.identity for sub in self._subs if isinstance(sub.identity, Identity)]
+        pairs = {(i.domain, i.client_id) for i in identities if i.rules is not None}
+        if not pairs:
+            return {}
+        try:
+            return await self.store.subject_revocations(pairs)
+        except Exception as exc:
+            raise UnavailableError(f"store: {exc}") from exc
 
     async def _revoked_certificates(self) -> set[str | None]:
         """The serials of the client certificates in use (by connections and subscriptions)

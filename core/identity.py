@@ -54,3 +54,4 @@ class Identity(msgspec.Struct, frozen=True, gc=False):
     rules: Rules | None = None
     expires: float | None = None
     certificate: str | None = None
+    issued: float | None = None  # when its token was issued (a revocation ends older ones)

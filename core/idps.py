@@ -59,6 +59,10 @@ class ProviderError(ValueError):
     """A provider definition Conduit cannot use; the message says why."""
 
 
+class SessionEnded(AuthenticationError):
+    """Credentials refreshed past the provider's ``max_session``: exchange a new token."""
+
+
 class NotRegistered(LookupError):
     """No such domain (``what`` = ``domain``), or no such provider in it (``provider``)."""
 
@@ -89,6 +93,7 @@ class IdentityProvider:
     rules: tuple[Rule, ...]
     ttl: int = 3600
     max_ttl: int = 86400
+    max_session: int = 7 * 86400  # seconds credentials may be refreshed after the exchange
     config: dict[str, Any] = field(default_factory=dict)  # as registered
 
     def shown(self) -> dict[str, Any]:
@@ -97,7 +102,7 @@ class IdentityProvider:
             "domain": self.domain, "name": self.name, "type": self.type,
             "enabled": self.enabled, "issuer": self.issuer, "audience": self.audience,
             "keys_url": self.keys_url, "algorithms": list(self.algorithms),
-            "ttl": self.ttl, "max_ttl": self.max_ttl,
+            "ttl": self.ttl, "max_ttl": self.max_ttl, "max_session": self.max_session,
             "rules": [{"when": r.when, "publish": list(r.publish),
                        "subscribe": list(r.subscribe)} for r in self.rules],
         }  # fmt: skip
@@ -159,11 +164,16 @@ def derive(
         algorithms = tuple(given)
     check_url(issuer if keys_url is None else keys_url, allow_http)
     ttl, max_ttl = config.get("ttl", 3600), config.get("max_ttl", 86400)
-    if not isinstance(ttl, int) or not isinstance(max_ttl, int) or not 0 < ttl <= max_ttl:
-        raise ProviderError("'ttl' and 'max_ttl' are seconds, 0 < ttl <= max_ttl")
+    max_session = config.get("max_session", 7 * 86400)
+    if not all(isinstance(v, int) for v in (ttl, max_ttl, max_session)) or not (
+        0 < ttl <= max_ttl <= max_session
+    ):
+        raise ProviderError(
+            "'ttl', 'max_ttl' and 'max_session' are seconds, 0 < ttl <= max_ttl <= max_session"
+        )
     return IdentityProvider(
         domain, name, type_, bool(config.get("enabled", True)), issuer, audience, keys_url,
-        algorithms, _rules(domain, config.get("rules")), ttl, max_ttl, config,
+        algorithms, _rules(domain, config.get("rules")), ttl, max_ttl, max_session, config,
     )  # fmt: skip
 
 
@@ -419,10 +429,39 @@ class Exchange:
         identity = Identity(
             f"{provider.name}:{subject}", domain, str(claims.get("email") or subject), granted
         )
-        session = secrets.token_urlsafe(12)
-        password, expires = self.tokens.broker(identity, granted, life, {"sid": session})
+        session = {"sid": secrets.token_urlsafe(12), "idp": provider.name, "ses": int(time.time())}
+        return self._credentials(identity, granted, life, session)
+
+    async def refresh(self, token_id: str, password: str) -> dict[str, Any]:
+        """Fresh credentials for the current ones (``password``, a broker token of an exchange
+        named ``token_id``), while the provider is enabled, the subject not revoked and the
+        session younger than the provider's ``max_session``."""
+        from core.auth.tokens import check_not_revoked
+
+        claims = await self.tokens.verify(password, "broker")
+        if claims.get("sid") != token_id or not isinstance(claims.get("idp"), str):
+            raise AuthenticationError("these are not the credentials of that exchange")
+        identity = self.tokens.broker_identity(claims)
+        provider = await self.provider(identity.domain, claims["idp"])
+        if not provider.enabled:
+            raise AuthenticationError(f"provider {provider.name!r} is disabled")
+        await check_not_revoked(self.store, identity)
+        started = float(claims.get("ses", 0))
+        left = started + provider.max_session - time.time()
+        if left <= 0:
+            raise SessionEnded(
+                f"the session is older than {provider.max_session} s: exchange a new token"
+            )
+        assert identity.rules is not None
+        session = {k: claims[k] for k in ("sid", "idp", "ses")}
+        return self._credentials(identity, identity.rules, min(provider.ttl, int(left)), session)
+
+    def _credentials(
+        self, identity: Identity, granted: Rules, life: int, session: dict[str, Any]
+    ) -> dict[str, Any]:
+        password, expires = self.tokens.broker(identity, granted, life, session)
         return {
-            "token_id": session,
+            "token_id": session["sid"],
             "username": identity.client_id,
             "password": password,
             "expires_at": expires,

@@ -189,7 +189,9 @@ class Tokens:
             raise AuthenticationError("the broker token's rules are malformed") from None
         if float(claims["exp"]) <= time.time():  # within the leeway: still over
             raise AuthenticationError("the token has expired")
-        return Identity(claims["sub"], domain, name, parsed, float(claims["exp"]))
+        return Identity(
+            claims["sub"], domain, name, parsed, float(claims["exp"]), issued=float(claims["iat"])
+        )
 
 
 def _kid(token: str) -> str:

@@ -369,3 +369,87 @@ def test_conduit_idps_commands(tmp_path: Path) -> None:
     finally:
         server.proc.terminate()
         server.proc.wait()
+
+
+async def test_refresh_and_its_limits(
+    gateway: Gateway, issuer: Issuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app", "max_ttl": 3600,
+                             "max_session": 7200})  # fmt: skip
+    _, creds = await exchange(gateway, issuer.token({}))
+    refresh = f"{gateway.http}/auth/refresh"
+    status, fresh = await call(refresh, "POST", {"token_id": creds["token_id"],
+                                                 "password": creds["password"]})  # fmt: skip
+    assert status == 200, fresh
+    assert (fresh["token_id"], fresh["username"], fresh["rules"]) == (
+        creds["token_id"], creds["username"], creds["rules"],
+    )  # fmt: skip
+    assert fresh["password"] != creds["password"]
+    # The refreshed password works, and refreshes again.
+    status, _ = await call(refresh, "POST", {"token_id": fresh["token_id"],
+                                             "password": fresh["password"]})  # fmt: skip
+    assert status == 200
+    # Another exchange's id; not a password of ours.
+    status, problem = await call(refresh, "POST", {"token_id": "other",
+                                                   "password": fresh["password"]})  # fmt: skip
+    assert (status, problem["type"]) == (401, "urn:conduit:exchange:token-invalid")
+    status, problem = await call(refresh, "POST", {"token_id": "x", "password": "eyJ.x.y"})
+    assert (status, problem["type"]) == (401, "urn:conduit:exchange:token-invalid")
+    # Past the provider's max_session (the clock of core.idps moved two hours on).
+    import core.idps
+
+    class Later:
+        @staticmethod
+        def time() -> float:
+            return time.time() + 7201
+
+    monkeypatch.setattr(core.idps, "time", Later)
+    status, problem = await call(refresh, "POST", {"token_id": fresh["token_id"],
+                                                   "password": fresh["password"]})  # fmt: skip
+    assert (status, problem["type"]) == (401, "urn:conduit:exchange:session-ended")
+    monkeypatch.undo()
+    # A disabled provider refreshes nothing.
+    await call(f"{gateway.api}/domains/acme/idps/app", "PATCH", {"enabled": False}, KEY)
+    status, problem = await call(refresh, "POST", {"token_id": fresh["token_id"],
+                                                   "password": fresh["password"]})  # fmt: skip
+    assert (status, problem["detail"]) == (401, "provider 'app' is disabled")
+
+
+async def test_a_revoked_subject_is_cut_off_everywhere(
+    gateway: Gateway, issuer: Issuer, world: World
+) -> None:
+    """Its open MQTT connection ends (0x87, credentials revoked), its credentials are not
+    refreshed and no longer authenticate; a new sign-in (a token issued later) works again."""
+    from adapters.mqtt import MQTTAdapter
+    from adapters.mqtt.codec import Disconnect, Properties, ReasonCode
+    from core.gateway import SUBJECT_REVOKED
+    from tests.mqtt.conftest import RawClient
+
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app"})  # fmt: skip
+    _, creds = await exchange(gateway, issuer.token({}))
+    async with running(MQTTAdapter(world.gateway, "127.0.0.1", 0, ws_port=None)) as mqtt:
+        client = await RawClient.open(mqtt.port, 5)
+        ack = await client.connect(None, "dev", password=creds["password"].encode())
+        assert ack.reason_code == 0
+        status, revoked = await call(f"{gateway.api}/domains/acme/revocations", "POST",
+                                     {"subject": "app:dev-7"}, KEY)  # fmt: skip
+        assert status == 200 and revoked["subject"] == "app:dev-7"
+        assert await client.until_closed(5) == [
+            Disconnect(ReasonCode.NOT_AUTHORIZED, Properties(reason_string=SUBJECT_REVOKED))
+        ]
+        again = await RawClient.open(mqtt.port, 5)
+        refused = await again.connect(None, "dev", password=creds["password"].encode())
+        assert refused.reason_code == ReasonCode.BAD_USER_NAME_OR_PASSWORD
+        await again.close()
+    body = {"token_id": creds["token_id"], "password": creds["password"]}
+    status, problem = await call(f"{gateway.http}/auth/refresh", "POST", body)
+    assert (status, problem["type"]) == (401, "urn:conduit:exchange:subject-revoked")
+    await asyncio.sleep(1.1)  # a token issued in a later second than the revocation
+    status, fresh = await exchange(gateway, issuer.token({}))
+    assert status == 200
+    bearer = {"Authorization": f"Bearer {fresh['password']}", "Content-Type": "text/plain"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{gateway.http}/m/acme/c/temps/dev-7/t", data=b"x", headers=bearer) as r:
+            assert r.status == 202

@@ -44,7 +44,7 @@ from aiocoap.pipe import Pipe
 
 from adapters.coap.formats import content_format
 from core.bus import Subscription, SubscriptionClosed
-from core.gateway import CERTIFICATE_REVOKED, EXPIRED, REVOKED, Gateway
+from core.gateway import CERTIFICATE_REVOKED, EXPIRED, REVOKED, SUBJECT_REVOKED, Gateway
 from core.message import Message
 
 # The reason an observation over DTLS ends with when its client's key is revoked or replaced,
@@ -56,6 +56,7 @@ _ENDINGS = {
     REVOKED: Code.FORBIDDEN,
     EXPIRED: Code.UNAUTHORIZED,
     CERTIFICATE_REVOKED: Code.UNAUTHORIZED,
+    SUBJECT_REVOKED: Code.UNAUTHORIZED,
     DTLS_KEY_REVOKED: Code.UNAUTHORIZED,
 }
 

@@ -249,6 +249,8 @@ class HTTPAdapter(Listening):
             return self.oauth(request, path)
         if path == "/auth/exchange" and method == "POST":
             return self.exchange_token(request)
+        if path == "/auth/refresh" and method == "POST":
+            return self.exchange_token(request, refresh=True)
         if path == "/users/me" and method == "GET":
             return self.me(request)
         if path == "/password/recovery" and method == "POST":
@@ -396,9 +398,10 @@ class HTTPAdapter(Listening):
         )
 
     # external identity providers
-    async def exchange_token(self, request: web.BaseRequest) -> web.Response:
+    async def exchange_token(self, request: web.BaseRequest, refresh: bool = False) -> web.Response:
         """``POST /auth/exchange`` ``{domain, provider, token, ttl?}``: broker credentials for
-        a token of the domain's identity provider. Each failure has its own problem ``type``."""
+        a token of the domain's identity provider; ``POST /auth/refresh`` ``{token_id,
+        password}``: fresh ones for the current. Each failure has its own problem ``type``."""
         if self.exchange is None:
             return _problem(404, "Not found", "this gateway exchanges no tokens")
         try:
@@ -407,28 +410,33 @@ class HTTPAdapter(Listening):
             return _exchange_problem(400, "invalid-request", "the body is not valid JSON")
         except ConduitError as exc:
             return self._refuse(exc)
-        if not isinstance(body, dict) or not all(
-            isinstance(body.get(k), str) for k in ("domain", "provider", "token")
-        ):
-            return _exchange_problem(
-                400, "invalid-request", "'domain', 'provider' and 'token' are required (strings)"
-            )
+        fields = ("token_id", "password") if refresh else ("domain", "provider", "token")
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in fields):
+            names = " and ".join(f"'{k}'" for k in fields)
+            return _exchange_problem(400, "invalid-request", f"{names} are required (strings)")
         ttl = body.get("ttl")
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool)):
             return _exchange_problem(400, "invalid-request", "'ttl' is a number of seconds")
-        from core.idps import NotRegistered, ProviderError
+        from core.idps import NotRegistered, ProviderError, SessionEnded
 
         try:
-            answer = await self.exchange.exchange(
-                body["domain"], body["provider"], body["token"], ttl
-            )
+            if refresh:
+                answer = await self.exchange.refresh(body["token_id"], body["password"])
+            else:
+                answer = await self.exchange.exchange(
+                    body["domain"], body["provider"], body["token"], ttl
+                )
         except NotRegistered as exc:
             return _exchange_problem(404, f"{exc.what}-not-found", str(exc))
         except AuthorizationError as exc:
             return _exchange_problem(403, "no-rule-matched", exc.detail)
+        except SessionEnded as exc:
+            return _exchange_problem(401, "session-ended", exc.detail)
         except AuthenticationError as exc:
             expired = exc.detail == "the token has expired"
             kind = "token-expired" if expired else "token-invalid"
+            if exc.detail == "the token's subject was revoked":
+                kind = "subject-revoked"
             return _exchange_problem(401, kind, exc.detail)
         except UnavailableError as exc:
             return _exchange_problem(503, "provider-unreachable", exc.detail)

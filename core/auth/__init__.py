@@ -257,5 +257,5 @@ def store_auth(
     if tokens is not None:
         from core.auth.tokens import BrokerTokens
 
-        providers.append(BrokerTokens(tokens, ttl))
+        providers.append(BrokerTokens(tokens, store, ttl))
     return Authenticator(providers), Authorizer(store, ttl)

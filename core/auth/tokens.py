@@ -4,9 +4,10 @@ gateway as its issuer is not its to judge: no opinion, the next provider is aske
 
 Verified identities are cached under a digest of the token (BLAKE2s; never the token itself)
 for at most ``ttl`` seconds and never past the token's expiry, so that a device that sends its
-token with every HTTP request pays one signature check per ``ttl``, not one per request. A
-token whose key id is not known here yet (another node rotated) is checked by :meth:`identify`,
-which reads the keys again.
+token with every HTTP request pays one signature check per ``ttl``, not one per request. The
+first use of a token also asks the store whether its subject was revoked after the token was
+issued (a domain admin's revocation, :meth:`core.store.Store.revoke_subject`); a revocation is
+announced, which clears the cache.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from core.auth import Expiring
 from core.credentials import Credentials, Kind
 from core.errors import AuthenticationError
 from core.identity import Identity
+from core.store import Store
 from core.tokens import Tokens
 
 
@@ -30,8 +32,11 @@ class BrokerTokens:
 
     kinds: frozenset[Kind] = frozenset({"token"})
 
-    def __init__(self, tokens: Tokens, ttl: float = 30.0, maxsize: int = 100_000) -> None:
+    def __init__(
+        self, tokens: Tokens, store: Store | None = None, ttl: float = 30.0, maxsize: int = 100_000
+    ) -> None:
         self.tokens = tokens
+        self.store = store
         self._identities: Expiring[bytes, Identity] = Expiring(maxsize, ttl)
 
     def invalidate(self) -> None:
@@ -44,12 +49,7 @@ class BrokerTokens:
         cached = self._identities.get(key)
         if cached is not None:
             return _unexpired(cached[0])
-        if not self.tokens.issued_here(token):
-            return None
-        claims = self.tokens.verify_nowait(token, "broker")
-        if claims is None:
-            return None
-        return self._keep(key, self.tokens.broker_identity(claims))
+        return None  # the first use: identify() verifies it and asks the store
 
     async def identify(self, credentials: Credentials, kind: Kind) -> Identity | None:
         token = credentials.token
@@ -57,11 +57,22 @@ class BrokerTokens:
         if not self.tokens.issued_here(token):
             return None
         claims = await self.tokens.verify(token, "broker")
-        return self._keep(_cache_key(token), self.tokens.broker_identity(claims))
+        identity = self.tokens.broker_identity(claims)
+        if self.store is not None:
+            await check_not_revoked(self.store, identity)
+        return self._keep(_cache_key(token), identity)
 
     def _keep(self, key: bytes, identity: Identity) -> Identity:
         self._identities.put(key, identity)
         return identity
+
+
+async def check_not_revoked(store: Store, identity: Identity) -> None:
+    """AuthenticationError when the identity's subject was revoked after its token was issued."""
+    found = await store.subject_revocations([(identity.domain, identity.client_id)])
+    revoked = found.get((identity.domain, identity.client_id))
+    if revoked is not None and (identity.issued or 0.0) <= revoked:
+        raise AuthenticationError("the token's subject was revoked")
 
 
 def _unexpired(identity: Identity) -> Identity:

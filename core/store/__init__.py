@@ -287,6 +287,14 @@ class Store(Protocol):
 
     async def delete_idp(self, domain: str, name: str) -> None: ...
 
+    # revoked token subjects: their tokens issued before the revocation stop working
+    async def revoke_subject(self, domain: str, client_id: str, when: float) -> None: ...
+
+    async def subject_revocations(
+        self, subjects: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], float]:
+        """(domain, client id) -> when it was revoked, of the given subjects that were."""
+
     # the keys Conduit's tokens are signed with
     async def add_signing_key(self, key: SigningKeyRecord) -> None: ...
 

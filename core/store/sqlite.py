@@ -184,6 +184,12 @@ MIGRATIONS: list[str] = [
         config TEXT NOT NULL,
         PRIMARY KEY (domain, name)
     );
+    CREATE TABLE revoked_subjects (
+        domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+        client_id TEXT NOT NULL,
+        revoked REAL NOT NULL,
+        PRIMARY KEY (domain, client_id)
+    );
     """,
 ]
 
@@ -714,6 +720,28 @@ class SQLiteStore:
     async def delete_idp(self, domain: str, name: str) -> None:
         if not await self._write("DELETE FROM idps WHERE domain = ? AND name = ?", (domain, name)):
             raise NotFound(f"no provider {name!r} in domain {domain!r}")
+
+    # revoked subjects
+    async def revoke_subject(self, domain: str, client_id: str, when: float) -> None:
+        await self.get_domain(domain)
+        await self._write(
+            "INSERT INTO revoked_subjects (domain, client_id, revoked) VALUES (?, ?, ?)"
+            " ON CONFLICT (domain, client_id) DO UPDATE SET revoked = excluded.revoked",
+            (domain, client_id, when),
+        )
+
+    async def subject_revocations(
+        self, subjects: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], float]:
+        wanted = [list(s) for s in subjects]
+        if not wanted:
+            return {}
+        rows = await self._all(
+            "SELECT domain, client_id, revoked FROM revoked_subjects"
+            " WHERE (domain, client_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+            (json.dumps(wanted),),
+        )
+        return {(r["domain"], r["client_id"]): r["revoked"] for r in rows}
 
     # signing keys
     async def add_signing_key(self, key: SigningKeyRecord) -> None:
