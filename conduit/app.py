@@ -142,7 +142,13 @@ class Conduit:
         )
         from core.idps import Exchange
 
-        self.exchange = Exchange(store, tokens, s.idp_allow_http)
+        self.exchange = Exchange(
+            store,
+            tokens,
+            s.idp_allow_http,
+            per_address=s.exchange_rate_per_address,
+            per_domain=s.exchange_rate_per_domain,
+        )
         self.signin = None
         if s.signin_providers and self.gateway.users is not None:
             from core.signin import Provider, SignIn

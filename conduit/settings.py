@@ -225,6 +225,12 @@ class Settings(BaseSettings):
         description="Let identity providers' key and discovery URLs be plain http beyond"
         " loopback addresses (never in production)",
     )
+    exchange_rate_per_address: int = Field(
+        60, ge=0, description="Token exchanges and refreshes a minute per client address; 0 = any"
+    )
+    exchange_rate_per_domain: int = Field(
+        6000, ge=0, description="Token exchanges a minute per domain; 0 = any"
+    )
     signin_providers: list[SignInProvider] = Field(
         [], description="Providers users sign in with (OpenID Connect; see docs/users.md)"
     )

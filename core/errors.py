@@ -159,6 +159,7 @@ class TooLargeError(ConduitError):
 
 class RateLimitError(ConduitError):
     condition = Condition.RATE_LIMITED
+    retry_after: float | None = None  # seconds until the next one is allowed, when known
 
 
 class QuotaError(RateLimitError):

@@ -36,6 +36,7 @@ from cryptography import x509
 
 from core.errors import AuthenticationError, AuthorizationError, UnavailableError
 from core.identity import Identity, Rules
+from core.limits import RateLimiter
 from core.store import NotFound, Store
 from core.tokens import Tokens
 from core.topics import parse_filter
@@ -389,6 +390,14 @@ async def verify(keys: Keys, provider: IdentityProvider, token: str) -> dict[str
 # --- the exchange -------------------------------------------------------------------------------
 
 
+def _limiter(per_minute: int, where: str) -> RateLimiter | None:
+    if not per_minute:
+        return None
+    return RateLimiter(
+        per_minute / 60.0, per_minute, f"more than {per_minute} token exchanges a minute {where}"
+    )
+
+
 class Exchange:
     """External tokens traded for broker tokens (``POST /auth/exchange``)."""
 
@@ -398,11 +407,24 @@ class Exchange:
         tokens: Tokens,
         allow_http: bool = False,
         refetch_every: float = REFETCH_EVERY,
+        *,
+        per_address: int = 60,
+        per_domain: int = 6000,
     ) -> None:
         self.store = store
         self.tokens = tokens
         self.allow_http = allow_http
         self.keys = Keys(allow_http, refetch_every)
+        # Exchanges and refreshes a minute, per client address and per domain (0: any).
+        self._addresses = _limiter(per_address, "from this address")
+        self._domains = _limiter(per_domain, "for this domain")
+
+    def check_rate(self, domain: str | None, source: str | None) -> None:
+        """RateLimitError (with ``retry_after``) past the limits."""
+        if self._addresses is not None and source:
+            self._addresses.check(source)
+        if self._domains is not None and domain:
+            self._domains.check(domain)
 
     async def provider(self, domain: str, name: str) -> IdentityProvider:
         try:

@@ -50,7 +50,9 @@ class RateLimiter:
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
         if tokens < 1.0:
             self._buckets[client_id] = (tokens, now)
-            raise RateLimitError(self.refusal)
+            error = RateLimitError(self.refusal)
+            error.retry_after = (1.0 - tokens) / self.rate
+            raise error
         self._buckets[client_id] = (tokens - 1.0, now)
         if len(self._buckets) > 100_000:
             self._forget(now)

@@ -453,3 +453,25 @@ async def test_a_revoked_subject_is_cut_off_everywhere(
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{gateway.http}/m/acme/c/temps/dev-7/t", data=b"x", headers=bearer) as r:
             assert r.status == 202
+
+
+async def test_exchanges_are_rate_limited(world: World, issuer: Issuer, gateway: Gateway) -> None:
+    """Two a minute from one address here: the third is 429 with Retry-After, before the
+    token is even looked at."""
+    tokens = world.gateway.tokens
+    assert tokens is not None
+    limited = Exchange(world.gateway.store, tokens, per_address=2)
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app"})  # fmt: skip
+    async with running(HTTPAdapter(world.gateway, "127.0.0.1", 0, exchange=limited)) as http:
+        url = f"http://127.0.0.1:{http.port}/auth/exchange"
+        body = {"domain": "acme", "provider": "app", "token": issuer.token({})}
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.post(url, json=body) as r:
+                    assert r.status == 200
+            async with s.post(url, json={**body, "token": "not even a token"}) as r:
+                problem = await r.json()
+                assert (r.status, problem["type"]) == (429, "urn:conduit:exchange:rate-limited")
+                assert problem["detail"] == "more than 2 token exchanges a minute from this address"
+                assert 1 <= int(r.headers["Retry-After"]) <= 30

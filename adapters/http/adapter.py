@@ -15,6 +15,7 @@ import contextlib
 import email.utils
 import functools
 import logging
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Sequence
@@ -37,6 +38,7 @@ from core.errors import (
     AuthorizationError,
     Condition,
     ConduitError,
+    RateLimitError,
     RequestTimeoutError,
     TooLargeError,
     TopicError,
@@ -420,6 +422,7 @@ class HTTPAdapter(Listening):
         from core.idps import NotRegistered, ProviderError, SessionEnded
 
         try:
+            self.exchange.check_rate(None if refresh else body["domain"], request.remote)
             if refresh:
                 answer = await self.exchange.refresh(body["token_id"], body["password"])
             else:
@@ -430,6 +433,10 @@ class HTTPAdapter(Listening):
             return _exchange_problem(404, f"{exc.what}-not-found", str(exc))
         except AuthorizationError as exc:
             return _exchange_problem(403, "no-rule-matched", exc.detail)
+        except RateLimitError as exc:
+            response = _exchange_problem(429, "rate-limited", exc.detail)
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after or 1)))
+            return response
         except SessionEnded as exc:
             return _exchange_problem(401, "session-ended", exc.detail)
         except AuthenticationError as exc:
