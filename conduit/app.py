@@ -246,6 +246,7 @@ class Conduit:
             self.adapters: list[Adapter] = [make() for enabled, make in factories if enabled]
         except DTLSError as exc:
             raise StartupError(str(exc)) from None
+        self.exchange.listeners = lambda: self.endpoints  # the bound ports, once started
         self._started: list[Adapter] = []
 
     @property

@@ -25,6 +25,7 @@ import ipaddress
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -415,6 +416,9 @@ class Exchange:
         self.tokens = tokens
         self.allow_http = allow_http
         self.keys = Keys(allow_http, refetch_every)
+        # The listeners' names and bound ports, for the answer's endpoints (the composition
+        # root sets it).
+        self.listeners: Callable[[], dict[str, int]] | None = None
         # Exchanges and refreshes a minute, per client address and per domain (0: any).
         self._addresses = _limiter(per_address, "from this address")
         self._domains = _limiter(per_domain, "for this domain")
@@ -493,3 +497,21 @@ class Exchange:
                 "subscribe": [str(f) for f in granted.subscribe],
             },
         }
+
+
+# URL schemes of the listeners a client may use, by listener name (the management API is not
+# one of them); MQTT over WebSocket is served on the path /mqtt.
+_SCHEMES = {
+    "http": "http://{}", "https": "https://{}", "ws": "ws://{}", "wss": "wss://{}",
+    "mqtt": "mqtt://{}", "mqtts": "mqtts://{}", "mqtt-ws": "ws://{}/mqtt",
+    "mqtt-wss": "wss://{}/mqtt", "coap": "coap://{}", "coaps": "coaps://{}",
+}  # fmt: skip
+
+
+def endpoint_urls(host: str, ports: dict[str, int]) -> dict[str, str]:
+    """The URLs a client reaches this gateway's listeners at, on ``host`` (as it asked)."""
+    return {
+        name: _SCHEMES[name].format(f"{host}:{port}")
+        for name, port in ports.items()
+        if name in _SCHEMES
+    }

@@ -475,3 +475,41 @@ async def test_exchanges_are_rate_limited(world: World, issuer: Issuer, gateway:
                 assert (r.status, problem["type"]) == (429, "urn:conduit:exchange:rate-limited")
                 assert problem["detail"] == "more than 2 token exchanges a minute from this address"
                 assert 1 <= int(r.headers["Retry-After"]) <= 30
+
+
+async def test_a_real_server_answers_with_its_endpoints(issuer: Issuer, tmp_path: Path) -> None:
+    """`conduit serve`: the exchange's answer lists the URLs of its listeners, on the host the
+    client asked, and its MQTT URL takes the credentials."""
+    import json
+
+    from tests.test_serve import start
+
+    server = start(tmp_path / "data")
+    try:
+        server.cli("domains", "create", "acme")
+        config = tmp_path / "app.json"
+        config.write_text(json.dumps({"issuer": issuer.base, "audience": "conduit-app",
+                                      "rules": RULES}))  # fmt: skip
+        server.cli("idps", "add", "--domain", "acme", "app", "--type", "oidc",
+                   "--config", str(config))  # fmt: skip
+        http = f"http://127.0.0.1:{server.ports['http']}"
+        body = {"domain": "acme", "provider": "app", "token": issuer.token({})}
+        status, creds = await call(f"{http}/auth/exchange", "POST", body)
+        assert status == 200, creds
+        ports = server.ports
+        assert creds["endpoints"] == {
+            "http": f"http://127.0.0.1:{ports['http']}",
+            "ws": f"ws://127.0.0.1:{ports['ws']}",
+            "coap": f"coap://127.0.0.1:{ports['coap']}",
+            "mqtt": f"mqtt://127.0.0.1:{ports['mqtt']}",
+            "mqtt-ws": f"ws://127.0.0.1:{ports['mqtt-ws']}/mqtt",
+        }
+        from tests.mqtt.conftest import RawClient
+
+        client = await RawClient.open(ports["mqtt"], 5)
+        ack = await client.connect(None, "dev", password=creds["password"].encode())
+        assert ack.reason_code == 0
+        await client.close()
+    finally:
+        server.proc.terminate()
+        server.proc.wait()

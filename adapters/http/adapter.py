@@ -451,6 +451,11 @@ class HTTPAdapter(Listening):
             return _exchange_problem(503, "provider-misconfigured", str(exc))
         except ValueError as exc:
             return _exchange_problem(400, "invalid-request", str(exc))
+        if self.exchange.listeners is not None:
+            from core.idps import endpoint_urls
+
+            host = request.url.host or "localhost"
+            answer["endpoints"] = endpoint_urls(host, self.exchange.listeners())
         return web.Response(
             body=orjson.dumps(answer),
             content_type="application/json",
