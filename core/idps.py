@@ -52,6 +52,7 @@ LEEWAY = 30  # seconds of clock difference forgiven on exp, nbf and iat
 REFETCH_EVERY = 30.0  # seconds between two fetches for unknown key ids, per provider
 MIN_CACHE, MAX_CACHE, DEFAULT_CACHE = 60.0, 86400.0, 3600.0  # seconds keys are kept
 FETCH_TIMEOUT = 5.0
+ORIGINS_TTL = 30.0  # seconds the allowed CORS origins are kept before being read again
 MAX_DOCUMENT = 1 << 20  # bytes of a key set or discovery document
 _PLACEHOLDER = re.compile(r"\{(sub|email|claim:[A-Za-z0-9_.-]+)\}")
 _MAX_AGE = re.compile(r"max-age=(\d+)")
@@ -105,6 +106,7 @@ class IdentityProvider:
             "enabled": self.enabled, "issuer": self.issuer, "audience": self.audience,
             "keys_url": self.keys_url, "algorithms": list(self.algorithms),
             "ttl": self.ttl, "max_ttl": self.max_ttl, "max_session": self.max_session,
+            "cors_origins": list(self.config.get("cors_origins", [])),
             "rules": [{"when": r.when, "publish": list(r.publish),
                        "subscribe": list(r.subscribe)} for r in self.rules],
         }  # fmt: skip
@@ -165,6 +167,11 @@ def derive(
             raise ProviderError(f"'algorithms' is a list of {', '.join(ASYMMETRIC)}")
         algorithms = tuple(given)
     check_url(issuer if keys_url is None else keys_url, allow_http)
+    origins = config.get("cors_origins", [])
+    if not isinstance(origins, list) or not all(
+        isinstance(o, str) and re.fullmatch(r"https?://[^/\s]+", o) for o in origins
+    ):
+        raise ProviderError("'cors_origins' is a list of origins: scheme://host[:port]")
     ttl, max_ttl = config.get("ttl", 3600), config.get("max_ttl", 86400)
     max_session = config.get("max_session", 7 * 86400)
     if not all(isinstance(v, int) for v in (ttl, max_ttl, max_session)) or not (
@@ -419,9 +426,31 @@ class Exchange:
         # The listeners' names and bound ports, for the answer's endpoints (the composition
         # root sets it).
         self.listeners: Callable[[], dict[str, int]] | None = None
+        self._origins: dict[str, frozenset[str]] = {}
+        self._origins_until = 0.0
         # Exchanges and refreshes a minute, per client address and per domain (0: any).
         self._addresses = _limiter(per_address, "from this address")
         self._domains = _limiter(per_domain, "for this domain")
+
+    async def origins(self, domain: str | None = None) -> frozenset[str]:
+        """The browser origins allowed to call the exchange (CORS): those of ``domain``'s
+        providers, or of every domain's (a preflight does not say which). Read again at most
+        every :data:`ORIGINS_TTL` seconds."""
+        now = time.monotonic()
+        if now >= self._origins_until:
+            found: dict[str, set[str]] = {}
+            for d in await self.store.list_domains():
+                for _, _, config in await self.store.list_idps(d.name):
+                    given = config.get("cors_origins", [])
+                    if isinstance(given, list):
+                        found.setdefault(d.name, set()).update(
+                            o for o in given if isinstance(o, str)
+                        )
+            self._origins = {d: frozenset(o) for d, o in found.items()}
+            self._origins_until = now + ORIGINS_TTL
+        if domain is not None:
+            return self._origins.get(domain, frozenset())
+        return frozenset().union(*self._origins.values())
 
     def check_rate(self, domain: str | None, source: str | None) -> None:
         """RateLimitError (with ``retry_after``) past the limits."""

@@ -513,3 +513,36 @@ async def test_a_real_server_answers_with_its_endpoints(issuer: Issuer, tmp_path
     finally:
         server.proc.terminate()
         server.proc.wait()
+
+
+async def test_cors_for_the_origins_a_domain_allows(gateway: Gateway, issuer: Issuer) -> None:
+    status, shown = await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                                             "audience": "conduit-app",
+                                             "cors_origins": ["https://app.example"]})  # fmt: skip
+    assert status == 201 and shown["cors_origins"] == ["https://app.example"]
+    url = f"{gateway.http}/auth/exchange"
+    ask = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    async with aiohttp.ClientSession() as s:
+        async with s.options(url, headers={**ask, "Origin": "https://app.example"}) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert r.headers["Access-Control-Allow-Methods"] == "POST"
+            assert r.headers["Access-Control-Allow-Headers"] == "Content-Type"
+        async with s.options(url, headers={**ask, "Origin": "https://evil.example"}) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+        body = {"domain": "acme", "provider": "app", "token": issuer.token({})}
+        async with s.post(url, json=body, headers={"Origin": "https://app.example"}) as r:
+            assert r.status == 200
+            assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        async with s.post(url, json=body, headers={"Origin": "https://evil.example"}) as r:
+            assert "Access-Control-Allow-Origin" not in r.headers
+    bad = {"name": "x", "type": "oidc", "issuer": issuer.base, "audience": "a",
+           "cors_origins": ["https://app.example/path"]}  # fmt: skip
+    status, problem = await register(gateway, bad)
+    assert (status, problem["detail"]) == (
+        400,
+        "'cors_origins' is a list of origins: scheme://host[:port]",
+    )

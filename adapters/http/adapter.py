@@ -249,10 +249,11 @@ class HTTPAdapter(Listening):
             return self.refresh(request)
         if path.startswith("/oauth/") and method == "GET":
             return self.oauth(request, path)
-        if path == "/auth/exchange" and method == "POST":
-            return self.exchange_token(request)
-        if path == "/auth/refresh" and method == "POST":
-            return self.exchange_token(request, refresh=True)
+        if path in ("/auth/exchange", "/auth/refresh"):
+            if method == "POST":
+                return self.exchange_token(request, refresh=path == "/auth/refresh")
+            if method == "OPTIONS":
+                return self.preflight(request)
         if path == "/users/me" and method == "GET":
             return self.me(request)
         if path == "/password/recovery" and method == "POST":
@@ -400,7 +401,34 @@ class HTTPAdapter(Listening):
         )
 
     # external identity providers
+    async def preflight(self, request: web.BaseRequest) -> web.Response:
+        """A browser's CORS preflight of the exchange: allowed for an origin one of the
+        domains' providers lists (``cors_origins``)."""
+        origin = request.headers.get("Origin")
+        if self.exchange is None or origin is None or origin not in await self.exchange.origins():
+            return web.Response(status=403, headers={"Vary": "Origin"})
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Origin": origin, "Access-Control-Allow-Methods": "POST",
+            "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        })  # fmt: skip
+
     async def exchange_token(self, request: web.BaseRequest, refresh: bool = False) -> web.Response:
+        """The exchange or the refresh, and for a browser the CORS header when its origin is
+        one the request's domain allows (any domain's, when the domain is not known)."""
+        body: dict[str, Any] = {}
+        response = await self._exchange_token(request, refresh, body)
+        origin = request.headers.get("Origin")
+        if origin is not None and self.exchange is not None:
+            domain = body.get("domain") if isinstance(body.get("domain"), str) else None
+            if origin in await self.exchange.origins(domain):
+                response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
+
+    async def _exchange_token(
+        self, request: web.BaseRequest, refresh: bool, read: dict[str, Any]
+    ) -> web.Response:
         """``POST /auth/exchange`` ``{domain, provider, token, ttl?}``: broker credentials for
         a token of the domain's identity provider; ``POST /auth/refresh`` ``{token_id,
         password}``: fresh ones for the current. Each failure has its own problem ``type``."""
@@ -412,6 +440,8 @@ class HTTPAdapter(Listening):
             return _exchange_problem(400, "invalid-request", "the body is not valid JSON")
         except ConduitError as exc:
             return self._refuse(exc)
+        if isinstance(body, dict) and not refresh:
+            read.update(body)
         fields = ("token_id", "password") if refresh else ("domain", "provider", "token")
         if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in fields):
             names = " and ".join(f"'{k}'" for k in fields)
