@@ -111,6 +111,7 @@ class ManagementAPI:
         pki: Path | None = None,
         mtls_identity: Literal["client_id", "secret"] = "client_id",
         idp_allow_http: bool = False,
+        exchange: Any = None,
     ) -> None:
         self.gateway = gateway
         self.body_timeout = body_timeout
@@ -119,6 +120,7 @@ class ManagementAPI:
         self._pki = pki
         self._mtls_identity = mtls_identity
         self._idp_allow_http = idp_allow_http
+        self._exchange = exchange  # core.idps.Exchange; made at the first test when not given
         self._authority: Authority | None = None
         app = web.Application(middlewares=[self._errors])
         r = app.router
@@ -166,6 +168,7 @@ class ManagementAPI:
         r.add_get("/domains/{domain}/idps/{name}", self.get_idp)
         r.add_patch("/domains/{domain}/idps/{name}", self.update_idp)
         r.add_delete("/domains/{domain}/idps/{name}", self.remove_idp)
+        r.add_post("/domains/{domain}/idps/{name}/test", self.test_idp)
         r.add_post("/domains/{domain}/revocations", self.revoke_subject)
         r.add_get("/keys", self.list_keys)
         r.add_post("/keys/rotate", self.rotate_keys)
@@ -563,6 +566,26 @@ class ManagementAPI:
         await self.gateway.store.delete_idp(m["domain"], m["name"])
         await self.gateway.bus.announce(Change("idp", m["domain"], m["name"]))
         return web.Response(status=204)
+
+    async def test_idp(self, request: web.Request) -> web.Response:
+        """``{token}``: what an exchange of it would grant (claims, rights), issuing nothing;
+        a refusal is the exchange's, as a problem."""
+        from core.idps import Exchange, NotRegistered
+
+        body = await self._body(request, "token")
+        tokens = self.gateway.tokens
+        if tokens is None:
+            raise NotFound("this gateway exchanges no tokens")
+        if self._exchange is None:
+            self._exchange = Exchange(self.gateway.store, tokens, self._idp_allow_http)
+        m = request.match_info
+        try:
+            return _json(await self._exchange.test(m["domain"], m["name"], body["token"]))
+        except NotRegistered as exc:
+            raise NotFound(str(exc)) from None
+        except ConduitError as exc:
+            status = exc.condition.answer.http
+            return _problem(status, exc.condition.answer.title, exc.detail)
 
     async def revoke_subject(self, request: web.Request) -> web.Response:
         """``{subject}``: a token holder's client id (``<provider>:<sub>`` for an exchanged

@@ -181,6 +181,7 @@ class Conduit:
             pki=s.pki,
             mtls_identity=s.mtls_identity,
             idp_allow_http=s.idp_allow_http,
+            exchange=self.exchange,
         )
         self.api = Listener(
             self.gateway,

@@ -517,6 +517,15 @@ def idps_show(api: API, domain: str, name: str) -> None:
     api.show(api.call("GET", f"/domains/{_q(domain)}/idps/{_q(name)}"))
 
 
+@api_command(idps, "test")
+@domain_opt
+@click.argument("name")
+@click.argument("token")
+def idps_test(api: API, domain: str, name: str, token: str) -> None:
+    """Verify a token of the provider and show what an exchange would grant (nothing issued)."""
+    api.show(api.call("POST", f"/domains/{_q(domain)}/idps/{_q(name)}/test", {"token": token}))
+
+
 @api_command(idps, "remove")
 @domain_opt
 @click.argument("name")

@@ -244,6 +244,7 @@ SCHEMAS: dict[str, Any] = {
             "rules": {"type": "array", "items": {"type": "object"}},
         },
     },
+    "TokenTest": {"type": "object", "required": ["token"], "properties": {"token": _str}},
     "Subject": {"type": "object", "required": ["subject"], "properties": {"subject": _str}},
     "Revocation": {
         "type": "object",
@@ -445,6 +446,12 @@ OPERATIONS: dict[tuple[str, str], tuple[str, str | None, int, str | None]] = {
         "Idp",
     ),
     ("delete", "/domains/{domain}/idps/{name}"): ("Remove a provider", None, 204, None),
+    ("post", "/domains/{domain}/idps/{name}/test"): (
+        "What an exchange of a token would grant (its claims and rights), issuing nothing",
+        "TokenTest",
+        200,
+        None,
+    ),
     ("post", "/domains/{domain}/revocations"): (
         "Revoke a token holder (<provider>:<sub>, or a client id): its tokens issued until now"
         " stop, its connections end, its credentials are not refreshed",

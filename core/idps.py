@@ -487,6 +487,21 @@ class Exchange:
         session = {"sid": secrets.token_urlsafe(12), "idp": provider.name, "ses": int(time.time())}
         return self._credentials(identity, granted, life, session)
 
+    async def test(self, domain: str, name: str, token: str) -> dict[str, Any]:
+        """What an exchange of ``token`` would grant, without issuing anything: its verified
+        claims and the rights of the first rule that applies (errors as the exchange's)."""
+        provider = await self.provider(domain, name)
+        claims = await verify(self.keys, provider, token)
+        granted = rights(provider, claims)
+        return {
+            "claims": claims,
+            "username": f"{provider.name}:{claims['sub']}",
+            "rules": {
+                "publish": [str(f) for f in granted.publish],
+                "subscribe": [str(f) for f in granted.subscribe],
+            },
+        }
+
     async def refresh(self, token_id: str, password: str) -> dict[str, Any]:
         """Fresh credentials for the current ones (``password``, a broker token of an exchange
         named ``token_id``), while the provider is enabled, the subject not revoked and the

@@ -546,3 +546,21 @@ async def test_cors_for_the_origins_a_domain_allows(gateway: Gateway, issuer: Is
         400,
         "'cors_origins' is a list of origins: scheme://host[:port]",
     )
+
+
+async def test_a_token_tested_through_the_management_api(gateway: Gateway, issuer: Issuer) -> None:
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app"})  # fmt: skip
+    url = f"{gateway.api}/domains/acme/idps/app/test"
+    status, seen = await call(url, "POST", {"token": issuer.token({})}, KEY)
+    assert status == 200 and seen["username"] == "app:dev-7"
+    assert seen["claims"]["sub"] == "dev-7" and seen["rules"]["publish"] == [
+        "m/acme/c/temps/dev-7/#"
+    ]
+    status, problem = await call(url, "POST", {"token": issuer.token({"role": "x"})}, KEY)
+    assert (status, problem["detail"]) == (
+        403,
+        "no rule of provider 'app' matches this token's claims",
+    )
+    status, problem = await call(url, "POST", {"token": issuer.token({"aud": "x"})}, KEY)
+    assert status == 401
