@@ -115,7 +115,7 @@ class IdentityProvider:
 def _text(config: dict[str, Any], name: str, what: str) -> str:
     value = config.get(name)
     if not isinstance(value, str) or not value:
-        raise ProviderError(f"a {what} provider needs {name!r} (a string)")
+        raise ProviderError(f"type {what} needs {name!r} (a string)")
     return value
 
 

@@ -309,7 +309,7 @@ def test_what_each_type_derives() -> None:
         ("oidc", {"issuer": "http://example.com", "audience": "a", "rules": rules},
          "'http://example.com' is not an https URL (plain http only on a loopback address)"),
         ("oidc", {"issuer": "https://x", "rules": rules},
-         "a oidc provider needs 'audience' (a string)"),
+         "type oidc needs 'audience' (a string)"),
         ("auth0", {"tenant": "t", "audience": "a", "rules": rules, "algorithms": ["HS256"]},
          "'algorithms' is a list of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, "
          "ES512, EdDSA"),
