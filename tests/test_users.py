@@ -372,7 +372,7 @@ async def test_every_management_route_under_every_role(api: str, http: str, worl
     await call(api, "POST", "/domains", body={"name": "globex"})
     token = {a: (await login(http, a))[1]["access_token"] for a in ("m@acme.io", "a@acme.io",
                                                                       "o@acme.io")}  # fmt: skip
-    values = {"client": world.publisher.id, "channel": "temps", "user": "o@acme.io",
+    values = {"client": world.publisher.id, "channel": "temps", "user": "o@acme.io", "name": "app",
               "serial": "abc", "request": "MA"}  # fmt: skip
     checked = 0
     for method, template in sorted(OPERATIONS):
