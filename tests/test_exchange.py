@@ -564,3 +564,25 @@ async def test_a_token_tested_through_the_management_api(gateway: Gateway, issue
     )
     status, problem = await call(url, "POST", {"token": issuer.token({"aud": "x"})}, KEY)
     assert status == 401
+
+
+async def test_a_client_s_own_broker_tokens_can_be_revoked(gateway: Gateway, world: World) -> None:
+    async with aiohttp.ClientSession() as s:
+        headers = {"Authorization": f"Client {world.both.secret}"}
+        async with s.post(f"{gateway.http}/clients/tokens", headers=headers) as r:
+            token = (await r.json())["token"]
+        bearer = {"Authorization": f"Bearer {token}", "Content-Type": "text/plain"}
+        async with s.post(f"{gateway.http}/m/acme/c/temps/t", data=b"x", headers=bearer) as r:
+            assert r.status == 202
+        status, _ = await call(f"{gateway.api}/domains/acme/revocations", "POST",
+                               {"subject": world.both.id}, KEY)  # fmt: skip
+        assert status == 200
+        async with s.post(f"{gateway.http}/m/acme/c/temps/t", data=b"x", headers=bearer) as r:
+            assert (r.status, (await r.json())["detail"]) == (
+                401,
+                "the token's subject was revoked",
+            )
+        # The secret still works: it was the tokens that were revoked, not the client.
+        headers = {"Authorization": f"Client {world.both.secret}", "Content-Type": "text/plain"}
+        async with s.post(f"{gateway.http}/m/acme/c/temps/t", data=b"x", headers=headers) as r:
+            assert r.status == 202
