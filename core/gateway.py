@@ -312,8 +312,7 @@ class Gateway:
         self._subs[sub] = client
         self._subs_of[client] = self._subs_of.get(client, 0) + 1
         self.metrics.conns[protocol].inc()
-        if identity.expires is not None:
-            self._expire_at(sub, identity.expires, lambda: self._unsubscribe_expired(sub))
+        self._expire_subscription(sub, identity)
         return sub
 
     async def last(self, identity: Identity, topic: str | Topic) -> Message | None:
@@ -370,9 +369,7 @@ class Gateway:
                 continue
             sub.identity = identity
             self._cancel_expiry(sub)
-            if identity.expires is not None:
-                expire = functools.partial(self._unsubscribe_expired, sub)
-                self._expire_at(sub, identity.expires, expire)
+            self._expire_subscription(sub, identity)
 
     async def broker_token(self, identity: Identity, ttl: float | None) -> tuple[str, int]:
         """A broker token for a provisioned client: its rights of now (the store's connections)
@@ -436,6 +433,12 @@ class Gateway:
         handle = self._expiries.pop(key, None)
         if handle is not None:
             handle.cancel()
+
+    def _expire_subscription(self, sub: Subscription, identity: Identity) -> None:
+        """End ``sub`` when ``identity`` expires (nothing to do for one that does not)."""
+        if identity.expires is not None:
+            expire = functools.partial(self._unsubscribe_expired, sub)
+            self._expire_at(sub, identity.expires, expire)
 
     def _unsubscribe_expired(self, sub: Subscription) -> None:
         task = asyncio.get_running_loop().create_task(self.unsubscribe(sub, EXPIRED))
@@ -547,10 +550,15 @@ class Gateway:
         except UnavailableError:  # the store is down: keep serving what was allowed
             log.warning("cannot recheck subscriptions and connections: store unavailable")
 
-    async def _revoked_subjects(self) -> dict[tuple[str, str], float]:
-        """(domain, client id) -> revocation time, of the token identities in use."""
+    def _identities_in_use(self) -> list[Identity]:
+        """The identities of the open connections and subscriptions."""
         identities = [identity for identity, _ in self._connections.values()]
         identities += [sub.identity for sub in self._subs if isinstance(sub.identity, Identity)]
+        return identities
+
+    async def _revoked_subjects(self) -> dict[tuple[str, str], float]:
+        """(domain, client id) -> revocation time, of the token identities in use."""
+        identities = self._identities_in_use()
         pairs = {(i.domain, i.client_id) for i in identities if i.rules is not None}
         if not pairs:
             return {}
@@ -562,8 +570,7 @@ class Gateway:
     async def _revoked_certificates(self) -> set[str | None]:
         """The serials of the client certificates in use (by connections and subscriptions)
         that the store records as revoked."""
-        identities = [identity for identity, _ in self._connections.values()]
-        identities += [sub.identity for sub in self._subs if isinstance(sub.identity, Identity)]
+        identities = self._identities_in_use()
         serials = {i.certificate for i in identities if i.certificate is not None}
         if not serials:
             return set()

@@ -108,14 +108,6 @@ class Tokens:
             return False
         return isinstance(claims, dict) and claims.get("iss") == self.issuer
 
-    def verify_nowait(self, token: str, typ: TokenType) -> dict[str, Any] | None:
-        """The claims of a valid token of ``typ``; None when its key id is not known here
-        (:meth:`verify` reads the store for it); AuthenticationError for any other fault."""
-        key = self.keyring.key(_kid(token))
-        if key is None:
-            return None
-        return self._check(token, typ, key)
-
     async def verify(self, token: str, typ: TokenType) -> dict[str, Any]:
         """The claims of a valid token of ``typ`` (AuthenticationError otherwise)."""
         key = await self.keyring.find(_kid(token))
