@@ -91,9 +91,22 @@ def login_file() -> Path:
     return Path(config) / "conduit" / "login.json"
 
 
-def _post_json(url: str, body: dict[str, Any], method: str = "POST") -> Any:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method=method)
-    req.add_header("Content-Type", "application/json")
+def _request(
+    method: str,
+    url: str,
+    body: dict[str, Any] | None = None,
+    *,
+    token: str | None = None,
+    where: str | None = None,
+) -> Any:
+    """A JSON request to Conduit: its decoded answer, or a ClickException with the problem's
+    status and detail (or saying that ``where``, the URL by default, cannot be reached)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             raw = resp.read()
@@ -104,7 +117,7 @@ def _post_json(url: str, body: dict[str, Any], method: str = "POST") -> Any:
             detail = exc.reason
         raise click.ClickException(f"{exc.code}: {detail}") from None
     except urllib.error.URLError as exc:
-        raise click.ClickException(f"cannot reach {url}: {exc.reason}") from None
+        raise click.ClickException(f"cannot reach {where or url}: {exc.reason}") from None
     return json.loads(raw) if raw else None
 
 
@@ -129,8 +142,8 @@ def _access_token() -> str | None:
     if saved["expires_at"] - time.time() < 30:
         if saved["refresh_expires_at"] <= time.time():
             raise click.ClickException("the sign-in has expired: run conduit login again")
-        pair = _post_json(f"{saved['url']}/users/tokens/refresh",
-                          {"refresh_token": saved["refresh_token"]})  # fmt: skip
+        pair = _request("POST", f"{saved['url']}/users/tokens/refresh",
+                        {"refresh_token": saved["refresh_token"]})  # fmt: skip
         saved.update(pair)
         _keep_login(saved)
     return str(saved["access_token"])
@@ -145,8 +158,9 @@ def login(email: str, url: str, password_stdin: bool) -> None:
     """Sign in as a user: the management commands then act as that user (with its roles),
     until `conduit logout`. The tokens are kept in a 0600 file and refreshed as needed."""
     password = _password(password_stdin, confirm=False)
-    pair = _post_json(f"{url.rstrip('/')}/users/tokens", {"email": email, "password": password})
-    _keep_login({"url": url.rstrip("/"), "email": email, **pair})
+    url = url.rstrip("/")
+    pair = _request("POST", f"{url}/users/tokens", {"email": email, "password": password})
+    _keep_login({"url": url, "email": email, **pair})
     click.echo(f"signed in as {email} (kept in {login_file()})")
 
 
@@ -159,8 +173,8 @@ def logout() -> None:
     except (OSError, ValueError):
         raise click.ClickException("nobody is signed in") from None
     try:
-        _post_json(f"{saved['url']}/users/tokens", {"refresh_token": saved["refresh_token"]},
-                   method="DELETE")  # fmt: skip
+        _request("DELETE", f"{saved['url']}/users/tokens",
+                 {"refresh_token": saved["refresh_token"]})  # fmt: skip
     finally:
         path.unlink(missing_ok=True)
     click.echo(f"signed out {saved.get('email', '')}")
@@ -184,25 +198,8 @@ class API:
         self.key = key
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.key}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as exc:
-            try:
-                detail = json.loads(exc.read()).get("detail", exc.reason)
-            except ValueError:
-                detail = exc.reason
-            raise click.ClickException(f"{exc.code}: {detail}") from None
-        except urllib.error.URLError as exc:
-            raise click.ClickException(
-                f"cannot reach the management API at {self.url}: {exc.reason}"
-            ) from None
-        return json.loads(raw) if raw else None
+        where = f"the management API at {self.url}"
+        return _request(method, self.url + path, body, token=self.key, where=where)
 
     def show(self, data: Any, fields: tuple[str, ...] = ()) -> None:
         if self.as_json:
