@@ -321,14 +321,14 @@ class Keys:
         if url is None:
             if held.jwks_url is None:
                 discovery = provider.issuer.rstrip("/") + "/.well-known/openid-configuration"
-                document, _ = await self._get(check_url(discovery, self.allow_http))
+                document, _ = await fetch_json(check_url(discovery, self.allow_http))
                 if document.get("issuer") != provider.issuer or not isinstance(
                     document.get("jwks_uri"), str
                 ):
                     raise UnavailableError(f"provider {provider.name!r}: bad discovery document")
                 held.jwks_url = check_url(document["jwks_uri"], self.allow_http)
             url = held.jwks_url
-        document, max_age = await self._get(check_url(url, self.allow_http))
+        document, max_age = await fetch_json(check_url(url, self.allow_http))
         keys: dict[str, Any] = {}
         if provider.type == "firebase" and "keys" not in document:
             for kid, pem in document.items():  # Google's X.509 document: kid -> certificate
@@ -342,28 +342,32 @@ class Keys:
         held.keys = keys
         held.fresh_until = time.monotonic() + max_age
 
-    async def _get(self, url: str) -> tuple[dict[str, Any], float]:
-        timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
-        try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                async with session.get(url) as response:
-                    if response.status != 200:
-                        raise UnavailableError(f"{url}: HTTP {response.status}")
-                    body = await response.content.read(MAX_DOCUMENT + 1)
-                    cache = response.headers.get("Cache-Control", "")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UnavailableError(f"{url}: {type(exc).__name__} {exc}") from None
-        if len(body) > MAX_DOCUMENT:
-            raise UnavailableError(f"{url}: more than {MAX_DOCUMENT} bytes")
-        try:
-            document = orjson.loads(body)
-        except ValueError:
-            raise UnavailableError(f"{url}: not JSON") from None
-        if not isinstance(document, dict):
-            raise UnavailableError(f"{url}: not a JSON object")
-        age = _MAX_AGE.search(cache)
-        max_age = float(age.group(1)) if age else DEFAULT_CACHE
-        return document, min(MAX_CACHE, max(MIN_CACHE, max_age))
+
+async def fetch_json(url: str) -> tuple[dict[str, Any], float]:
+    """A provider's key set or discovery document, and how long it may be kept (its
+    ``max-age``, bounded): UnavailableError when it cannot be had, within
+    :data:`FETCH_TIMEOUT` seconds and :data:`MAX_DOCUMENT` bytes."""
+    timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(url) as response:
+                if response.status != 200:
+                    raise UnavailableError(f"{url}: HTTP {response.status}")
+                body = await response.content.read(MAX_DOCUMENT + 1)
+                cache = response.headers.get("Cache-Control", "")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UnavailableError(f"{url}: {type(exc).__name__} {exc}") from None
+    if len(body) > MAX_DOCUMENT:
+        raise UnavailableError(f"{url}: more than {MAX_DOCUMENT} bytes")
+    try:
+        document = orjson.loads(body)
+    except ValueError:
+        raise UnavailableError(f"{url}: not JSON") from None
+    if not isinstance(document, dict):
+        raise UnavailableError(f"{url}: not a JSON object")
+    age = _MAX_AGE.search(cache)
+    max_age = float(age.group(1)) if age else DEFAULT_CACHE
+    return document, min(MAX_CACHE, max(MIN_CACHE, max_age))
 
 
 async def verify(keys: Keys, provider: IdentityProvider, token: str) -> dict[str, Any]:

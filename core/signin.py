@@ -33,6 +33,8 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 
 from core.auth import Expiring
+from core.errors import UnavailableError
+from core.idps import fetch_json
 from core.sealing import SealError, SealingKey
 from core.store import NotFound, User
 from core.users import Users
@@ -163,11 +165,8 @@ class SignIn:
             return cached[0]
         url = provider.issuer.rstrip("/") + "/.well-known/openid-configuration"
         try:
-            async with self._client(provider) as client:
-                response = await client.request("GET", url, withhold_token=True)
-                response.raise_for_status()
-                metadata: dict[str, Any] = response.json()
-        except Exception as exc:
+            metadata, _ = await fetch_json(url)
+        except UnavailableError as exc:
             raise SignInError(f"the provider's discovery document is unavailable: {exc}") from None
         if metadata.get("issuer") != provider.issuer:
             raise SignInError("the discovery document names another issuer")
@@ -182,11 +181,9 @@ class SignIn:
         if cached is not None:
             return cached[0]
         try:
-            async with self._client(provider) as client:
-                response = await client.request("GET", metadata["jwks_uri"], withhold_token=True)
-                response.raise_for_status()
-                keys = KeySet.import_key_set(response.json())
-        except Exception as exc:
+            document, _ = await fetch_json(metadata["jwks_uri"])
+            keys = KeySet.import_key_set(document)  # type: ignore[arg-type]
+        except (UnavailableError, JoseError, ValueError) as exc:
             raise SignInError(f"the provider's keys are unavailable: {exc}") from None
         self._keys.put(provider.name, keys)
         return keys
