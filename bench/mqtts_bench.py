@@ -15,7 +15,11 @@ client's only credential on both servers; Mosquitto with ``require_certificate``
 - ``conn``: ``--conns`` connections, each a full TLS handshake with a client certificate, then
   CONNECT/CONNACK: connects per second (no session resumption);
 - ``memory``: ``--idle`` MQTTS connections opened with the client certificate and left idle
-  (a Python client in another process): the server's RSS growth per connection.
+  (a Python client in another process): the server's RSS growth per connection. A third
+  server is measured beside the two: a bare uvloop TLS server on the same certificates that
+  answers a CONNACK to anything (the floor of Python's TLS on uvloop, nothing of Conduit).
+
+``--only memory`` runs that scenario alone.
 
 Prints each round and, per scenario, the medians and Conduit's ratio to Mosquitto.
 """
@@ -133,6 +137,35 @@ sys.stdin.read()
 """
 
 
+# A bare TLS server on uvloop (argv: port file, pki directory): a CONNACK for anything.
+BARE_TLS = r"""
+import asyncio, ssl, sys
+import uvloop
+class Answer(asyncio.Protocol):
+    def connection_made(self, transport): self.transport = transport
+    def data_received(self, data): self.transport.write(b"\x20\x02\x00\x00")
+async def main():
+    pki = sys.argv[2]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(f"{pki}/server.pem", f"{pki}/server.key")
+    context.load_verify_locations(f"{pki}/ca.pem")
+    context.verify_mode = ssl.CERT_OPTIONAL
+    server = await asyncio.get_running_loop().create_server(Answer, "127.0.0.1", 0, ssl=context)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+
+
+def start_bare_tls(pki: Path) -> Server:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BARE_TLS, "-", str(pki)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    return Server(proc, int(proc.stdout.readline()), "", "")
+
+
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(f.read().split("VmRSS:")[1].split()[0])
@@ -173,6 +206,7 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=2000)
     ap.add_argument("--idle", type=int, default=1000)
     ap.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
+    ap.add_argument("--only", choices=["memory"], default=None, help="run one scenario alone")
     args = ap.parse_args()
     if not MQTTBENCH.exists():
         sys.exit(f"{MQTTBENCH} not found: build it with ../shared/bench/build.sh")
@@ -183,9 +217,15 @@ def main() -> None:
         make_pki(pki)
         for rnd in range(args.rounds):
             scenarios = [*SCENARIOS, ("connects/s", -1, 0, ""), ("kB/idle conn", -2, 0, "")]
+            if args.only == "memory":
+                scenarios = scenarios[-1:]
             for name, qos, subs, figure in scenarios:
-                for who in ("mosquitto", "conduit"):
-                    if who == "conduit":
+                servers = ("mosquitto", "conduit", "bare-uvloop") if qos == -2 else (
+                    "mosquitto", "conduit")  # fmt: skip
+                for who in servers:
+                    if who == "bare-uvloop":
+                        server = start_bare_tls(pki)
+                    elif who == "conduit":
                         # Its client is made at start: the certificate carries its id.
                         server = start_conduit(args.loop, pki)
                         client_certificate(pki, server.user)
@@ -213,8 +253,12 @@ def main() -> None:
     for name, by in results.items():
         m, c = statistics.median(by["mosquitto"]), statistics.median(by["conduit"])
         ratio = c / m if m else float("nan")
-        print(f"{name:12} mosquitto {m:>12,.0f}  conduit {c:>12,.0f}  ratio {ratio:.2f}")
-        summary[name] = {"mosquitto": round(m), "conduit": round(c), "ratio": round(ratio, 3)}
+        print(f"{name:12} mosquitto {m:>12,.1f}  conduit {c:>12,.1f}  ratio {ratio:.2f}")
+        summary[name] = {"mosquitto": m, "conduit": c, "ratio": round(ratio, 3)}
+        if "bare-uvloop" in by:
+            b = statistics.median(by["bare-uvloop"])
+            print(f"{'':12} bare uvloop TLS {b:>6,.1f}  ratio to mosquitto {b / m:.2f}")
+            summary[name]["bare-uvloop"] = b
     print(json.dumps(summary))
 
 
