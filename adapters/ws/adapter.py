@@ -12,6 +12,10 @@ Rights, checked at the upgrade:
   ``?mode=subscribe`` asks for one role only, and is refused (403) without that right;
 - a wildcard topic needs the subscribe right; frames sent on it close the connection (1008).
 
+A ``format=envelope`` connection takes an in-band ``{"type": "auth", "token": ...}`` message: a
+fresh broker token of the same client, which renews the connection's rights and expiry in place
+(answered ``{"type": "auth", "status": "ok", ...}``; refused with a close 1008).
+
 Query parameters: ``authorization`` (credentials, for browsers, which cannot set headers on a
 WebSocket; the ``Authorization`` header wins when both are sent), ``ct`` (content type of the
 frames the client sends; default ``application/json`` for text frames and
@@ -41,7 +45,7 @@ import importlib.resources
 import logging
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -57,7 +61,7 @@ from adapters.ws.frames import FORMATS, FrameCache
 from adapters.ws.outbox import Outbox
 from core.bus import Subscription
 from core.content import JSON, OCTETS, normalize
-from core.credentials import from_authorization, with_certificate
+from core.credentials import Credentials, from_authorization, is_token, with_certificate
 from core.errors import (
     PROBLEM_JSON,
     WWW_AUTHENTICATE,
@@ -99,6 +103,8 @@ class Session:
     subscribes: bool
     content_type: str | None  # of published frames; None: by frame kind
     envelope: bool
+    publishes: bool = False  # frames may be published (a concrete topic, not mode=subscribe)
+    certificate: bytes | None = None  # the client certificate of the upgrade (mutual TLS)
 
 
 _TOO_MANY = (
@@ -115,6 +121,7 @@ class WSConnection(ServerConnection):
     session: Session | None = None
     outbox: Outbox | None = None
     refused: bool = False  # Conduit closed it for a refusal (already counted)
+    unregister: Callable[[], None] | None = None  # from the gateway's connections in use
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         adapter = self.adapter
@@ -185,6 +192,24 @@ def refusal_response(error: ConduitError) -> Response:
     if challenge(error):
         headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+def auth_token(frame: str) -> str | None:
+    """The token of an in-band ``{"type": "auth", "token": "<broker token>"}`` message, or None
+    when the frame is not one (then it is published like any other). AuthenticationError for
+    an ``auth`` message without a token."""
+    if '"auth"' not in frame or not frame.lstrip().startswith("{"):
+        return None
+    try:
+        message = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "auth":
+        return None
+    token = message.get("token")
+    if not isinstance(token, str) or not is_token(token):
+        raise AuthenticationError("an auth message carries a broker token (a JWT) as 'token'")
+    return token
 
 
 def _first(query: dict[str, list[str]], name: str) -> str | None:
@@ -368,6 +393,7 @@ class WSAdapter(Listening):
             gateway.refused(self.protocol, exc, identity.client_id if identity else None)
             return refusal_response(exc)
         assert isinstance(connection, WSConnection)
+        session.certificate = der
         connection.session = session
         return None
 
@@ -424,6 +450,7 @@ class WSAdapter(Listening):
             mode != "publish" and sub_denied is None,
             content_type,
             envelope,
+            publishes=mode != "subscribe",
         )
 
     async def _check(
@@ -445,7 +472,9 @@ class WSAdapter(Listening):
         client_id = session.identity.client_id
         sub: Subscription | None = None
         counted = False
-        unregister = gateway.connected(session.identity, functools.partial(self._end, connection))
+        connection.unregister = gateway.connected(
+            session.identity, functools.partial(self._end, connection)
+        )
         try:
             if session.subscribes:
                 outbox = Outbox(
@@ -471,39 +500,78 @@ class WSAdapter(Listening):
                 gateway.metrics.conns[self.protocol].inc()
                 counted = True
             publish = gateway.publish
-            topic = session.topic
             async for data in connection:
-                if topic is None:
-                    error = session.refusal
-                    assert error is not None
-                else:
+                try:
+                    if session.envelope and isinstance(data, str):
+                        token = auth_token(data)
+                        if token is not None:
+                            await self._reauthenticate(connection, token, sub)
+                            continue
+                    topic = session.topic
+                    if topic is None:
+                        assert session.refusal is not None
+                        raise session.refusal
                     if isinstance(data, str):
                         payload = data.encode()
                         content_type = session.content_type or JSON
                     else:
                         payload = data
                         content_type = session.content_type or OCTETS
-                    try:
-                        await publish(session.identity, topic, payload, content_type, self.protocol)
-                        continue
-                    except ConduitError as exc:
-                        error = exc
-                gateway.refused(self.protocol, error, client_id)
-                await self._close(connection, error)
-                break
+                    await publish(session.identity, topic, payload, content_type, self.protocol)
+                except ConduitError as exc:
+                    gateway.refused(self.protocol, exc, client_id)
+                    await self._close(connection, exc)
+                    break
         except ConnectionClosed:
             pass
         except Exception:
             log.exception("ws connection of client %s failed", client_id)
             await self._close(connection, UnavailableError("internal error"))
         finally:
-            unregister()
+            if connection.unregister is not None:
+                connection.unregister()
+                connection.unregister = None
             connection.outbox = None
             if sub is not None:
                 await gateway.unsubscribe(sub, "connection closed")
             if counted:
                 gateway.metrics.conns[self.protocol].dec()
             self._closed_by_websockets(connection, client_id)
+
+    async def _reauthenticate(
+        self, connection: WSConnection, token: str, sub: Subscription | None
+    ) -> None:
+        """An in-band ``auth`` message: a fresh broker token of the same client. The
+        connection's rights and expiry become the new token's, in place: it publishes only if
+        the new token allows it, and its subscription ends (closing it, 1008) if that is no
+        longer allowed. Answered ``{"type": "auth", "status": "ok", "expires_at": ...}``;
+        ConduitError when refused (the caller closes the connection with its code)."""
+        session = connection.session
+        assert session is not None
+        gateway = self.gateway
+        old = session.identity
+        identity = await gateway.authenticate(
+            Credentials(token=token, certificate=session.certificate)
+        )
+        if (identity.domain, identity.client_id) != (old.domain, old.client_id):
+            raise AuthenticationError("re-authentication with another client's token")
+        session.identity = identity
+        if connection.unregister is not None:
+            connection.unregister()
+        connection.unregister = gateway.connected(
+            identity, functools.partial(self._end, connection)
+        )
+        if session.publishes:
+            flt = session.filter
+            session.refusal = await self._check(identity, flt, "publish")
+            session.topic = (
+                Topic(flt.domain, flt.channel, flt.subtopic) if session.refusal is None else None
+            )
+        if sub is not None:
+            await gateway.reauthenticate([sub], identity)
+        expires = int(identity.expires) if identity.expires is not None else None
+        answer = {"type": "auth", "status": "ok", "expires_at": expires}
+        await connection.send(orjson.dumps(answer).decode())
 
     async def _close(self, connection: WSConnection, error: ConduitError) -> None:
         connection.refused = True
