@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # CoAP over DTLS cannot be turned on, and its tests skip saying why.
 DTLS_BUILD_TOOLS := autoconf automake libtool
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if ! command -v autoreconf >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 		apt-get install -y -qq --no-install-recommends $(DTLS_BUILD_TOOLS) >/dev/null \
 		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DTLS_BUILD_TOOLS) >/dev/null; }; \
 	fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e sdk/python
 	$(PY) -m pip install -q -e '.[dev,dtls]' || echo "make: DTLSSocket could not be built (it needs $(DTLS_BUILD_TOOLS)): CoAP over DTLS is off and its tests skip" >&2
 	touch $(STAMP)
 

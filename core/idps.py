@@ -539,7 +539,9 @@ class Exchange:
             "username": identity.client_id,
             "password": password,
             "expires_at": expires,
-            "refresh_at": int(time.time() + 0.8 * life),
+            # 80 % of the life, counted from the token's own start (expires - life) so that
+            # rounding never puts it at the end of a short life.
+            "refresh_at": expires - life + int(0.8 * life),
             "rules": {
                 "publish": [str(f) for f in granted.publish],
                 "subscribe": [str(f) for f in granted.subscribe],
