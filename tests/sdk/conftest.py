@@ -163,10 +163,16 @@ class Gateway:
 
 
 @pytest.fixture
-async def gateway(world: World) -> AsyncIterator[Gateway]:
+def exchange_options() -> dict[str, Any]:
+    """Options of the gateway's exchange (a test parametrizes it to change them)."""
+    return {}
+
+
+@pytest.fixture
+async def gateway(world: World, exchange_options: dict[str, Any]) -> AsyncIterator[Gateway]:
     tokens = world.gateway.tokens
     assert tokens is not None
-    exchange = Exchange(world.gateway.store, tokens, refetch_every=1.0)
+    exchange = Exchange(world.gateway.store, tokens, refetch_every=1.0, **exchange_options)
     api = Listener(world.gateway, "api", ManagementAPI(world.gateway, KEY).app,
                    Endpoint("api", "127.0.0.1", 0), limits=ListenerLimits())  # fmt: skip
     await api.start()

@@ -205,6 +205,36 @@ async def test_each_refusal_has_its_kind(gateway: Gateway, provider: Provider) -
     assert len(gateway.world.gateway._connections) == before  # nothing connected
 
 
+@pytest.mark.parametrize("exchange_options", [{"per_address": 2}])
+async def test_rate_limited_says_when_to_retry(gateway: Gateway, provider: Provider) -> None:
+    await gateway.register(provider.registration("oidc"))
+    for _ in range(2):
+        async with Client(gateway.http) as client:
+            await client.connect_with_token(
+                domain="acme", provider="oidc", external_token=provider.token("oidc")
+            )
+    with pytest.raises(TokenError) as limited:
+        await Client(gateway.http).connect_with_token(
+            domain="acme", provider="oidc", external_token=provider.token("oidc")
+        )
+    assert (limited.value.kind, limited.value.status) == ("rate-limited", 429)
+    assert limited.value.retry_after is not None and limited.value.retry_after > 0
+    assert not limited.value.terminal
+
+
+async def test_mqtt_over_websocket(gateway: Gateway) -> None:
+    world = gateway.world
+    url = f"ws://127.0.0.1:{gateway.mqtt_ws_port}/mqtt"
+    async with Client(mqtt_url=url) as client:
+        await client.connect_with_secret(client_id=world.both.id, secret=world.both.secret)
+        async with client.subscribe("m/acme/c/temps/#") as messages:
+            await client.publish(
+                "m/acme/c/temps/ws", b"over a websocket", content_type="text/plain"
+            )
+            got = await next_message(messages)
+            assert (got.payload, got.content_type) == (b"over a websocket", "text/plain")
+
+
 async def test_a_bad_secret_is_refused_at_connect(gateway: Gateway) -> None:
     client = Client(mqtt_url=gateway.mqtt_url)
     with pytest.raises(AuthError) as refused:
@@ -330,3 +360,56 @@ def test_the_sdk_imports_without_the_server() -> None:
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root / "sdk" / "python")
+
+
+async def test_a_real_server_over_tls(provider: Provider, tmp_path: Path) -> None:
+    """`conduit serve` with HTTPS and MQTTS on certificates of Conduit's own PKI tool: the SDK
+    exchanges over HTTPS, takes the MQTTS endpoint from the answer, verifies the server with
+    the private CA, renews in place, and receives what another protocol published."""
+    import json
+    import ssl
+
+    import aiohttp
+
+    import certs
+    from tests.test_serve import start
+
+    pki = tmp_path / "pki"
+    ca = certs.create_ca()
+    certs.write(pki, "ca", ca)
+    certs.write(pki, "server", certs.issue_server(ca, ["localhost", "127.0.0.1"]))
+    server = start(tmp_path / "data", "--tls-cert", str(pki / "server.pem"),
+                   "--tls-key", str(pki / "server.key"), "--https-port", "0",
+                   "--mqtts-port", "0", "--no-http-enabled")  # fmt: skip
+    try:
+        server.cli("domains", "create", "acme")
+        config = tmp_path / "app.json"
+        config.write_text(json.dumps({**provider.registration("supabase"), "ttl": 3}))
+        server.cli("idps", "add", "--domain", "acme", "app", "--type", "supabase",
+                   "--config", str(config))  # fmt: skip
+        https = f"https://127.0.0.1:{server.ports['https']}"
+        tls = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        events = Events()
+        async with Client(https, ssl=tls, **events.callbacks()) as client:
+            creds = await client.connect_with_token(
+                domain="acme", provider="app", external_token=provider.token("supabase", "u9")
+            )
+            assert creds.endpoints["mqtts"] == f"mqtts://127.0.0.1:{server.ports['mqtts']}"
+            assert "http" not in creds.endpoints and "mqtt" in creds.endpoints
+            async with client.subscribe("m/acme/c/temps/u9/#") as messages:
+                await asyncio.sleep(3.5)  # renewed in place at least once
+                async with aiohttp.ClientSession() as s:
+                    headers = {"Authorization": f"Bearer {creds.password}"}
+                    url = f"{https}/m/acme/c/temps/u9/t"
+                    async with s.post(url, data=b"ignored", headers=headers, ssl=tls) as r:
+                        assert r.status == 401  # the first credentials ended meanwhile
+                    headers = {"Authorization": f"Bearer {client.credentials.password}"}  # type: ignore[union-attr]
+                    async with s.post(url, data=b"over https", headers={
+                            **headers, "Content-Type": "text/plain"}, ssl=tls) as r:  # fmt: skip
+                        assert r.status == 202
+                assert (await next_message(messages)).payload == b"over https"
+        assert len(events.of("refreshed")) >= 1
+        assert events.of("status") == ["connecting", "connected", "disconnected"]
+    finally:
+        server.proc.terminate()
+        server.proc.wait()
