@@ -376,9 +376,12 @@ async def verify(keys: Keys, provider: IdentityProvider, token: str) -> dict[str
     if not provider.enabled:
         raise AuthenticationError(f"provider {provider.name!r} is disabled")
     try:
-        kid = jwt.get_unverified_header(token).get("kid")
+        header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError:
         raise AuthenticationError("the token is not a JWT") from None
+    if header.get("alg") not in provider.algorithms:  # refused before any key is looked for
+        raise _wrong_algorithm(provider)
+    kid = header.get("kid")
     key = await keys.key(provider, kid if isinstance(kid, str) else None)
     try:
         claims: dict[str, Any] = jwt.decode(
@@ -389,14 +392,18 @@ async def verify(keys: Keys, provider: IdentityProvider, token: str) -> dict[str
     except jwt.ExpiredSignatureError:
         raise AuthenticationError("the token has expired") from None
     except jwt.InvalidAlgorithmError:
-        raise AuthenticationError(
-            f"the token's algorithm is not one of {', '.join(provider.algorithms)}"
-        ) from None
+        raise _wrong_algorithm(provider) from None
     except jwt.InvalidTokenError as exc:
         raise AuthenticationError(f"the token is not valid: {exc}") from None
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise AuthenticationError("the token has no subject")
     return claims
+
+
+def _wrong_algorithm(provider: IdentityProvider) -> AuthenticationError:
+    return AuthenticationError(
+        f"the token's algorithm is not one of {', '.join(provider.algorithms)}"
+    )
 
 
 # --- the exchange -------------------------------------------------------------------------------
