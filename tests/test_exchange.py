@@ -826,3 +826,49 @@ def test_a_jwt_secret_is_stored_sealed() -> None:
         with pytest.raises(ProviderError) as error:
             call_()
         assert str(error.value) == message
+
+
+def test_conduit_idps_jwt_secret_from_a_file_or_stdin(tmp_path: Path) -> None:
+    """The CLI reads the secret from a file or standard input, never from its arguments; it is
+    shown as set, and the server's log (at debug) never holds it."""
+    import json
+
+    from tests.test_serve import start
+
+    server = start(tmp_path / "data", "--log-level", "debug")
+    first, second = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    try:
+        server.cli("domains", "create", "acme")
+        config = tmp_path / "supabase.json"
+        config.write_text(json.dumps({"url": "https://abc.supabase.co", "rules": RULES}))
+        secret_file = tmp_path / "jwt-secret"
+        secret_file.write_text(first + "\n")
+        added = server.cli("idps", "add", "--domain", "acme", "app", "--type", "supabase",
+                           "--config", str(config), "--jwt-secret-file", str(secret_file),
+                           "--json")  # fmt: skip
+        shown = json.loads(added.stdout)
+        assert (shown["jwt_secret"], shown["algorithms"]) == ("set", ["HS256"])
+        assert first not in added.stdout + added.stderr
+        http = f"http://127.0.0.1:{server.ports['http']}"
+        body = {"domain": "acme", "provider": "app",
+                "token": supabase_token("https://abc.supabase.co", first)}  # fmt: skip
+        assert asyncio.run(call(f"{http}/auth/exchange", "POST", body))[0] == 200
+        updated = server.cli("idps", "update", "--domain", "acme", "app", "--jwt-secret-file",
+                             "-", "--json", input_text=second)  # fmt: skip
+        assert json.loads(updated.stdout)["jwt_secret"] == "set"
+        body["token"] = supabase_token("https://abc.supabase.co", second)
+        assert asyncio.run(call(f"{http}/auth/exchange", "POST", body))[0] == 200
+        body["token"] = supabase_token("https://abc.supabase.co", first)
+        assert asyncio.run(call(f"{http}/auth/exchange", "POST", body))[0] == 401
+        empty = server.cli("idps", "update", "--domain", "acme", "app", "--jwt-secret-file", "-",
+                           input_text="\n", check=False)  # fmt: skip
+        assert empty.returncode == 1 and "no JWT secret in it" in empty.stderr
+        neither = server.cli("idps", "update", "--domain", "acme", "app", check=False)
+        assert neither.returncode == 2 and "give --config, --jwt-secret-file" in neither.stderr
+        shown_again = server.cli("idps", "show", "--domain", "acme", "app").stdout
+        assert first not in shown_again and second not in shown_again
+    finally:
+        server.proc.terminate()
+        _, log = server.proc.communicate(timeout=30)
+    assert " DEBUG " in log and "conduit ready" in log  # the server's log, at debug
+    assert first not in log and second not in log
