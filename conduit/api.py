@@ -524,13 +524,33 @@ class ManagementAPI:
         except ProviderError as exc:
             raise InvalidRequest(str(exc)) from None
 
+    def _stored(
+        self,
+        domain: str,
+        name: str,
+        type_: Any,
+        given: dict[str, Any],
+        current: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The registration to store: ``given`` merged into ``current``, its jwt_secret
+        sealed (core.idps.stored)."""
+        from core.idps import ProviderError, stored
+
+        if not isinstance(type_, str):
+            raise InvalidRequest("'type' is required (a string)")
+        try:
+            return stored(domain, name, type_, given, self.gateway.sealing, current)
+        except ProviderError as exc:
+            raise InvalidRequest(str(exc)) from None
+
     async def add_idp(self, request: web.Request) -> web.Response:
         body = await self._body(request, "name", "type")
         domain, name, type_ = request.match_info["domain"], body.pop("name"), body.pop("type")
         if not NAME_RE.fullmatch(name):
             raise InvalidRequest(f"provider name {name!r}: 1-64 letters, digits, '-' and '_'")
-        provider = self._derived(domain, name, type_, body)
-        await self.gateway.store.put_idp(domain, name, type_, body, create=True)
+        config = self._stored(domain, name, type_, body)
+        provider = self._derived(domain, name, type_, config)
+        await self.gateway.store.put_idp(domain, name, type_, config, create=True)
         await self.gateway.bus.announce(Change("idp", domain, name))
         return _json(provider.shown(), 201)
 
@@ -547,15 +567,11 @@ class ManagementAPI:
     async def update_idp(self, request: web.Request) -> web.Response:
         """Change what is given (a JSON merge: a null removes a field)."""
         m = request.match_info
-        type_, config = await self.gateway.store.get_idp(m["domain"], m["name"])
+        type_, current = await self.gateway.store.get_idp(m["domain"], m["name"])
         changes = await self._body(request)
         type_ = changes.pop("type", type_)
         changes.pop("name", None)
-        for key, value in changes.items():
-            if value is None:
-                config.pop(key, None)
-            else:
-                config[key] = value
+        config = self._stored(m["domain"], m["name"], type_, changes, current)
         provider = self._derived(m["domain"], m["name"], type_, config)
         await self.gateway.store.put_idp(m["domain"], m["name"], type_, config, create=False)
         await self.gateway.bus.announce(Change("idp", m["domain"], m["name"]))
@@ -570,19 +586,23 @@ class ManagementAPI:
     async def test_idp(self, request: web.Request) -> web.Response:
         """``{token}``: what an exchange of it would grant (claims, rights), issuing nothing;
         a refusal is the exchange's, as a problem."""
-        from core.idps import Exchange, NotRegistered
+        from core.idps import Exchange, NotRegistered, ProviderError
 
         body = await self._body(request, "token")
         tokens = self.gateway.tokens
         if tokens is None:
             raise NotFound("this gateway exchanges no tokens")
         if self._exchange is None:
-            self._exchange = Exchange(self.gateway.store, tokens, self._idp_allow_http)
+            self._exchange = Exchange(
+                self.gateway.store, tokens, self._idp_allow_http, sealing=self.gateway.sealing
+            )
         m = request.match_info
         try:
             return _json(await self._exchange.test(m["domain"], m["name"], body["token"]))
         except NotRegistered as exc:
             raise NotFound(str(exc)) from None
+        except ProviderError as exc:  # as the exchange answers it (provider-misconfigured)
+            return _problem(503, "Provider misconfigured", str(exc))
         except ConduitError as exc:
             status = exc.condition.answer.http
             return _problem(status, exc.condition.answer.title, exc.detail)

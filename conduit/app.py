@@ -148,6 +148,7 @@ class Conduit:
             s.idp_allow_http,
             per_address=s.exchange_rate_per_address,
             per_domain=s.exchange_rate_per_domain,
+            sealing=sealing,
         )
         self.signin = None
         if s.signin_providers and self.gateway.users is not None:

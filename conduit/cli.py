@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, TextIO, get_args, get_origin
 
 import click
 
@@ -474,6 +474,24 @@ def _config(path: Path) -> dict[str, Any]:
     return config
 
 
+def _with_secret(config: dict[str, Any], secret_file: TextIO | None) -> dict[str, Any]:
+    """``config`` with the ``jwt_secret`` read from a file or standard input: never from the
+    command line, where ``ps`` and the shell's history would show it."""
+    if secret_file is None:
+        return config
+    secret = secret_file.read().strip()
+    if not secret:
+        raise click.ClickException(f"{secret_file.name}: no JWT secret in it")
+    return {**config, "jwt_secret": secret}
+
+
+jwt_secret_opt = click.option(
+    "--jwt-secret-file", "secret_file", type=click.File("r"),
+    help="supabase: a file holding the project's legacy JWT secret (HS256; '-': standard"
+         " input); kept encrypted, never shown",
+)  # fmt: skip
+
+
 @api_command(idps, "add")
 @domain_opt
 @click.argument("name")
@@ -482,20 +500,29 @@ def _config(path: Path) -> dict[str, Any]:
 @click.option("--config", "config_file", required=True, type=click.Path(path_type=Path),
               help="JSON: what the type needs (url, project_id, tenant, issuer, audience...),"
                    " overrides, ttl, max_ttl and rules")  # fmt: skip
-def idps_add(api: API, domain: str, name: str, type_: str, config_file: Path) -> None:
+@jwt_secret_opt
+def idps_add(
+    api: API, domain: str, name: str, type_: str, config_file: Path, secret_file: TextIO | None
+) -> None:
     """Register a provider; shows what Conduit derived."""
-    body = {**_config(config_file), "name": name, "type": type_}
+    body = {**_with_secret(_config(config_file), secret_file), "name": name, "type": type_}
     api.show(api.call("POST", f"/domains/{_q(domain)}/idps", body))
 
 
 @api_command(idps, "update")
 @domain_opt
 @click.argument("name")
-@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path),
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="JSON merged into the registration (null removes a field)")  # fmt: skip
-def idps_update(api: API, domain: str, name: str, config_file: Path) -> None:
-    """Change a provider."""
-    api.show(api.call("PATCH", f"/domains/{_q(domain)}/idps/{_q(name)}", _config(config_file)))
+@jwt_secret_opt
+def idps_update(
+    api: API, domain: str, name: str, config_file: Path | None, secret_file: TextIO | None
+) -> None:
+    """Change a provider (--jwt-secret-file: a new secret replaces the one it had)."""
+    if config_file is None and secret_file is None:
+        raise click.UsageError("give --config, --jwt-secret-file, or both")
+    changes = _with_secret(_config(config_file) if config_file else {}, secret_file)
+    api.show(api.call("PATCH", f"/domains/{_q(domain)}/idps/{_q(name)}", changes))
 
 
 @api_command(idps, "list")

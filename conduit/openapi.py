@@ -207,12 +207,20 @@ SCHEMAS: dict[str, Any] = {
     "IdpRequest": {
         "type": "object",
         "required": ["name", "type", "rules"],
-        "description": "supabase: url; firebase: project_id; auth0: tenant, audience; oidc:"
+        "description": "supabase: url (and jwt_secret, its legacy HS256 secret, if its"
+        " tokens are signed with it); firebase: project_id; auth0: tenant, audience; oidc:"
         " issuer, audience. Overrides: issuer, audience, keys_url, algorithms. ttl, max_ttl,"
         " enabled.",
         "properties": {
             "name": _str,
             "type": {"type": "string", "enum": ["supabase", "firebase", "auth0", "oidc"]},
+            "jwt_secret": {
+                "type": "string",
+                "minLength": 32,
+                "writeOnly": True,
+                "description": "supabase only: the project's legacy JWT secret; its tokens"
+                " are verified with HS256 (and nothing else). Kept encrypted, never shown.",
+            },
             "rules": {
                 "type": "array",
                 "items": {
@@ -227,7 +235,12 @@ SCHEMAS: dict[str, Any] = {
         },
         "additionalProperties": True,
     },
-    "IdpChange": {"type": "object", "additionalProperties": True},
+    "IdpChange": {
+        "type": "object",
+        "description": "Merged into the registration: a null removes a field (jwt_secret:"
+        " null removes the secret; a new jwt_secret replaces it).",
+        "additionalProperties": True,
+    },
     "Idp": {
         "type": "object",
         "properties": {
@@ -239,6 +252,11 @@ SCHEMAS: dict[str, Any] = {
             "audience": _str,
             "keys_url": {"type": ["string", "null"]},
             "algorithms": {"type": "array", "items": _str},
+            "jwt_secret": {
+                "type": "string",
+                "enum": ["set"],
+                "description": "Present when a jwt_secret is set; its value is never shown",
+            },
             "ttl": {"type": "integer"},
             "max_ttl": {"type": "integer"},
             "rules": {"type": "array", "items": {"type": "object"}},

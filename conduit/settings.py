@@ -171,7 +171,8 @@ class Settings(BaseSettings):
     encryption_key: str | None = Field(
         None,
         description="Master key (64 hex digits) sealing what Conduit keeps encrypted at rest"
-        " (token signing keys, DTLS keys); default: generated into <data_dir>/encryption.key",
+        " (token signing keys, DTLS keys, identity providers' JWT secrets); default: generated"
+        " into <data_dir>/encryption.key",
     )
 
     # tokens

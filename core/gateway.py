@@ -101,6 +101,8 @@ class Gateway:
         self.cache_ttl = cache_ttl
         self.metrics = Metrics()
         self.noise = NoiseLog(log)
+        # The master key sealing what is kept encrypted (DTLS keys, providers' shared secrets).
+        self.sealing = sealing
         self.provisioning = Provisioning(store, bus.announce, sealing)
         # What adapters want to hear of every change, once caches are dropped (the DTLS keys).
         self._change_handlers: list[ChangeHandler] = []

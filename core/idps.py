@@ -13,6 +13,12 @@ URLs must be https, except loopback addresses (development, tests) unless a sett
 plain http. A provider that cannot be reached and has no key yet is unavailable (503), not a
 bad token (401).
 
+Supabase's legacy shared secret (``jwt_secret``, HS256) is the one symmetric option: given
+explicitly, only for type supabase, never beside asymmetric algorithms (an HS256 token keyed by
+a public key is the algorithm confusion attack). It is kept sealed (:mod:`core.sealing`, bound
+to the domain and the provider's name, :func:`stored`) and never shown; a provider with it
+fetches no keys.
+
 Claims become rights through the provider's ordered rules (:func:`rights`): the first rule whose
 conditions hold grants its topic filters, with placeholders filled from the claims (``{sub}``,
 ``{email}``, ``{claim:org_id}``). A claim value that would change a filter's meaning (``/``,
@@ -21,6 +27,8 @@ conditions hold grants its topic filters, with placeholders filled from the clai
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import secrets
@@ -38,6 +46,7 @@ from cryptography import x509
 from core.errors import AuthenticationError, AuthorizationError, UnavailableError
 from core.identity import Identity, Rules
 from core.limits import RateLimiter
+from core.sealing import SealError, SealingKey
 from core.store import NotFound, Store
 from core.tokens import Tokens
 from core.topics import parse_filter
@@ -45,6 +54,9 @@ from core.topics import parse_filter
 TYPES = ("supabase", "firebase", "auth0", "oidc")
 ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
               "EdDSA")  # fmt: skip
+SYMMETRIC = ("HS256",)  # with a supabase provider's jwt_secret only
+SECRET, SEALED = "jwt_secret", "jwt_secret_sealed"  # as given; as stored
+MIN_SECRET = 32  # characters of a jwt_secret (Supabase's have 40 or more)
 FIREBASE_KEYS = (
     "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
 )
@@ -98,13 +110,16 @@ class IdentityProvider:
     max_ttl: int = 86400
     max_session: int = 7 * 86400  # seconds credentials may be refreshed after the exchange
     config: dict[str, Any] = field(default_factory=dict)  # as registered
+    sealed_secret: bytes | None = field(default=None, repr=False)  # supabase's jwt_secret
 
     def shown(self) -> dict[str, Any]:
-        """What the management API shows: what was given and what was derived."""
+        """What the management API shows: what was given and what was derived (of a
+        ``jwt_secret``, only that it is set)."""
+        secret = {} if self.sealed_secret is None else {SECRET: "set"}
         return {
             "domain": self.domain, "name": self.name, "type": self.type,
             "enabled": self.enabled, "issuer": self.issuer, "audience": self.audience,
-            "keys_url": self.keys_url, "algorithms": list(self.algorithms),
+            "keys_url": self.keys_url, "algorithms": list(self.algorithms), **secret,
             "ttl": self.ttl, "max_ttl": self.max_ttl, "max_session": self.max_session,
             "cors_origins": list(self.config.get("cors_origins", [])),
             "rules": [{"when": r.when, "publish": list(r.publish),
@@ -161,8 +176,18 @@ def derive(
     issuer = str(config.get("issuer", issuer))
     audience = str(config.get("audience", audience))
     keys_url = config.get("keys_url", keys_url)
+    sealed_secret = _sealed_secret(type_, config)
     given = config.get("algorithms")
-    if given is not None:
+    if sealed_secret is not None:
+        if "keys_url" in config:
+            raise ProviderError(f"a provider with {SECRET!r} fetches no keys: drop 'keys_url'")
+        keys_url, algorithms = None, SYMMETRIC
+        if given is not None and given != list(SYMMETRIC):
+            raise ProviderError(
+                f"with {SECRET!r}, 'algorithms' is [\"HS256\"]: a shared secret never goes"
+                " with asymmetric algorithms"
+            )
+    elif given is not None:
         if not isinstance(given, list) or not given or not all(a in ASYMMETRIC for a in given):
             raise ProviderError(f"'algorithms' is a list of {', '.join(ASYMMETRIC)}")
         algorithms = tuple(given)
@@ -183,7 +208,68 @@ def derive(
     return IdentityProvider(
         domain, name, type_, bool(config.get("enabled", True)), issuer, audience, keys_url,
         algorithms, _rules(domain, config.get("rules")), ttl, max_ttl, max_session, config,
+        sealed_secret,
     )  # fmt: skip
+
+
+def _sealed_secret(type_: str, config: dict[str, Any]) -> bytes | None:
+    if SECRET in config:  # stored() seals it: a registration as given never derives with it
+        raise ProviderError(f"{SECRET!r} is kept only sealed")
+    sealed = config.get(SEALED)
+    if sealed is None:
+        return None
+    if type_ != "supabase":
+        raise ProviderError(f"{SECRET!r} is for type supabase only (its legacy HS256 secret)")
+    try:
+        return base64.b64decode(sealed, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise ProviderError(f"{SEALED!r} is not a sealed secret") from None
+
+
+def _secret_context(domain: str, name: str) -> str:
+    return f"idp-secret:{domain}/{name}"
+
+
+def stored(
+    domain: str,
+    name: str,
+    type_: str,
+    given: dict[str, Any],
+    sealing: SealingKey | None,
+    current: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A registration as it is stored: what was ``given`` (a new registration, or the changes
+    to the ``current`` one, merged: a null removes a field). A given ``jwt_secret`` is checked
+    and kept only sealed (``jwt_secret_sealed``, base64), bound to the domain and the
+    provider's name; a null one removes it."""
+    if SEALED in given:
+        raise ProviderError(f"{SEALED!r} is Conduit's own: give {SECRET!r}")
+    if current is None:
+        config = dict(given)
+    else:
+        config = dict(current)
+        for key, value in given.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+    secret = config.pop(SECRET, None)
+    if SECRET in given:
+        config.pop(SEALED, None)  # replaced, or removed
+    if secret is None:
+        return config
+    if type_ != "supabase":
+        raise ProviderError(f"{SECRET!r} is for type supabase only (its legacy HS256 secret)")
+    if not isinstance(secret, str) or len(secret) < MIN_SECRET:
+        raise ProviderError(
+            f"{SECRET!r} is a string of at least {MIN_SECRET} characters (the project's legacy"
+            " JWT secret)"
+        )
+    if sealing is None:
+        raise ProviderError(f"{SECRET!r} is kept sealed: this gateway has no encryption key")
+    sealed = sealing.seal(secret.encode(), _secret_context(domain, name))
+    config[SEALED] = base64.b64encode(sealed).decode()
+    return config
 
 
 def _rules(domain: str, given: Any) -> tuple[Rule, ...]:
@@ -292,12 +378,20 @@ class _Held:
 class Keys:
     """Every provider's verification keys (see the module docstring)."""
 
-    def __init__(self, allow_http: bool = False, refetch_every: float = REFETCH_EVERY) -> None:
+    def __init__(
+        self,
+        allow_http: bool = False,
+        refetch_every: float = REFETCH_EVERY,
+        sealing: SealingKey | None = None,
+    ) -> None:
         self.allow_http = allow_http
         self.refetch_every = refetch_every
+        self.sealing = sealing  # opens the providers' jwt_secret
         self._held: dict[tuple[str, str], _Held] = {}
 
     async def key(self, provider: IdentityProvider, kid: str | None) -> Any:
+        if provider.sealed_secret is not None:
+            return self._secret(provider)  # nothing to fetch
         held = self._held.setdefault((provider.domain, provider.name), _Held())
         now = time.monotonic()
         stale = now >= held.fresh_until
@@ -315,6 +409,20 @@ class Keys:
         if found is None:
             raise AuthenticationError("the token's signing key is not one of its provider's")
         return found
+
+    def _secret(self, provider: IdentityProvider) -> bytes:
+        """The provider's jwt_secret, opened: ProviderError (misconfigured) when it cannot be."""
+        assert provider.sealed_secret is not None
+        if self.sealing is None:
+            raise ProviderError(
+                f"provider {provider.name!r} has a {SECRET!r} and this gateway no encryption key"
+            )
+        try:
+            return self.sealing.open(
+                provider.sealed_secret, _secret_context(provider.domain, provider.name)
+            )
+        except SealError as exc:
+            raise ProviderError(f"provider {provider.name!r}: {exc}") from None
 
     async def _fetch(self, provider: IdentityProvider, held: _Held) -> None:
         url = provider.keys_url
@@ -376,9 +484,12 @@ async def verify(keys: Keys, provider: IdentityProvider, token: str) -> dict[str
     if not provider.enabled:
         raise AuthenticationError(f"provider {provider.name!r} is disabled")
     try:
-        kid = jwt.get_unverified_header(token).get("kid")
+        header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError:
         raise AuthenticationError("the token is not a JWT") from None
+    if header.get("alg") not in provider.algorithms:  # refused before any key is looked for
+        raise _wrong_algorithm(provider)
+    kid = header.get("kid")
     key = await keys.key(provider, kid if isinstance(kid, str) else None)
     try:
         claims: dict[str, Any] = jwt.decode(
@@ -389,14 +500,18 @@ async def verify(keys: Keys, provider: IdentityProvider, token: str) -> dict[str
     except jwt.ExpiredSignatureError:
         raise AuthenticationError("the token has expired") from None
     except jwt.InvalidAlgorithmError:
-        raise AuthenticationError(
-            f"the token's algorithm is not one of {', '.join(provider.algorithms)}"
-        ) from None
+        raise _wrong_algorithm(provider) from None
     except jwt.InvalidTokenError as exc:
         raise AuthenticationError(f"the token is not valid: {exc}") from None
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise AuthenticationError("the token has no subject")
     return claims
+
+
+def _wrong_algorithm(provider: IdentityProvider) -> AuthenticationError:
+    return AuthenticationError(
+        f"the token's algorithm is not one of {', '.join(provider.algorithms)}"
+    )
 
 
 # --- the exchange -------------------------------------------------------------------------------
@@ -422,11 +537,12 @@ class Exchange:
         *,
         per_address: int = 60,
         per_domain: int = 6000,
+        sealing: SealingKey | None = None,
     ) -> None:
         self.store = store
         self.tokens = tokens
         self.allow_http = allow_http
-        self.keys = Keys(allow_http, refetch_every)
+        self.keys = Keys(allow_http, refetch_every, sealing)
         # The listeners' names and bound ports, for the answer's endpoints (the composition
         # root sets it).
         self.listeners: Callable[[], dict[str, int]] | None = None

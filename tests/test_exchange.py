@@ -8,7 +8,12 @@ once per interval; a claim that would widen a filter never does."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import hashlib
+import hmac
+import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 import pytest
 from aiohttp import web
 from cryptography import x509
@@ -28,9 +34,10 @@ from adapters.http import HTTPAdapter
 from adapters.http.server import Listener
 from conduit.api import ManagementAPI
 from core.bus import Subscription
-from core.idps import FIREBASE_KEYS, REFETCH_EVERY, Exchange, ProviderError, derive
+from core.idps import FIREBASE_KEYS, REFETCH_EVERY, Exchange, ProviderError, derive, stored
 from core.limits import ListenerLimits
 from core.listeners import Endpoint
+from core.sealing import SealingKey
 from tests.conftest import World, drain, running
 
 KEY = "test-admin-key-" + "0" * 32
@@ -116,7 +123,9 @@ class Gateway:
 async def gateway(world: World, issuer: Issuer) -> AsyncIterator[Gateway]:
     tokens = world.gateway.tokens
     assert tokens is not None
-    exchange = Exchange(world.gateway.store, tokens, refetch_every=1.0)
+    exchange = Exchange(
+        world.gateway.store, tokens, refetch_every=1.0, sealing=world.gateway.sealing
+    )
     app = ManagementAPI(world.gateway, KEY).app
     api = Listener(world.gateway, "api", app, Endpoint("api", "127.0.0.1", 0),
                    limits=ListenerLimits())  # fmt: skip
@@ -586,3 +595,280 @@ async def test_a_client_s_own_broker_tokens_can_be_revoked(gateway: Gateway, wor
         headers = {"Authorization": f"Client {world.both.secret}", "Content-Type": "text/plain"}
         async with s.post(f"{gateway.http}/m/acme/c/temps/t", data=b"x", headers=headers) as r:
             assert r.status == 202
+
+
+# --- Supabase's legacy shared secret (HS256) ----------------------------------------------------
+
+
+def supabase_token(url: str, secret: str, **claims: Any) -> str:
+    """A Supabase access token signed with the project's legacy JWT secret."""
+    now = int(time.time())
+    payload = {"iss": f"{url}/auth/v1", "aud": "authenticated", "sub": "dev-7", "iat": now,
+               "exp": now + 600, "role": "device", **claims}  # fmt: skip
+    return jwt.encode(payload, secret, "HS256")
+
+
+async def test_supabase_s_legacy_jwt_secret(
+    gateway: Gateway, issuer: Issuer, world: World, watch: Subscription, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """HS256 tokens verified with the secret, never fetching keys (the project URL is the local
+    issuer's, which has no Supabase key set: a fetch would be a 503); the secret stored only
+    sealed, bound to its provider, never shown nor logged; PATCH replaces or removes it."""
+    caplog.set_level(logging.DEBUG)
+    url, secret = issuer.base, secrets.token_urlsafe(32)  # 43 characters, as Supabase's 40+
+    base = f"{gateway.api}/domains/acme/idps"
+    status, shown = await register(gateway, {"name": "app", "type": "supabase", "url": url,
+                                             "jwt_secret": secret})  # fmt: skip
+    assert status == 201, shown
+    assert (shown["jwt_secret"], shown["algorithms"], shown["keys_url"], shown["issuer"]) == (
+        "set", ["HS256"], None, f"{url}/auth/v1",
+    )  # fmt: skip
+    # Stored sealed: not in the row, nor anywhere in the database files; it opens only for
+    # this provider.
+    _, config = await world.gateway.store.get_idp("acme", "app")
+    assert "jwt_secret" not in config and secret not in str(config)
+    sealed = base64.b64decode(config["jwt_secret_sealed"])
+    sealing = world.gateway.sealing
+    assert sealing is not None
+    assert sealing.open(sealed, "idp-secret:acme/app") == secret.encode()
+    files = [f.read_bytes() for f in tmp_path.glob("conduit.db*")]  # noqa: ASYNC240
+    assert files and not any(secret.encode() in data for data in files)
+    # Shown as set, never as the value nor the sealed form.
+    for got in (await call(f"{base}/app", "GET", key=KEY), await call(base, "GET", key=KEY)):
+        assert got[0] == 200 and "set" in str(got[1])
+        assert secret not in str(got[1]) and config["jwt_secret_sealed"] not in str(got[1])
+
+    status, creds = await exchange(gateway, supabase_token(url, secret))
+    assert status == 200, creds
+    assert creds["username"] == "app:dev-7"
+    bearer = {"Authorization": f"Bearer {creds['password']}", "Content-Type": "text/plain"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            f"{gateway.http}/m/acme/c/temps/dev-7/t", data=b"ok", headers=bearer
+        ) as r:
+            assert r.status == 202
+    assert [m.payload for m in drain(watch)] == [b"ok"]
+
+    other = secrets.token_urlsafe(32)
+    rs256 = issuer.token({"iss": f"{url}/auth/v1", "aud": "authenticated"})
+    for token, detail in [
+        (supabase_token(url, other), "the token is not valid: Signature verification failed"),
+        (rs256, "the token's algorithm is not one of HS256"),
+        (supabase_token(url, secret, aud="anon"), "the token is not valid: Audience doesn't match"),
+        (supabase_token(url, secret, exp=int(time.time()) - 120), "the token has expired"),
+    ]:
+        got, problem = await exchange(gateway, token)
+        kind = "token-expired" if "expired" in detail else "token-invalid"
+        assert (got, problem["type"], problem["detail"]) == (
+            401, f"urn:conduit:exchange:{kind}", detail,
+        )  # fmt: skip
+    assert issuer.fetches == 0
+    assert drain(watch) == []
+
+    # Rotated: the old secret's tokens are refused, the new one's exchanged.
+    new = secrets.token_urlsafe(32)
+    status, shown = await call(f"{base}/app", "PATCH", {"jwt_secret": new}, KEY)
+    assert status == 200 and shown["jwt_secret"] == "set" and new not in str(shown)
+    _, changed = await world.gateway.store.get_idp("acme", "app")
+    assert changed["jwt_secret_sealed"] != config["jwt_secret_sealed"]
+    got, problem = await exchange(gateway, supabase_token(url, secret))
+    assert (got, problem["type"]) == (401, "urn:conduit:exchange:token-invalid")
+    assert (await exchange(gateway, supabase_token(url, new)))[0] == 200
+    # Other changes keep it.
+    status, shown = await call(f"{base}/app", "PATCH", {"ttl": 120}, KEY)
+    assert status == 200 and shown["jwt_secret"] == "set"
+    assert (await exchange(gateway, supabase_token(url, new)))[0] == 200
+
+    # Removed (with the project's key set given): HS256 is refused before any key is fetched;
+    # the project's asymmetric tokens are exchanged.
+    status, shown = await call(f"{base}/app", "PATCH",
+                               {"jwt_secret": None, "keys_url": f"{url}/jwks"}, KEY)  # fmt: skip
+    assert status == 200 and "jwt_secret" not in shown
+    assert shown["algorithms"] == ["ES256", "RS256"]
+    _, config = await world.gateway.store.get_idp("acme", "app")
+    assert "jwt_secret_sealed" not in config
+    got, problem = await exchange(gateway, supabase_token(url, new))
+    assert (got, problem["type"], problem["detail"]) == (
+        401, "urn:conduit:exchange:token-invalid",
+        "the token's algorithm is not one of ES256, RS256",
+    )  # fmt: skip
+    assert issuer.fetches == 0
+    assert (await exchange(gateway, rs256))[0] == 200
+    assert drain(watch) == []
+    for value in (secret, new):
+        assert value not in caplog.text
+
+
+async def test_a_sealed_secret_opens_only_for_its_provider(gateway: Gateway, world: World) -> None:
+    """A sealed secret copied onto another provider's row does not open: that provider is
+    misconfigured (503), its tokens verified with nothing."""
+    url, secret = "https://abcd.supabase.co", secrets.token_urlsafe(32)
+    await register(gateway, {"name": "app", "type": "supabase", "url": url, "jwt_secret": secret})
+    type_, config = await world.gateway.store.get_idp("acme", "app")
+    await world.gateway.store.put_idp("acme", "copy", type_, config, create=True)
+    got, problem = await exchange(gateway, supabase_token(url, secret), provider="copy")
+    assert (got, problem["type"]) == (503, "urn:conduit:exchange:provider-misconfigured")
+    assert problem["detail"].startswith("provider 'copy': idp-secret:acme/copy: the sealed value")
+    assert secret not in problem["detail"]
+    status, problem = await call(f"{gateway.api}/domains/acme/idps/copy/test", "POST",
+                                 {"token": supabase_token(url, secret)}, KEY)  # fmt: skip
+    assert (status, problem["title"]) == (503, "Provider misconfigured")
+    assert (await exchange(gateway, supabase_token(url, secret)))[0] == 200
+
+
+async def test_jwt_secret_refusals(gateway: Gateway, world: World) -> None:
+    """Each with its 400 and why; nothing registered."""
+    url, secret = "https://abcd.supabase.co", secrets.token_urlsafe(32)
+    supa = {"name": "app", "type": "supabase", "url": url}
+    for body, detail in [
+        ({**supa, "jwt_secret": "x" * 31},
+         "'jwt_secret' is a string of at least 32 characters (the project's legacy JWT secret)"),
+        ({**supa, "jwt_secret": 12345678901234567890123456789012345},
+         "'jwt_secret' is a string of at least 32 characters (the project's legacy JWT secret)"),
+        ({"name": "app", "type": "oidc", "issuer": url, "audience": "a", "jwt_secret": secret},
+         "'jwt_secret' is for type supabase only (its legacy HS256 secret)"),
+        ({"name": "app", "type": "firebase", "project_id": "p", "jwt_secret": secret},
+         "'jwt_secret' is for type supabase only (its legacy HS256 secret)"),
+        ({**supa, "jwt_secret": secret, "algorithms": ["HS256", "RS256"]},
+         "with 'jwt_secret', 'algorithms' is [\"HS256\"]: a shared secret never goes with"
+         " asymmetric algorithms"),
+        ({**supa, "jwt_secret": secret, "keys_url": f"{url}/jwks"},
+         "a provider with 'jwt_secret' fetches no keys: drop 'keys_url'"),
+        ({**supa, "algorithms": ["HS256"]},
+         "'algorithms' is a list of RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, "
+         "ES512, EdDSA"),
+        ({**supa, "jwt_secret_sealed": base64.b64encode(b"x" * 40).decode()},
+         "'jwt_secret_sealed' is Conduit's own: give 'jwt_secret'"),
+    ]:  # fmt: skip
+        status, problem = await register(gateway, body)
+        assert (status, problem["type"], problem["detail"]) == (400, "about:blank", detail)
+        assert secret not in str(problem)
+    assert await world.gateway.store.list_idps("acme") == []
+    # Changes are checked the same way: a short one, or a type that cannot have one.
+    base = f"{gateway.api}/domains/acme/idps/app"
+    assert (await register(gateway, {**supa, "jwt_secret": secret}))[0] == 201
+    _, before = await world.gateway.store.get_idp("acme", "app")
+    for change, detail in [
+        ({"jwt_secret": "short"},
+         "'jwt_secret' is a string of at least 32 characters (the project's legacy JWT secret)"),
+        ({"type": "oidc", "issuer": url, "audience": "a"},
+         "'jwt_secret' is for type supabase only (its legacy HS256 secret)"),
+        ({"algorithms": ["ES256"]},
+         "with 'jwt_secret', 'algorithms' is [\"HS256\"]: a shared secret never goes with"
+         " asymmetric algorithms"),
+    ]:  # fmt: skip
+        status, problem = await call(base, "PATCH", change, KEY)
+        assert (status, problem["detail"]) == (400, detail)
+    assert (await world.gateway.store.get_idp("acme", "app"))[1] == before
+
+
+async def test_an_hs256_token_to_a_provider_of_keys(gateway: Gateway, issuer: Issuer) -> None:
+    """A supabase provider verifying with the project's keys (no secret) refuses HS256 tokens,
+    whatever they were signed with, the provider's public key included (the algorithm confusion
+    attack), before any key is fetched."""
+    url = issuer.base
+    status, _ = await register(gateway, {"name": "app", "type": "supabase", "url": url,
+                                         "keys_url": f"{url}/jwks"})  # fmt: skip
+    assert status == 201
+    pem = issuer.key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    now = int(time.time())
+    claims = {"iss": f"{url}/auth/v1", "aud": "authenticated", "sub": "x", "exp": now + 60,
+              "role": "device"}  # fmt: skip
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    # PyJWT refuses to sign HS256 with a PEM key: the forger's token, made by hand.
+    header = {"alg": "HS256", "typ": "JWT", "kid": issuer.kid}
+    signing_input = b".".join(b64(orjson.dumps(part)) for part in (header, claims))
+    confused = signing_input + b"." + b64(hmac.new(pem, signing_input, hashlib.sha256).digest())
+    for token in (supabase_token(url, secrets.token_urlsafe(32)), confused.decode()):
+        got, problem = await exchange(gateway, token)
+        assert (got, problem["type"], problem["detail"]) == (
+            401, "urn:conduit:exchange:token-invalid",
+            "the token's algorithm is not one of ES256, RS256",
+        )  # fmt: skip
+    assert issuer.fetches == 0
+    rs256 = issuer.token({"iss": f"{url}/auth/v1", "aud": "authenticated"})
+    assert (await exchange(gateway, rs256))[0] == 200
+
+
+def test_a_jwt_secret_is_stored_sealed() -> None:
+    rules = [{"when": {}, "subscribe": ["m/acme/c/temps/#"]}]
+    key, secret = SealingKey.generate(), "s" * 40
+    given = {"url": "https://abc.supabase.co", "rules": rules, "jwt_secret": secret}
+    config = stored("acme", "app", "supabase", given, key)
+    assert set(config) == {"url", "rules", "jwt_secret_sealed"}
+    provider = derive("acme", "app", "supabase", config)
+    assert (provider.algorithms, provider.keys_url, provider.shown()["jwt_secret"]) == (
+        ("HS256",), None, "set",
+    )  # fmt: skip
+    assert secret not in repr(provider) and secret not in str(provider.shown())
+    # A merge that leaves it, one that removes it.
+    assert (
+        stored("acme", "app", "supabase", {"ttl": 60}, key, config)["jwt_secret_sealed"]
+        == (config["jwt_secret_sealed"])
+    )
+    removed = stored("acme", "app", "supabase", {"jwt_secret": None}, key, config)
+    assert "jwt_secret_sealed" not in removed
+    assert derive("acme", "app", "supabase", removed).algorithms == ("ES256", "RS256")
+    for call_, message in [
+        (lambda: stored("acme", "app", "supabase", given, None),
+         "'jwt_secret' is kept sealed: this gateway has no encryption key"),
+        (lambda: derive("acme", "app", "supabase", given),
+         "'jwt_secret' is kept only sealed"),
+        (lambda: derive("acme", "app", "supabase", {**config, "jwt_secret_sealed": "not base64!"}),
+         "'jwt_secret_sealed' is not a sealed secret"),
+    ]:  # fmt: skip
+        with pytest.raises(ProviderError) as error:
+            call_()
+        assert str(error.value) == message
+
+
+def test_conduit_idps_jwt_secret_from_a_file_or_stdin(tmp_path: Path) -> None:
+    """The CLI reads the secret from a file or standard input, never from its arguments; it is
+    shown as set, and the server's log (at debug) never holds it."""
+    import json
+
+    from tests.test_serve import start
+
+    server = start(tmp_path / "data", "--log-level", "debug")
+    first, second = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    try:
+        server.cli("domains", "create", "acme")
+        config = tmp_path / "supabase.json"
+        config.write_text(json.dumps({"url": "https://abc.supabase.co", "rules": RULES}))
+        secret_file = tmp_path / "jwt-secret"
+        secret_file.write_text(first + "\n")
+        added = server.cli("idps", "add", "--domain", "acme", "app", "--type", "supabase",
+                           "--config", str(config), "--jwt-secret-file", str(secret_file),
+                           "--json")  # fmt: skip
+        shown = json.loads(added.stdout)
+        assert (shown["jwt_secret"], shown["algorithms"]) == ("set", ["HS256"])
+        assert first not in added.stdout + added.stderr
+        http = f"http://127.0.0.1:{server.ports['http']}"
+        body = {"domain": "acme", "provider": "app",
+                "token": supabase_token("https://abc.supabase.co", first)}  # fmt: skip
+        assert asyncio.run(call(f"{http}/auth/exchange", "POST", body))[0] == 200
+        updated = server.cli("idps", "update", "--domain", "acme", "app", "--jwt-secret-file",
+                             "-", "--json", input_text=second)  # fmt: skip
+        assert json.loads(updated.stdout)["jwt_secret"] == "set"
+        body["token"] = supabase_token("https://abc.supabase.co", second)
+        assert asyncio.run(call(f"{http}/auth/exchange", "POST", body))[0] == 200
+        body["token"] = supabase_token("https://abc.supabase.co", first)
+        assert asyncio.run(call(f"{http}/auth/exchange", "POST", body))[0] == 401
+        empty = server.cli("idps", "update", "--domain", "acme", "app", "--jwt-secret-file", "-",
+                           input_text="\n", check=False)  # fmt: skip
+        assert empty.returncode == 1 and "no JWT secret in it" in empty.stderr
+        neither = server.cli("idps", "update", "--domain", "acme", "app", check=False)
+        assert neither.returncode == 2 and "give --config, --jwt-secret-file" in neither.stderr
+        shown_again = server.cli("idps", "show", "--domain", "acme", "app").stdout
+        assert first not in shown_again and second not in shown_again
+    finally:
+        server.proc.terminate()
+        _, log = server.proc.communicate(timeout=30)
+    assert " DEBUG " in log and "conduit ready" in log  # the server's log, at debug
+    assert first not in log and second not in log
