@@ -872,3 +872,19 @@ def test_conduit_idps_jwt_secret_from_a_file_or_stdin(tmp_path: Path) -> None:
         _, log = server.proc.communicate(timeout=30)
     assert " DEBUG " in log and "conduit ready" in log  # the server's log, at debug
     assert first not in log and second not in log
+
+
+async def test_a_refused_exchange_is_logged_and_counted(
+    gateway: Gateway, issuer: Issuer, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app"})  # fmt: skip
+    token = issuer.token({"exp": int(time.time()) - 120})
+    with caplog.at_level("INFO", logger="conduit"):
+        status, problem = await exchange(gateway, token)
+    assert (status, problem["type"]) == (401, "urn:conduit:exchange:token-expired")
+    counted = world.gateway.metrics.refusals.labels("http", "exchange_token_expired")
+    assert counted.value == 1
+    logged = [r.getMessage() for r in caplog.records if "exchange_token_expired" in r.getMessage()]
+    assert logged == ["refused http client=- reason=exchange_token_expired: the token has expired"]
+    assert token not in caplog.text

@@ -437,7 +437,7 @@ class HTTPAdapter(Listening):
         try:
             body = orjson.loads(await self._body(request))
         except orjson.JSONDecodeError:
-            return _exchange_problem(400, "invalid-request", "the body is not valid JSON")
+            return self._exchange_refusal(400, "invalid-request", "the body is not valid JSON")
         except ConduitError as exc:
             return self._refuse(exc)
         if isinstance(body, dict) and not refresh:
@@ -445,10 +445,10 @@ class HTTPAdapter(Listening):
         fields = ("token_id", "password") if refresh else ("domain", "provider", "token")
         if not isinstance(body, dict) or not all(isinstance(body.get(k), str) for k in fields):
             names = " and ".join(f"'{k}'" for k in fields)
-            return _exchange_problem(400, "invalid-request", f"{names} are required (strings)")
+            return self._exchange_refusal(400, "invalid-request", f"{names} are required (strings)")
         ttl = body.get("ttl")
         if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool)):
-            return _exchange_problem(400, "invalid-request", "'ttl' is a number of seconds")
+            return self._exchange_refusal(400, "invalid-request", "'ttl' is a number of seconds")
         from core.idps import NotRegistered, ProviderError, SessionEnded
 
         try:
@@ -460,27 +460,27 @@ class HTTPAdapter(Listening):
                     body["domain"], body["provider"], body["token"], ttl
                 )
         except NotRegistered as exc:
-            return _exchange_problem(404, f"{exc.what}-not-found", str(exc))
+            return self._exchange_refusal(404, f"{exc.what}-not-found", str(exc))
         except AuthorizationError as exc:
-            return _exchange_problem(403, "no-rule-matched", exc.detail)
+            return self._exchange_refusal(403, "no-rule-matched", exc.detail)
         except RateLimitError as exc:
-            response = _exchange_problem(429, "rate-limited", exc.detail)
+            response = self._exchange_refusal(429, "rate-limited", exc.detail)
             response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after or 1)))
             return response
         except SessionEnded as exc:
-            return _exchange_problem(401, "session-ended", exc.detail)
+            return self._exchange_refusal(401, "session-ended", exc.detail)
         except AuthenticationError as exc:
             expired = exc.detail == "the token has expired"
             kind = "token-expired" if expired else "token-invalid"
             if exc.detail == "the token's subject was revoked":
                 kind = "subject-revoked"
-            return _exchange_problem(401, kind, exc.detail)
+            return self._exchange_refusal(401, kind, exc.detail)
         except UnavailableError as exc:
-            return _exchange_problem(503, "provider-unreachable", exc.detail)
+            return self._exchange_refusal(503, "provider-unreachable", exc.detail)
         except ProviderError as exc:
-            return _exchange_problem(503, "provider-misconfigured", str(exc))
+            return self._exchange_refusal(503, "provider-misconfigured", str(exc))
         except ValueError as exc:
-            return _exchange_problem(400, "invalid-request", str(exc))
+            return self._exchange_refusal(400, "invalid-request", str(exc))
         if self.exchange.listeners is not None:
             from core.idps import endpoint_urls
 
@@ -491,6 +491,12 @@ class HTTPAdapter(Listening):
             content_type="application/json",
             headers={"Cache-Control": "no-store"},
         )
+
+    def _exchange_refusal(self, status: int, kind: str, detail: str) -> web.Response:
+        """Log and count a refused exchange or refresh (sampled: anyone can send them), and
+        answer it."""
+        self.gateway.refused_input(self.protocol, "exchange_" + kind.replace("-", "_"), detail)
+        return _exchange_problem(status, kind, detail)
 
     # sign-in with an identity provider
     async def oauth(self, request: web.BaseRequest, path: str) -> web.Response:
