@@ -3,9 +3,10 @@
 
 Refusals follow the error table of ``core.errors`` as ``application/problem+json`` (RFC 9457).
 
-It runs on aiohttp's low-level ``web.Server`` with a dispatch of its own: the surface is two
-methods on one path prefix plus ``/health``, and the Application/router layer cost about 16% of
-the instructions of a request (callgrind, docs/performance.md).
+It runs on aiohttp's low-level ``web.Server`` with a dispatch of its own (:data:`ROUTES`): the
+Application/router layer cost about 16% of the instructions of a request (callgrind,
+docs/performance.md). ``GET /openapi.json`` serves the description of these routes
+(:mod:`adapters.http.openapi`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import hashlib
 import logging
 import math
 import ssl
@@ -27,7 +29,8 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import SERVER_SOFTWARE
 from yarl import URL
 
-from adapters.http.server import Listener
+from adapters.http.openapi import spec as openapi_spec
+from adapters.http.server import Handler, Listener
 from core.bus import Subscription
 from core.content import normalize
 from core.credentials import Credentials, from_authorization, with_certificate
@@ -68,6 +71,34 @@ JWKS_MAX_AGE = 300
 ACCESS_COOKIE = "conduit_access"
 REFRESH_COOKIE = "conduit_refresh"
 SSE_WRITE_LIMIT = 256 * 1024  # bytes a stream may have unsent before messages are dropped
+# Seconds a client may keep /openapi.json before asking again (with its ETag): it changes only
+# with an upgrade of Conduit.
+OPENAPI_MAX_AGE = 3600
+
+# What this listener serves: path -> method -> the handler (a method of HTTPAdapter taking the
+# request). A path ending in "/" is a prefix. handle() routes by this table, and the test of the
+# OpenAPI description (adapters.http.openapi) checks that the two name the same operations.
+# handle() dispatches the messaging prefix first, without a lookup (every publish comes that
+# way), to the methods listed here; the same test checks a running adapter serves just those.
+MESSAGING = "/m/"
+ROUTES: dict[str, dict[str, str]] = {
+    MESSAGING: {"GET": "subscribe", "POST": "publish", "PUT": "publish"},
+    "/health": {"GET": "health", "HEAD": "health"},
+    "/openapi.json": {"GET": "openapi", "HEAD": "openapi"},
+    "/.well-known/jwks.json": {"GET": "jwks", "HEAD": "jwks"},
+    "/clients/tokens": {"POST": "broker_token"},
+    "/users/tokens": {"POST": "login", "DELETE": "logout"},
+    "/users/tokens/refresh": {"POST": "refresh"},
+    "/users/me": {"GET": "me"},
+    "/password/recovery": {"POST": "recovery"},
+    "/password/reset": {"POST": "reset_password"},
+    "/auth/exchange": {"POST": "exchange_token", "OPTIONS": "preflight"},
+    "/auth/refresh": {"POST": "refresh_exchanged", "OPTIONS": "preflight"},
+    "/oauth/": {"GET": "oauth"},
+}
+# The prefixes handle() looks up after the exact paths, and the Allow header of a 405 on each.
+_PREFIXES = tuple(path for path in ROUTES if path.endswith("/") and path != MESSAGING)
+_ALLOW = {path: ", ".join(sorted(methods)) for path, methods in ROUTES.items()}
 
 
 def problem(error: ConduitError) -> web.Response:
@@ -181,6 +212,10 @@ class HTTPAdapter(Listening):
         self._bound: dict[str, int] = {}
         self._to_flush: list[EventStream] = []
         self._loop: asyncio.AbstractEventLoop  # set by start()
+        self._routes: dict[str, dict[str, Handler]] = {
+            path: {method: getattr(self, name) for method, name in methods.items()}
+            for path, methods in ROUTES.items()
+        }
 
     # lifecycle
     async def start(self) -> None:
@@ -221,48 +256,32 @@ class HTTPAdapter(Listening):
 
     # dispatch
     def handle(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
-        """Route a request. Not a coroutine itself: it hands aiohttp the handler's coroutine,
-        one coroutine frame less per request."""
+        """Route a request (:data:`ROUTES`). Not a coroutine itself: it hands aiohttp the
+        handler's coroutine, one coroutine frame less per request."""
         path = _path(request)
         method = request.method
+        # MESSAGING, first and as a literal (no lookup): every publish comes this way.
         if path.startswith("/m/"):
             if method == "POST" or method == "PUT":
                 return self.publish(request)
             if method == "GET":
                 return self.subscribe(request)
-            response = _problem(405, "Method not allowed", f"{method} is not allowed here")
-            response.headers["Allow"] = "GET, POST, PUT"
-            return _ready(response)
-        if path == "/health" and method in ("GET", "HEAD"):
-            return self.health(request)
-        if path == "/clients/tokens":
-            if method == "POST":
-                return self.broker_token(request)
-            response = _problem(405, "Method not allowed", f"{method} is not allowed here")
-            response.headers["Allow"] = "POST"
-            return _ready(response)
-        if path == "/.well-known/jwks.json" and method in ("GET", "HEAD"):
-            return self.jwks(request)
-        if path == "/users/tokens" and method in ("POST", "DELETE"):
-            return self.login(request) if method == "POST" else self.logout(request)
-        if path == "/users/tokens/refresh" and method == "POST":
-            return self.refresh(request)
-        if path.startswith("/oauth/") and method == "GET":
-            return self.oauth(request, path)
-        if path in ("/auth/exchange", "/auth/refresh"):
-            if method == "POST":
-                return self.exchange_token(request, refresh=path == "/auth/refresh")
-            if method == "OPTIONS":
-                return self.preflight(request)
-        if path == "/users/me" and method == "GET":
-            return self.me(request)
-        if path == "/password/recovery" and method == "POST":
-            return self.recovery(request)
-        if path == "/password/reset" and method == "POST":
-            return self.reset_password(request)
-        return _ready(
-            self._refuse(TopicError(f"{path} is not a messaging path", "path", Condition.NOT_FOUND))
-        )
+            return _ready(_not_allowed(method, MESSAGING))
+        route = path
+        methods = self._routes.get(path)
+        if methods is None:
+            route = next((prefix for prefix in _PREFIXES if path.startswith(prefix)), "")
+            methods = self._routes.get(route)
+        if methods is None:
+            return _ready(
+                self._refuse(
+                    TopicError(f"{path} is not a messaging path", "path", Condition.NOT_FOUND)
+                )
+            )
+        handler = methods.get(method)
+        if handler is None:
+            return _ready(_not_allowed(method, route))
+        return handler(request)
 
     # handlers
     def _refuse(self, error: ConduitError, client_id: str | None = None) -> web.Response:
@@ -290,6 +309,15 @@ class HTTPAdapter(Listening):
             body=orjson.dumps(status),
             content_type="application/json",
         )
+
+    async def openapi(self, request: web.BaseRequest) -> web.Response:
+        """``GET /openapi.json``: the OpenAPI 3.1 description of this listener, with an ETag
+        (``If-None-Match`` answers 304)."""
+        body, etag = _openapi_document()
+        headers = {"Cache-Control": f"public, max-age={OPENAPI_MAX_AGE}", "ETag": etag}
+        if _etag_matches(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def broker_token(self, request: web.BaseRequest) -> web.Response:
         """``POST /clients/tokens``: a client's secret (or certificate) traded for a broker
@@ -413,7 +441,15 @@ class HTTPAdapter(Listening):
             "Vary": "Origin",
         })  # fmt: skip
 
-    async def exchange_token(self, request: web.BaseRequest, refresh: bool = False) -> web.Response:
+    def exchange_token(self, request: web.BaseRequest) -> Awaitable[web.Response]:
+        """``POST /auth/exchange``."""
+        return self._exchange_or_refresh(request, refresh=False)
+
+    def refresh_exchanged(self, request: web.BaseRequest) -> Awaitable[web.Response]:
+        """``POST /auth/refresh``."""
+        return self._exchange_or_refresh(request, refresh=True)
+
+    async def _exchange_or_refresh(self, request: web.BaseRequest, refresh: bool) -> web.Response:
         """The exchange or the refresh, and for a browser the CORS header when its origin is
         one the request's domain allows (any domain's, when the domain is not known)."""
         body: dict[str, Any] = {}
@@ -499,10 +535,13 @@ class HTTPAdapter(Listening):
         return _exchange_problem(status, kind, detail)
 
     # sign-in with an identity provider
-    async def oauth(self, request: web.BaseRequest, path: str) -> web.Response:
+    async def oauth(self, request: web.BaseRequest) -> web.Response:
         """``GET /oauth/<provider>/login`` and ``/oauth/<provider>/callback``."""
+        if self.signin is None:
+            return _problem(404, "Not found", "this gateway has no sign-in providers")
+        path = _path(request)
         parts = path.split("/")
-        if self.signin is None or len(parts) != 4 or parts[3] not in ("login", "callback"):
+        if len(parts) != 4 or parts[3] not in ("login", "callback"):
             return _problem(404, "Not found", f"{path} is not a sign-in path")
         from core.signin import SignInError, cookie_name
 
@@ -770,6 +809,28 @@ def _exchange_problem(status: int, kind: str, detail: str) -> web.Response:
     body = {"type": f"urn:conduit:exchange:{kind}", "title": kind.replace("-", " "),
             "status": status, "detail": detail}  # fmt: skip
     return web.Response(status=status, body=orjson.dumps(body), content_type=PROBLEM_JSON)
+
+
+@functools.cache
+def _openapi_document() -> tuple[bytes, str]:
+    """The description as served, made once, and its entity tag."""
+    body = orjson.dumps(openapi_spec())
+    return body, f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` value names ``etag`` (weak comparison, RFC 9110 13.1.2)."""
+    if not header:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+def _not_allowed(method: str, route: str) -> web.Response:
+    """405 for a method the route does not serve, with the methods it does."""
+    response = _problem(405, "Method not allowed", f"{method} is not allowed here")
+    response.headers["Allow"] = _ALLOW[route]
+    return response
 
 
 def _redirect(url: str, query: dict[str, str] | None = None) -> web.Response:
