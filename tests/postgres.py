@@ -59,8 +59,56 @@ async def fresh_schema() -> AsyncIterator[str]:
         await asyncio.shield(drop(schema))
 
 
-def with_password(dsn: str, password: str) -> str:
-    """``dsn`` with a password in it (trust authentication lets any through)."""
-    scheme, rest = dsn.split("://", 1)
-    user, host = rest.split("@", 1) if "@" in rest else (os.environ.get("USER", "postgres"), rest)
-    return f"{scheme}://{user.split(':', 1)[0]}:{password}@{host}"
+class Proxy:
+    """A TCP relay to the PostgreSQL of the tests on a port of its own: stopping it makes the
+    database unreachable for whoever connects through it (open connections are cut), without
+    touching the server, which other runs share. Started again, on the same port."""
+
+    def __init__(self) -> None:
+        url = urlsplit(DSN)
+        self.target = (url.hostname or "127.0.0.1", url.port or 5432)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    def dsn(self, password: str | None = None) -> str:
+        """The tests' DSN through this relay, with ``password`` in it when given."""
+        url = urlsplit(DSN)
+        user = url.username or os.environ.get("USER", "postgres")
+        auth = f"{user}:{password}" if password else user
+        return f"{url.scheme}://{auth}@127.0.0.1:{self.port}{url.path}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._open):
+                writer.transport.abort()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._open |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self._open -= {writer, up_writer}

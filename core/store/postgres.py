@@ -244,9 +244,13 @@ _CLIENT = "id, domain, name, enabled, created, metadata"
 _USER = "id, email, name, enabled, platform_admin, created, last_login"
 
 
+REDACTED = "[redacted]"
+
+
 def redact_dsn(dsn: str) -> str:
     """The DSN fit for a log line: its password (in the user part or the query) replaced by
-    ``***``. Text that is not a URL is shown as ``(not a URL)``: it may be anything."""
+    ``[redacted]``, as :func:`core.noise.redact` does in every log line. Text that is not a
+    URL is shown as ``(not a URL)``: it may be anything."""
     try:
         parts = urlsplit(dsn)
     except ValueError:
@@ -255,10 +259,10 @@ def redact_dsn(dsn: str) -> str:
         return "(not a URL)"
     userinfo, at, hosts = parts.netloc.rpartition("@")
     if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
+        userinfo = userinfo.split(":", 1)[0] + ":" + REDACTED
+    query = [(k, REDACTED if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
     netloc = f"{userinfo}@{hosts}" if at else hosts
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*"), ""))
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="[]"), ""))
 
 
 def _why(exc: BaseException) -> str:
