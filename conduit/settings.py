@@ -84,8 +84,8 @@ class Settings(BaseSettings):
     postgres_timeout: float = Field(
         5.0,
         gt=0,
-        description="Seconds to connect to PostgreSQL or wait for a pooled connection; past it"
-        " the store is unavailable",
+        description="Seconds to connect to PostgreSQL, wait for a pooled connection or for an"
+        " answer; past it the store is unavailable",
     )
     bus: Literal["local"] = Field("local", description="Message bus")
     sessions: Literal["store", "memory"] = Field(

@@ -70,6 +70,8 @@ class Proxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
+        self.flowing = asyncio.Event()  # cleared: bytes are held, as by a network gone silent
+        self.flowing.set()
 
     def dsn(self, password: str | None = None) -> str:
         """The tests' DSN through this relay, with ``password`` in it when given."""
@@ -101,6 +103,7 @@ class Proxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    await self.flowing.wait()
                     dst.write(data)
                     await dst.drain()
             except (OSError, asyncio.IncompleteReadError):

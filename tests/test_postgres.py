@@ -152,6 +152,33 @@ async def test_the_database_going_away_and_coming_back(caplog: pytest.LogCapture
             await relay.stop()
 
 
+async def test_a_database_gone_silent_is_unavailable_after_the_timeout() -> None:
+    """No refusal, no answer (a network that drops everything): a statement gives up after
+    ``timeout``, and the store serves again once answers come."""
+    async with postgres.fresh_schema() as schema:
+        relay = postgres.Proxy()
+        await relay.start()
+        store = PostgresStore(relay.dsn(), schema=schema, pool_min=1, pool_max=2, timeout=1)
+        await store.open()
+        try:
+            relay.flowing.clear()
+            started = time.monotonic()
+            with pytest.raises(UnavailableError, match="timed out"):
+                await store.list_domains()
+            assert time.monotonic() - started < 5
+            relay.flowing.set()
+            for _ in range(50):  # the connection that timed out is replaced
+                try:
+                    await store.ping()
+                    break
+                except UnavailableError:
+                    await asyncio.sleep(0.1)
+            assert await store.list_domains() == []
+        finally:
+            await store.close()
+            await relay.stop()
+
+
 def test_redact_dsn() -> None:
     assert redact_dsn("postgresql://u:p@ss@h:5432/db") == "postgresql://u:[redacted]@h:5432/db"
     assert redact_dsn("postgres://u@h/db?password=x&sslmode=require") == (

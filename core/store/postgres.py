@@ -8,9 +8,10 @@ the one identifier put into SQL text, is checked against :data:`SCHEMA_NAME` and
 The types are PostgreSQL's (BOOLEAN, DOUBLE PRECISION, BIGINT, BYTEA, JSONB) and the Python
 values the :class:`~core.store.Store` methods return are the SQLite store's, to the byte.
 Text that is ordered or compared (names, ids) is ``COLLATE "C"``: byte order, as in SQLite,
-whatever the database's locale. A lost connection, a refused one, a pool exhausted past
-``timeout`` or a server shutting down is :class:`~core.errors.UnavailableError`, the store
-unavailable of the error table; the pool connects again by itself when the server is back.
+whatever the database's locale. A lost connection, a refused one, a pooled connection or an
+answer waited for past ``timeout``, or a server shutting down is
+:class:`~core.errors.UnavailableError`, the store unavailable of the error table; the pool
+connects again by itself when the server is back.
 """
 
 from __future__ import annotations
@@ -293,8 +294,9 @@ def _lock_key(schema: str) -> int:
 
 class PostgresStore:
     """``Store`` on PostgreSQL: a pool of ``pool_min`` to ``pool_max`` connections, each with
-    ``search_path`` set to ``schema``. ``timeout`` bounds connecting and waiting for a pooled
-    connection (seconds); past it the store is unavailable."""
+    ``search_path`` set to ``schema``. ``timeout`` bounds connecting, waiting for a pooled
+    connection and each statement (seconds; Conduit's are small): past it the store is
+    unavailable, even when the server has vanished without closing its connections."""
 
     def __init__(
         self,
@@ -330,34 +332,42 @@ class PostgresStore:
         return '"' + self.schema + '"'
 
     async def open(self) -> None:
-        """Connect the pool, make the schema if it is missing and migrate it. Raises
-        UnavailableError when the database cannot be had (unreachable, refused, no right)."""
+        """Make the schema if it is missing and migrate it, on a connection of its own (a
+        migration, or the wait for another node's, may take longer than ``timeout``), then
+        open the pool. Raises UnavailableError when the database cannot be had (unreachable,
+        refused, no right)."""
+        settings = {"search_path": self._quoted, "application_name": "conduit"}
         try:
-            pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=self.pool_min,
-                max_size=self.pool_max,
-                timeout=self.timeout,
-                server_settings={"search_path": self._quoted, "application_name": "conduit"},
-            )
+            conn = await asyncpg.connect(self.dsn, timeout=self.timeout, server_settings=settings)
         except _NOT_OPENED as exc:
             raise UnavailableError(f"PostgreSQL at {self.where}: {_why(exc)}") from None
         except ValueError:  # a DSN asyncpg cannot read: its text may hold the password
             raise ValueError(f"postgres_dsn cannot be read: {redact_dsn(self.dsn)}") from None
         try:
-            async with pool.acquire(timeout=self.timeout) as conn:
-                await self._migrate(conn)
-        except BaseException as exc:
-            await pool.close()
-            if isinstance(exc, _NOT_OPENED):
-                raise UnavailableError(
-                    f"PostgreSQL at {self.where}: cannot migrate the schema: {_why(exc)}"
-                ) from None
+            await self._migrate(conn)
+            await conn.close()
+        except _NOT_OPENED as exc:
+            conn.terminate()
+            raise UnavailableError(
+                f"PostgreSQL at {self.where}: cannot migrate the schema: {_why(exc)}"
+            ) from None
+        except BaseException:
+            conn.terminate()
             raise
-        self._pool = pool
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self.pool_min,
+                max_size=self.pool_max,
+                timeout=self.timeout,
+                command_timeout=self.timeout,
+                server_settings=settings,
+            )
+        except _NOT_OPENED as exc:
+            raise UnavailableError(f"PostgreSQL at {self.where}: {_why(exc)}") from None
         log.info("store: PostgreSQL at %s", self.where)
 
-    async def _migrate(self, conn: Conn) -> None:
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
         """Every migration not yet applied, in one transaction under the schema's advisory
         lock: a node that starts while another migrates waits, then finds nothing to do."""
         async with conn.transaction():
@@ -431,7 +441,7 @@ class PostgresStore:
 
     async def ping(self) -> None:
         async with self.connection() as conn:
-            await conn.fetchval("SELECT 1", timeout=self.timeout)
+            await conn.fetchval("SELECT 1")
 
     async def _one(self, sql: str, *args: Any) -> asyncpg.Record | None:
         async with self.connection() as conn:
