@@ -63,13 +63,14 @@ def _directory(directory: Path | None) -> Path:
 
 def _with_authority(directory: Path | None, work: Callable[[Authority], Awaitable[T]]) -> T:
     """Run ``work`` with the authority of the PKI directory and the configured store."""
-    from core.store import StoreError, make_store
+    from core.errors import UnavailableError
+    from core.store import StoreError
 
     settings = _settings()
     pki = directory if directory is not None else Path(settings.pki)
 
     async def run() -> T:
-        store = make_store(settings.store, sqlite_path=settings.database)
+        store = settings.make_store()
         await store.open()
         try:
             return await work(Authority(store, pki, mode=settings.mtls_identity))
@@ -78,7 +79,7 @@ def _with_authority(directory: Path | None, work: Callable[[Authority], Awaitabl
 
     try:
         return asyncio.run(run())
-    except (certs.PKIError, StoreError) as exc:
+    except (certs.PKIError, StoreError, UnavailableError) as exc:
         _fail(exc)
 
 

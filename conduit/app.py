@@ -31,6 +31,7 @@ from conduit.tls import TLSFileError, server_context
 from conduit.tls import reload as reload_tls
 from core.auth import store_auth
 from core.bus import Change, make_bus
+from core.errors import UnavailableError
 from core.gateway import Gateway
 from core.limits import Limits
 from core.listeners import Endpoint, ListenError
@@ -39,7 +40,6 @@ from core.noise import printable, redact
 from core.sealing import SealError, master_key
 from core.sessions import make_sessions
 from core.signing import Keyring
-from core.store import make_store
 from core.tokens import Tokens
 from core.users import Users
 
@@ -90,7 +90,7 @@ class Conduit:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         s = settings
-        store = make_store(s.store, sqlite_path=s.database)
+        store = s.make_store()
         try:
             sealing = master_key(s.data_dir, s.encryption_key)
         except SealError as exc:
@@ -352,6 +352,8 @@ class Conduit:
             raise StartupError(
                 f"the signing keys of Conduit's tokens cannot be opened: {exc}"
             ) from None
+        except UnavailableError as exc:  # PostgreSQL unreachable, or refusing us
+            raise StartupError(f"the store cannot be opened: {exc}") from None
         try:
             for adapter in [self.api, *self.adapters]:
                 try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from core.limits import ListenerLimits
+from core.store import Store, make_store
 
 ADMIN_KEY_FILE = "admin.key"  # in the data directory, mode 0600
 
@@ -27,7 +28,7 @@ class SignInProvider(BaseModel):
     """A provider users sign in with (OpenID Connect): ``[[signin_providers]]`` in the TOML
     file, or a JSON list in ``CONDUIT_SIGNIN_PROVIDERS``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     name: str = Field(
         pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", description="In the URLs: /oauth/<name>/"
@@ -52,12 +53,40 @@ class SignInProvider(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CONDUIT_", extra="forbid")
+    # A refusal names the setting but never echoes what was given: it may be a password.
+    model_config = SettingsConfigDict(
+        env_prefix="CONDUIT_", extra="forbid", hide_input_in_errors=True
+    )
 
     # state and messages
     data_dir: Path = Field(Path("data"), description="Directory for the SQLite file and admin key")
-    store: Literal["sqlite"] = Field("sqlite", description="State backend")
+    store: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="State backend: sqlite (one file) or postgres (shared by nodes)"
+    )
     sqlite_path: Path | None = Field(None, description="SQLite file; default <data_dir>/conduit.db")
+    postgres_dsn: SecretStr | None = Field(
+        None,
+        description="PostgreSQL connection URL for store = postgres"
+        " (postgresql://user:password@host:5432/database?sslmode=require); never logged with"
+        " its password",
+    )
+    postgres_schema: str = Field(
+        "public",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="PostgreSQL schema Conduit's tables live in, made if missing",
+    )
+    postgres_pool_min: int = Field(
+        1, ge=0, description="PostgreSQL connections a node keeps open, at least"
+    )
+    postgres_pool_max: int = Field(
+        10, ge=1, description="PostgreSQL connections a node opens, at most"
+    )
+    postgres_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds to connect to PostgreSQL, wait for a pooled connection or for an"
+        " answer; past it the store is unavailable",
+    )
     bus: Literal["local"] = Field("local", description="Message bus")
     sessions: Literal["store", "memory"] = Field(
         "store",
@@ -302,6 +331,14 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
+    def _postgres(self) -> Settings:
+        if self.store == "postgres" and not self.postgres_dsn:
+            raise ValueError("store = postgres needs postgres_dsn (CONDUIT_POSTGRES_DSN)")
+        if self.postgres_pool_min > self.postgres_pool_max:
+            raise ValueError("postgres_pool_min is larger than postgres_pool_max")
+        return self
+
+    @model_validator(mode="after")
     def _lifetimes(self) -> Settings:
         if self.broker_token_ttl > self.broker_token_max_ttl:
             raise ValueError("broker_token_ttl is longer than broker_token_max_ttl")
@@ -326,6 +363,18 @@ class Settings(BaseSettings):
     @property
     def database(self) -> Path:
         return self.sqlite_path or self.data_dir / "conduit.db"
+
+    def make_store(self) -> Store:
+        """The store these settings name (not opened yet)."""
+        return make_store(
+            self.store,
+            sqlite_path=self.database,
+            postgres_dsn=self.postgres_dsn.get_secret_value() if self.postgres_dsn else None,
+            postgres_schema=self.postgres_schema,
+            postgres_pool_min=self.postgres_pool_min,
+            postgres_pool_max=self.postgres_pool_max,
+            postgres_timeout=self.postgres_timeout,
+        )
 
     @property
     def pki(self) -> Path:

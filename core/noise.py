@@ -31,17 +31,19 @@ MAX_VALUE: Final = 200
 _CLIENT_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-# An Authorization header (to the end of its line), or an authorization= / auth= query value
-# (to the next & or white space), percent-encoded or not.
+# An Authorization header (to the end of its line), an authorization= / auth= / password=
+# query value (to the next & or white space), percent-encoded or not, or the password of a
+# URL (postgresql://user:password@host: a database's DSN in a library's error).
 _CREDENTIALS: Final = re.compile(
     r"(?i)(\bauthorization\s*:\s*)[^\r\n]*"
-    r"|((?:[?&;]|^|\s)(?:authorization|auth)(?:=|%3d))[^&\s#]*"
+    r"|((?:[?&;]|^|\s)(?:authorization|auth|password)(?:=|%3d))[^&\s#]*"
+    r"|(\b[a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+(?=@)"
 )
 
 
 def redact(text: str) -> str:
     """``text`` with every credential it may carry replaced by ``[redacted]``."""
-    return _CREDENTIALS.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", text)
+    return _CREDENTIALS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "[redacted]", text)
 
 
 def printable(value: object, limit: int = MAX_VALUE) -> str:

@@ -14,7 +14,8 @@ returns once everything asked before it is durable: an adapter awaits it before 
 publisher its message is safe. Deleting a session deletes its messages.
 
 Implementations: :class:`MemorySessions` (the process's memory: sessions survive their
-connection, not a restart) and the SQLite store's (:class:`core.store.sqlite.SQLiteSessions`).
+connection, not a restart) and the stores' (:class:`core.store.sqlite.SQLiteSessions`,
+:class:`core.store.postgres.PostgresSessions`).
 :func:`make_sessions` picks one for the ``sessions`` setting.
 """
 

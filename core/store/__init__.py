@@ -313,10 +313,36 @@ class Store(Protocol):
         """A session store kept by this backend (see :mod:`core.sessions`)."""
 
 
-def make_store(kind: str, *, sqlite_path: str | Path) -> Store:
-    """The store a deployment's ``store`` setting names."""
+def make_store(
+    kind: str,
+    *,
+    sqlite_path: str | Path | None = None,
+    postgres_dsn: str | None = None,
+    postgres_schema: str = "public",
+    postgres_pool_min: int = 1,
+    postgres_pool_max: int = 10,
+    postgres_timeout: float = 5.0,
+) -> Store:
+    """The store a deployment's ``store`` setting names: ``sqlite`` (a file at
+    ``sqlite_path``) or ``postgres`` (the database at ``postgres_dsn``, its tables in
+    ``postgres_schema``, a pool of ``postgres_pool_min`` to ``postgres_pool_max``
+    connections)."""
     if kind == "sqlite":
         from core.store.sqlite import SQLiteStore
 
+        if sqlite_path is None:
+            raise ValueError("the sqlite store needs a file (sqlite_path)")
         return SQLiteStore(sqlite_path)
-    raise ValueError(f"unknown store {kind!r}: the store is 'sqlite'")
+    if kind == "postgres":
+        from core.store.postgres import PostgresStore
+
+        if not postgres_dsn:
+            raise ValueError("the postgres store needs a database (postgres_dsn)")
+        return PostgresStore(
+            postgres_dsn,
+            schema=postgres_schema,
+            pool_min=postgres_pool_min,
+            pool_max=postgres_pool_max,
+            timeout=postgres_timeout,
+        )
+    raise ValueError(f"unknown store {kind!r}: the store is 'sqlite' or 'postgres'")

@@ -1,9 +1,11 @@
 """The backends every contract suite runs against. A backend that needs a server the machine
-does not run is skipped with the reason (PostgreSQL and NATS join here with their issue)."""
+does not run is skipped with the reason: PostgreSQL is the local one (``tests/postgres.py``),
+in a schema of its own per test, dropped after it."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -11,20 +13,30 @@ import pytest
 from core.bus import Bus, make_bus
 from core.sessions import SessionStore, make_sessions
 from core.store import Store, make_store
+from tests import postgres
 
-STORES = ["sqlite"]
+STORES = ["sqlite", "postgres"]
 BUSES = ["local"]
 SESSIONS = [*(f"store:{kind}" for kind in STORES), "memory"]
 
 
+def _store(kind: str, path: Path, schema: str | None) -> Store:
+    """A store of ``kind`` on the test's data: its SQLite file, or its PostgreSQL schema.
+    Pools stay small: the server's connections are shared with other test runs."""
+    return make_store(kind, sqlite_path=path, postgres_dsn=postgres.DSN,
+                      postgres_schema=schema or "public", postgres_pool_max=2)  # fmt: skip
+
+
 @pytest.fixture(params=STORES)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend = make_store(request.param, sqlite_path=tmp_path / "contract.db")
-    await backend.open()
-    try:
+    async with AsyncExitStack() as stack:
+        schema = None
+        if request.param == "postgres":
+            schema = await stack.enter_async_context(postgres.fresh_schema())
+        backend = _store(request.param, tmp_path / "contract.db", schema)
+        await backend.open()
+        stack.push_async_callback(backend.close)
         yield backend
-    finally:
-        await backend.close()
 
 
 @pytest.fixture(params=BUSES)
@@ -40,17 +52,18 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
 class Sessions:
     """A session store under test, and how to get a new one on the same data (a restart)."""
 
-    def __init__(self, kind: str, path: Path) -> None:
+    def __init__(self, kind: str, path: Path, schema: str | None = None) -> None:
         self.kind = kind
         self.path = path
+        self.schema = schema
         self._open: list[tuple[SessionStore, Store]] = []
 
     async def open(self) -> SessionStore:
         """The memory store keeps nothing across instances: it is the same instance again."""
         if self.kind == "memory" and self._open:
             return self._open[0][0]
-        store = make_store(self.kind.removeprefix("store:").replace("memory", "sqlite"),
-                           sqlite_path=self.path)  # fmt: skip
+        kind = self.kind.removeprefix("store:").replace("memory", "sqlite")
+        store = _store(kind, self.path, self.schema)
         await store.open()
         sessions = make_sessions("memory" if self.kind == "memory" else "store", store)
         self._open.append((sessions, store))
@@ -64,8 +77,10 @@ class Sessions:
 
 @pytest.fixture(params=SESSIONS)
 async def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sessions]:
-    backends = Sessions(request.param, tmp_path / "sessions.db")
-    try:
+    async with AsyncExitStack() as stack:
+        schema = None
+        if request.param == "store:postgres":
+            schema = await stack.enter_async_context(postgres.fresh_schema())
+        backends = Sessions(request.param, tmp_path / "sessions.db", schema)
+        stack.push_async_callback(backends.close)
         yield backends
-    finally:
-        await backends.close()

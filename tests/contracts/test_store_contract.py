@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import UnavailableError
-from core.store import Conflict, IssuedCertificate, NotFound, Store
+from core.store import Conflict, IssuedCertificate, Member, NotFound, SigningKeyRecord, Store, User
 
 
 async def _acme(store: Store) -> None:
@@ -194,3 +194,173 @@ async def test_a_closed_store_is_unavailable(store: Store) -> None:
         await store.ping()
     with pytest.raises(UnavailableError):
         await store.list_domains()
+
+
+async def test_a_client_id_wins_over_a_name_and_a_channel_name_over_an_id(store: Store) -> None:
+    await _acme(store)
+    await store.create_client("acme", "lamp-id", "id-1", "hash-9", {})  # named like id-1's id
+    assert (await store.get_client("acme", "id-1")).name == "lamp"
+    await store.create_channel("acme", "temps", "ch-x", {})  # its id is temps' name
+    assert (await store.get_channel("acme", "temps")).id == "ch-1"
+    assert (await store.get_channel("acme", "ch-x")).id == "temps"
+
+
+async def test_names_order_by_bytes_whatever_the_locale(store: Store) -> None:
+    for name in ("b", "B", "a-1", "a_1", "A"):
+        await store.create_domain(name, {})
+    assert [d.name for d in await store.list_domains()] == ["A", "B", "a-1", "a_1", "b"]
+
+
+def _user(uid: str, email: str, created: float = 1.0) -> User:
+    return User(uid, email, email.split("@")[0], True, False, created, None)
+
+
+async def test_users(store: Store) -> None:
+    ann = await store.create_user(_user("u-1", "Ann@Example.com"), "hash-a")
+    await store.create_user(_user("u-2", "carl@example.com"), None)
+    await store.create_user(_user("u-3", "Bob@example.com"), "hash-b")
+    with pytest.raises(Conflict):  # an email is one user, in any case
+        await store.create_user(_user("u-4", "ann@example.COM"), None)
+    assert await store.get_user("u-1") == ann
+    assert await store.get_user("ANN@example.com") == ann
+    with pytest.raises(NotFound):
+        await store.get_user("nobody@example.com")
+    assert [u.id for u in await store.list_users()] == ["u-1", "u-3", "u-2"]  # case ignored
+    assert await store.user_password("ann@EXAMPLE.com") == (ann, "hash-a")
+    assert await store.user_password("carl@example.com") == (await store.get_user("u-2"), None)
+    assert await store.user_password("nobody@example.com") is None
+    assert not (await store.set_user_enabled("Ann@Example.com", False)).enabled
+    assert not (await store.get_user("u-1")).enabled
+    await store.set_user_password("u-1", None)
+    assert (await store.user_password("ann@example.com"))[1] is None  # type: ignore[index]
+    await store.set_last_login("u-1", 5.5)
+    assert (await store.get_user("u-1")).last_login == 5.5
+    admin = await store.create_user(
+        User("u-5", "root@example.com", "Root", True, True, 2.0, None), "h"
+    )
+    assert (await store.get_user("u-5")) == admin and admin.platform_admin
+    await store.delete_user("bob@example.com")
+    with pytest.raises(NotFound):
+        await store.get_user("u-3")
+    with pytest.raises(NotFound):
+        await store.delete_user("u-3")
+
+
+async def test_members_and_roles(store: Store) -> None:
+    await _acme(store)
+    await store.create_domain("beta", {})
+    await store.create_user(_user("u-1", "ann@example.com"), None)
+    await store.create_user(_user("u-2", "Bob@example.com"), None)
+    assert await store.set_member("acme", "ANN@example.com", "admin") == Member(
+        "u-1", "acme", "admin"
+    )
+    await store.set_member("acme", "u-1", "member")  # replaces the role
+    await store.set_member("acme", "u-2", "admin")
+    await store.set_member("beta", "u-1", "admin")
+    assert await store.list_members("acme") == [
+        Member("u-1", "acme", "member"), Member("u-2", "acme", "admin"),
+    ]  # fmt: skip
+    assert await store.roles("u-1") == {"acme": "member", "beta": "admin"}
+    assert await store.roles("u-9") == {}
+    with pytest.raises(NotFound):
+        await store.set_member("nope", "u-1", "admin")
+    with pytest.raises(NotFound):
+        await store.set_member("acme", "nobody@example.com", "admin")
+    with pytest.raises(NotFound):
+        await store.list_members("nope")
+    await store.remove_member("acme", "u-2")
+    with pytest.raises(NotFound):
+        await store.remove_member("acme", "u-2")
+    await store.delete_domain("beta")  # its memberships go with it
+    assert await store.roles("u-1") == {"acme": "member"}
+    await store.delete_user("u-1")  # and a user's
+    assert await store.list_members("acme") == []
+
+
+async def test_token_families_and_refresh_tokens(store: Store) -> None:
+    await store.create_user(_user("u-1", "ann@example.com"), None)
+    await store.add_token_family("f1", "u-1", 10.0)
+    assert await store.token_family_live("f1")
+    assert not await store.token_family_live("fx")
+    with pytest.raises(Conflict):  # a family belongs to a user
+        await store.add_token_family("f9", "u-9", 10.0)
+    await store.add_refresh_token("j1", "f1", 100.0)
+    assert await store.use_refresh_token("j1", 20.0) == "fresh"
+    assert await store.use_refresh_token("j1", 21.0) == "used"  # a replay
+    assert await store.use_refresh_token("jx", 21.0) == "unknown"
+    assert await store.revoke_token_family("f1", 30.0)
+    assert not await store.revoke_token_family("f1", 31.0)
+    assert not await store.token_family_live("f1")
+    await store.add_token_family("f2", "u-1", 40.0)
+    await store.set_user_enabled("u-1", False)
+    assert not await store.token_family_live("f2")  # a disabled user's sign-ins are not live
+    await store.set_user_enabled("u-1", True)
+    assert await store.token_family_live("f2")
+    await store.add_refresh_token("j2", "f2", 45.0)
+    await store.add_token_family("f3", "u-1", 60.0)  # drops the refresh tokens expired by then
+    assert await store.use_refresh_token("j2", 61.0) == "unknown"
+    await store.revoke_user_token_families("u-1", 70.0)
+    assert not await store.token_family_live("f2")
+    assert not await store.token_family_live("f3")
+    await store.add_token_family("f4", "u-1", 80.0)
+    await store.delete_user("u-1")
+    assert not await store.token_family_live("f4")
+
+
+async def test_identity_providers(store: Store) -> None:
+    await _acme(store)
+    config = {"issuer": "https://id.example.com", "rules": [{"claim": "sub", "n": 1.5}]}
+    await store.put_idp("acme", "sb", "supabase", config, create=True)
+    await store.put_idp("acme", "a0", "auth0", {"x": None, "ok": True}, create=True)
+    with pytest.raises(Conflict):
+        await store.put_idp("acme", "sb", "supabase", {}, create=True)
+    assert await store.get_idp("acme", "sb") == ("supabase", config)
+    await store.put_idp("acme", "sb", "oidc", {"issuer": "https://other"}, create=False)
+    assert await store.get_idp("acme", "sb") == ("oidc", {"issuer": "https://other"})
+    with pytest.raises(NotFound):
+        await store.put_idp("acme", "none", "oidc", {}, create=False)
+    with pytest.raises(NotFound):
+        await store.put_idp("nope", "sb", "oidc", {}, create=True)
+    assert await store.list_idps("acme") == [
+        ("a0", "auth0", {"x": None, "ok": True}), ("sb", "oidc", {"issuer": "https://other"}),
+    ]  # fmt: skip
+    with pytest.raises(NotFound):
+        await store.list_idps("nope")
+    await store.delete_idp("acme", "a0")
+    with pytest.raises(NotFound):
+        await store.delete_idp("acme", "a0")
+    with pytest.raises(NotFound):
+        await store.get_idp("acme", "a0")
+    await store.delete_domain("acme")  # its providers go with it
+    await store.create_domain("acme", {})
+    assert await store.list_idps("acme") == []
+
+
+async def test_revoked_subjects(store: Store) -> None:
+    await _acme(store)
+    await store.create_domain("beta", {})
+    await store.revoke_subject("acme", "c1", 10.0)
+    await store.revoke_subject("acme", "c1", 20.0)  # the latest counts
+    await store.revoke_subject("beta", "c2", 30.0)
+    wanted = [("acme", "c1"), ("acme", "c2"), ("beta", "c1"), ("beta", "c2")]
+    assert await store.subject_revocations(wanted) == {("acme", "c1"): 20.0, ("beta", "c2"): 30.0}
+    assert await store.subject_revocations([]) == {}
+    with pytest.raises(NotFound):
+        await store.revoke_subject("nope", "c1", 1.0)
+    await store.delete_domain("beta")
+    assert await store.subject_revocations(wanted) == {("acme", "c1"): 20.0}
+
+
+async def test_signing_keys(store: Store) -> None:
+    k1 = SigningKeyRecord("k1", "EdDSA", 1.0, None, b"sealed-1\x00\xff")
+    k2 = SigningKeyRecord("k2", "ES256", 2.0, None, b"sealed-2")
+    await store.add_signing_key(k2)
+    await store.add_signing_key(k1)
+    with pytest.raises(Conflict):
+        await store.add_signing_key(k1)
+    assert await store.signing_keys() == [k1, k2]  # oldest first
+    await store.retire_signing_keys(before=2.0, retires=100.0)
+    await store.retire_signing_keys(before=3.0, retires=200.0)  # k1 keeps its first retirement
+    assert [k.retires for k in await store.signing_keys()] == [100.0, 200.0]
+    await store.delete_signing_keys(retired_before=150.0)
+    assert [k.kid for k in await store.signing_keys()] == ["k2"]
