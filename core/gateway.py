@@ -128,7 +128,11 @@ class Gateway:
             except BaseException:
                 await self.store.close()  # its thread would keep the process alive
                 raise
-        await self.bus.start()
+        try:
+            await self.bus.start()  # a bus server out of reach: UnavailableError
+        except BaseException:
+            await self.store.close()
+            raise
         self.bus.on_change(self._changed)
         self._recheck = asyncio.create_task(self._recheck_loop(), name="conduit-recheck")
 
