@@ -159,6 +159,14 @@ def queue_name(group: str, flt: TopicFilter) -> str:
     return f"share.{readable}.{digest}"
 
 
+def _value(field: object) -> object:
+    """A stream setting as the server's answer and the config we send can both be compared:
+    enumerations as their values, an unset age as 0."""
+    if field is None:
+        return 0.0
+    return getattr(field, "value", field)
+
+
 class _Interest:
     """This node's subscribers of one filter (or of one shared group of one filter), and the
     NATS subscriptions that bring their messages."""
@@ -310,7 +318,7 @@ class NatsBus:
 
     def _away(self) -> str:
         since = self._away_since
-        return f"for {time.monotonic() - since:.0f} s" if since is not None else "connecting"
+        return f"for {time.monotonic() - since:.1f} s" if since is not None else "connecting"
 
     async def ping(self) -> None:
         nc = self._connected()
@@ -521,11 +529,11 @@ class NatsBus:
                     self._stream_ok = True
                     return
             have = info.config
-            if have.storage != config.storage:
+            if _value(have.storage) != _value(config.storage):
                 raise UnavailableError(
-                    f"JetStream stream {name} is kept in {have.storage.value} storage, not"
-                    f" {config.storage.value if config.storage else '?'} as nats_stream_storage"
-                    " says: delete the stream or change the setting"
+                    f"JetStream stream {name} is kept in {_value(have.storage)} storage, not"
+                    f" {_value(config.storage)} as nats_stream_storage says: delete the stream"
+                    " or change the setting"
                 )
             fields = (
                 "subjects",
@@ -536,7 +544,7 @@ class NatsBus:
                 "discard",
                 "allow_direct",
             )
-            if any(getattr(have, f) != getattr(config, f) for f in fields):
+            if any(_value(getattr(have, f)) != _value(getattr(config, f)) for f in fields):
                 log.info("bus: JetStream stream %s: limits changed to the settings'", name)
                 await jsm.update_stream(config)
         except UnavailableError:
@@ -566,7 +574,7 @@ class NatsBus:
     async def _reconnected(self) -> None:
         nc = self.nc
         url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
-        log.warning("bus: connected to NATS again (%s) after %s", url, self._away())
+        log.warning("bus: connected to NATS again (%s), away %s", url, self._away())
         self._away_since = None
         self._errors = 0
         # nats-py has subscribed the node's filters again; the stream may be new (a server
