@@ -281,7 +281,7 @@ class NatsBus:
         try:
             await self._ensure_stream()
             await nc.subscribe(self.changes_subject, cb=self._heard)
-            await nc.flush(REQUEST_TIMEOUT)  # type: ignore[arg-type]
+            await self.sync()
         except BaseException:
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -301,9 +301,10 @@ class NatsBus:
             task.cancel()
         nc = self.nc
         if nc is not None:
-            if nc.is_connected:
+            if nc.is_connected:  # what was published reaches NATS (see sync)
                 with contextlib.suppress(Exception):
-                    await nc.flush(REQUEST_TIMEOUT)  # type: ignore[arg-type]
+                    for _ in range(2):
+                        await nc.flush(REQUEST_TIMEOUT)  # type: ignore[arg-type]
             with contextlib.suppress(Exception):
                 await nc.close()
 
@@ -319,6 +320,15 @@ class NatsBus:
     def _away(self) -> str:
         since = self._away_since
         return f"for {time.monotonic() - since:.1f} s" if since is not None else "connecting"
+
+    async def sync(self) -> None:
+        """Return once the NATS server has processed what this node sent so far (a SUB, an
+        UNSUB). nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands
+        its flusher task has not written yet: the first round trip lets that task write them
+        (it runs before the answer can be read), the second comes back behind them."""
+        nc = self._connected()
+        for _ in range(2):
+            await nc.flush(REQUEST_TIMEOUT)  # type: ignore[arg-type]
 
     async def ping(self) -> None:
         nc = self._connected()
@@ -410,7 +420,7 @@ class NatsBus:
         queue = queue_name(interest.group, flt) if interest.group is not None else ""
         for subj in filter_subjects(flt, self.prefix):
             interest.nats.append(await nc.subscribe(subj, queue=queue, cb=interest.receive))
-        await nc.flush(REQUEST_TIMEOUT)  # type: ignore[arg-type]
+        await self.sync()
 
     async def _close_nats(self, interest: _Interest) -> None:
         for ns in interest.nats:
