@@ -5,6 +5,9 @@ tests/contracts/test_bus_contract.py; here is what only a bus of several nodes c
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,10 +15,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
 from adapters.http import HTTPAdapter
 from adapters.mqtt import MQTTAdapter
 from adapters.mqtt.codec import Disconnect, Publish
+from conduit.app import nats_options
+from conduit.settings import Settings
 from core.auth import store_auth
 from core.bus import Change, Subscription
 from core.bus.nats import NatsBus, NatsOptions, filter_subjects, queue_name
@@ -31,6 +37,8 @@ from core.topics import parse_filter
 from tests import natsserver
 from tests.conftest import World, provision, running
 from tests.mqtt.conftest import RawClient, connected
+from tests.test_serve import CONDUIT
+from tests.test_serve import start as serve_process
 
 
 def _message(subtopic: str, payload: bytes = b"x", channel: str = "temps") -> Message:
@@ -448,3 +456,66 @@ async def test_protocols_answer_unavailable_while_nats_is_away_and_resume(
         await gateway.close()
         await natsserver.delete_stream(opts)
         await server.stop()
+
+
+# --- the composition root ---------------------------------------------------------------------
+
+
+def test_settings_reach_the_bus(tmp_path: Path) -> None:
+    s = Settings(
+        bus="nats",
+        nats_url="nats://u:secret@n1:4222,nats://n2:4222",
+        nats_token="t",
+        nats_prefix="prod",
+        nats_stream="prod-last",
+        nats_stream_storage="memory",
+        nats_stream_max_age=3600,
+        nats_stream_max_msgs_per_subject=2,
+    )
+    o = nats_options(s)
+    assert o is not None
+    assert o.servers == ["nats://u:secret@n1:4222", "nats://n2:4222"]
+    assert o.shown_url == "nats://n1:4222,nats://n2:4222"  # what errors and logs may say
+    assert (o.token, o.prefix, o.stream, o.stream_storage) == ("t", "prod", "prod-last", "memory")
+    assert (o.stream_max_age, o.stream_max_msgs_per_subject) == (3600, 2)
+    assert nats_options(Settings()) is None
+    with pytest.raises(ValidationError, match="nats_tls_cert and nats_tls_key"):
+        Settings(nats_tls_cert=tmp_path / "c.pem")
+    with pytest.raises(ValidationError, match="nats_prefix"):
+        Settings(nats_prefix="a.b")
+
+
+def test_serve_on_nats(tmp_path: Path, opts: NatsOptions) -> None:
+    """`conduit serve --bus nats` as a user runs it: ready, healthy, publishing; and a NATS
+    out of reach stops the start with one line saying so."""
+    server = serve_process(
+        tmp_path / "data",
+        *("--bus", "nats", "--nats-url", opts.url, "--nats-prefix", opts.prefix),
+        *("--nats-stream", opts.stream, "--nats-stream-max-bytes", str(opts.stream_max_bytes)),
+    )
+    try:
+
+        async def check() -> None:
+            async with aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{server.ports['http']}/health"
+                async with session.get(url) as r:
+                    assert r.status == 200
+                    assert (await r.json())["bus"] == "ok"
+
+        asyncio.run(check())
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0
+        asyncio.run(natsserver.delete_stream(opts))
+
+    port = natsserver.free_port()
+    r = subprocess.run(
+        [*CONDUIT, "serve", "--host", "127.0.0.1", "--bus", "nats",
+         "--nats-url", f"nats://conduit:pw@127.0.0.1:{port}", "--nats-connect-timeout", "0.5"],
+        env={**os.environ, "CONDUIT_DATA_DIR": str(tmp_path / "data2")},
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: nats bus: cannot reach NATS at nats://127.0.0.1:{port} within")
+    assert "pw" not in r.stderr

@@ -108,6 +108,16 @@ class NatsOptions:
     def servers(self) -> list[str]:
         return [u.strip() for u in self.url.split(",") if u.strip()]
 
+    @property
+    def shown_url(self) -> str:
+        """The URLs as they may be logged: without a user name and password in them."""
+        shown = []
+        for url in self.servers:
+            parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+            host = parts.netloc.rpartition("@")[2]
+            shown.append(parts._replace(netloc=host).geturl())
+        return ",".join(shown)
+
     def tls(self) -> ssl.SSLContext | None:
         """The client TLS context, when a CA or a client certificate is configured (a
         ``tls://`` URL without them uses the system's CAs)."""
@@ -274,7 +284,7 @@ class NatsBus:
             if isinstance(exc, TimeoutError) and nc.last_error is not None:
                 detail = str(nc.last_error) or type(nc.last_error).__name__
             raise UnavailableError(
-                f"cannot reach NATS at {o.url} within {o.connect_timeout:g} s: {detail}"
+                f"cannot reach NATS at {o.shown_url} within {o.connect_timeout:g} s: {detail}"
             ) from None
         self.nc = nc
         self._errors = 0
