@@ -519,3 +519,17 @@ def test_serve_on_nats(tmp_path: Path, opts: NatsOptions) -> None:
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Error: nats bus: cannot reach NATS at nats://127.0.0.1:{port} within")
     assert "pw" not in r.stderr
+
+
+async def test_a_stream_that_cannot_be_made_or_kept_is_said_at_start(opts: NatsOptions) -> None:
+    """Another stream on the same subjects (a second deployment with the same prefix), or a
+    stream kept in other storage than the settings say: the start says which, in one line."""
+    async with natsserver.nodes(opts, 1):
+        same_prefix = natsserver.options(prefix=opts.prefix)
+        with pytest.raises(UnavailableError, match=f"stream {same_prefix.stream} cannot be made"):
+            await NatsBus(same_prefix).start()
+        in_memory = natsserver.options(
+            prefix=opts.prefix, stream=opts.stream, stream_storage="memory"
+        )
+        with pytest.raises(UnavailableError, match="kept in file storage, not memory"):
+            await NatsBus(in_memory).start()

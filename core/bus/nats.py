@@ -293,9 +293,9 @@ class NatsBus:
             await nc.subscribe(self.changes_subject, cb=self._heard)
             await self.sync()
         except BaseException:
+            self.nc = None  # quiets the connection's callbacks
             with contextlib.suppress(Exception):
                 await nc.close()
-            self.nc = None
             raise
 
     async def close(self) -> None:
@@ -543,8 +543,13 @@ class NatsBus:
             except nats.js.errors.NotFoundError:
                 try:
                     await jsm.add_stream(config)
-                except nats.js.errors.BadRequestError:
-                    info = await jsm.stream_info(name)  # another node made it meanwhile
+                except nats.js.errors.BadRequestError as exc:
+                    try:
+                        info = await jsm.stream_info(name)  # another node made it meanwhile
+                    except nats.js.errors.NotFoundError:
+                        raise UnavailableError(  # its subjects overlap another stream's
+                            f"JetStream stream {name} cannot be made: {exc.description}"
+                        ) from None
                 else:
                     self._stream_ok = True
                     return
@@ -585,7 +590,7 @@ class NatsBus:
             log.warning("bus: NATS: %s (%d errors)", exc or type(exc).__name__, self._errors)
 
     async def _disconnected(self) -> None:
-        if self._closed:
+        if self._closed or self.nc is None:
             return
         if self._away_since is None:
             self._away_since = time.monotonic()
@@ -612,5 +617,5 @@ class NatsBus:
         await self._run_handlers(Change("bus", ""))
 
     async def _connection_closed(self) -> None:
-        if not self._closed:
+        if not self._closed and self.nc is not None:
             log.error("bus: the NATS connection is closed for good")
