@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from adapters.coap import CoAPAdapter
 from adapters.coap.dtls import DTLSError
@@ -32,7 +32,7 @@ from conduit.tls import reload as reload_tls
 from core.auth import store_auth
 from core.bus import Change, make_bus
 from core.errors import UnavailableError
-from core.gateway import Gateway
+from core.gateway import BusUnavailableError, Gateway
 from core.limits import Limits
 from core.listeners import Endpoint, ListenError
 from core.mail import Mailer
@@ -42,6 +42,9 @@ from core.sessions import make_sessions
 from core.signing import Keyring
 from core.tokens import Tokens
 from core.users import Users
+
+if TYPE_CHECKING:
+    from core.bus.nats import NatsOptions
 
 log = logging.getLogger("conduit")
 
@@ -86,6 +89,34 @@ class StartupError(Exception):
     """Conduit cannot start as configured; the message says what to change."""
 
 
+def nats_options(s: Settings) -> NatsOptions | None:
+    """How the NATS bus reaches NATS (None for another bus: nats-py is not even imported)."""
+    if s.bus != "nats":
+        return None
+    from core.bus.nats import NatsOptions
+
+    return NatsOptions(
+        url=s.nats_url,
+        user=s.nats_user,
+        password=s.nats_password,
+        token=s.nats_token,
+        creds=s.nats_creds,
+        nkey_seed=s.nats_nkey_seed,
+        tls_ca=s.nats_tls_ca,
+        tls_cert=s.nats_tls_cert,
+        tls_key=s.nats_tls_key,
+        prefix=s.nats_prefix,
+        stream=s.nats_stream,
+        stream_storage=s.nats_stream_storage,
+        stream_replicas=s.nats_stream_replicas,
+        stream_max_age=s.nats_stream_max_age,
+        stream_max_bytes=s.nats_stream_max_bytes,
+        stream_max_msgs_per_subject=s.nats_stream_max_msgs_per_subject,
+        connect_timeout=s.nats_connect_timeout,
+        reconnect_wait=s.nats_reconnect_wait,
+    )
+
+
 class Conduit:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -107,7 +138,7 @@ class Conduit:
         authenticator, authorizer = store_auth(store, s.cache_ttl, certificates=mtls, tokens=tokens)
         self.gateway = Gateway(
             store,
-            make_bus(s.bus, keep_last_bytes=s.last_cache_bytes),
+            make_bus(s.bus, keep_last_bytes=s.last_cache_bytes, nats=nats_options(s)),
             authenticator,
             authorizer,
             limits=Limits(
@@ -352,6 +383,8 @@ class Conduit:
             raise StartupError(
                 f"the signing keys of Conduit's tokens cannot be opened: {exc}"
             ) from None
+        except BusUnavailableError as exc:
+            raise StartupError(f"{self.settings.bus} bus: {exc.detail}") from None
         except UnavailableError as exc:  # PostgreSQL unreachable, or refusing us
             raise StartupError(f"the store cannot be opened: {exc}") from None
         try:

@@ -87,11 +87,65 @@ class Settings(BaseSettings):
         description="Seconds to connect to PostgreSQL, wait for a pooled connection or for an"
         " answer; past it the store is unavailable",
     )
-    bus: Literal["local"] = Field("local", description="Message bus")
+    bus: Literal["local", "nats"] = Field(
+        "local",
+        description="Message bus: local (in-process) or nats (NATS JetStream, several nodes)",
+    )
     sessions: Literal["store", "memory"] = Field(
         "store",
         description="Where MQTT persistent sessions are kept: store (they survive a restart)"
         " or memory",
+    )
+
+    # the NATS bus (bus = "nats")
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222",
+        description="NATS server URLs, comma-separated (nats:// or tls://; user:password@ allowed)",
+    )
+    nats_user: str | None = Field(None, description="NATS user name (with nats_password)")
+    nats_password: str | None = Field(None, description="NATS password (better in the environment)")
+    nats_token: str | None = Field(None, description="NATS authentication token")
+    nats_creds: Path | None = Field(
+        None, description="NATS credentials file (.creds: a user JWT and its NKey seed)"
+    )
+    nats_nkey_seed: Path | None = Field(None, description="File holding a NATS user NKey seed")
+    nats_tls_ca: Path | None = Field(
+        None, description="PEM file of the CAs the NATS server's certificate is checked against"
+    )
+    nats_tls_cert: Path | None = Field(
+        None, description="PEM file: Conduit's client certificate for NATS (with nats_tls_key)"
+    )
+    nats_tls_key: Path | None = Field(None, description="PEM file: the key of nats_tls_cert")
+    nats_prefix: str = Field(
+        "m",
+        pattern=r"^[A-Za-z0-9_-]{1,32}$",
+        description="First token of every NATS subject of this deployment",
+    )
+    nats_stream: str = Field(
+        "conduit",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="JetStream stream keeping the latest message of each topic (made at start)",
+    )
+    nats_stream_storage: Literal["file", "memory"] = Field(
+        "file", description="Where the stream is kept: file (survives a NATS restart) or memory"
+    )
+    nats_stream_replicas: int = Field(
+        1, ge=1, le=5, description="Copies of the stream in a NATS cluster"
+    )
+    nats_stream_max_age: float = Field(
+        0.0, ge=0, description="Seconds a message is kept in the stream; 0 = no limit"
+    )
+    nats_stream_max_bytes: int = Field(
+        1073741824, gt=0, description="Bytes the stream keeps; the oldest go first"
+    )
+    nats_stream_max_msgs_per_subject: int = Field(
+        1, gt=0, description="Messages the stream keeps per topic (1: the latest)"
+    )
+    nats_connect_timeout: float = Field(
+        10.0, gt=0, description="Seconds the start waits for NATS before it gives up"
+    )
+    nats_reconnect_wait: float = Field(
+        1.0, gt=0, description="Seconds between two attempts to reach a NATS server again"
     )
 
     # listeners: plain
@@ -336,6 +390,16 @@ class Settings(BaseSettings):
             raise ValueError("store = postgres needs postgres_dsn (CONDUIT_POSTGRES_DSN)")
         if self.postgres_pool_min > self.postgres_pool_max:
             raise ValueError("postgres_pool_min is larger than postgres_pool_max")
+        return self
+
+    @model_validator(mode="after")
+    def _nats_pairs(self) -> Settings:
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("nats_tls_cert and nats_tls_key go together")
+        if self.nats_password is not None and self.nats_user is None:
+            raise ValueError("nats_password needs nats_user")
+        if self.nats_creds is not None and self.nats_nkey_seed is not None:
+            raise ValueError("nats_creds and nats_nkey_seed: set one (a .creds file holds a seed)")
         return self
 
     @model_validator(mode="after")

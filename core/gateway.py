@@ -72,6 +72,10 @@ _topic = functools.lru_cache(maxsize=TOPIC_CACHE)(parse_topic)
 _filter = functools.lru_cache(maxsize=TOPIC_CACHE)(parse_filter)
 
 
+class BusUnavailableError(UnavailableError):
+    """The bus could not start (its server out of reach): not the store."""
+
+
 class Gateway:
     def __init__(
         self,
@@ -128,7 +132,13 @@ class Gateway:
             except BaseException:
                 await self.store.close()  # its thread would keep the process alive
                 raise
-        await self.bus.start()
+        try:
+            await self.bus.start()
+        except BaseException as exc:
+            await self.store.close()
+            if isinstance(exc, UnavailableError):  # a bus server out of reach
+                raise BusUnavailableError(exc.detail) from None
+            raise
         self.bus.on_change(self._changed)
         self._recheck = asyncio.create_task(self._recheck_loop(), name="conduit-recheck")
 

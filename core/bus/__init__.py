@@ -8,8 +8,9 @@ disconnect in its protocol's idiom.
 Adapters that write straight to a transport pass a ``sink`` instead of reading the queue; the sink
 returns False when the subscriber cannot take the message (its write buffer is full).
 
-:class:`Router` is the in-memory index of subscriptions of this process; every bus
-implementation routes through it: the in-process bus directly, the NATS bus for what it receives.
+:class:`Router` is the in-memory index of subscriptions of this process, which the in-process
+bus routes through. The NATS bus (``core/bus/nats.py``) lets NATS match instead: it holds one
+NATS subscription per distinct filter and hands what each brings to that filter's subscribers.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import asyncio
 import collections
 import itertools
 from collections.abc import Awaitable, Callable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
 from core.message import Message
 from core.topics import TopicFilter
+
+if TYPE_CHECKING:
+    from core.bus.nats import NatsOptions
 
 Sink = Callable[[Message], bool]
 
@@ -314,8 +318,10 @@ def _collect(node: _Level, levels: list[str], i: int, out: list[Subscription]) -
 class Change(msgspec.Struct, frozen=True, gc=False):
     """A change to what clients may do, for every node to hear: its caches of credentials and
     rights must go, and open connections and subscriptions be checked again. ``kind`` is what
-    changed (``domain``, ``client``, ``channel``, ``connection``, ``dtls_key``), ``domain``
-    where, ``ref`` which one (a client or channel reference; empty for a whole domain)."""
+    changed (``domain``, ``client``, ``channel``, ``connection``, ``dtls_key``, ...), ``domain``
+    where, ``ref`` which one (a client or channel reference; empty for a whole domain). A
+    distributed bus that was cut off from the others hands its node ``Change("bus", "")`` on
+    coming back: changes may have been missed, everything cached goes."""
 
     kind: str
     domain: str
@@ -358,11 +364,18 @@ class Bus(Protocol):
         """Have ``handler`` run for every change announced on any node."""
 
 
-def make_bus(kind: str, *, keep_last_bytes: int = 64 * 1024 * 1024) -> Bus:
+def make_bus(
+    kind: str, *, keep_last_bytes: int = 64 * 1024 * 1024, nats: NatsOptions | None = None
+) -> Bus:
     """The bus a deployment's ``bus`` setting names; ``keep_last_bytes`` bounds the payload
-    bytes of the latest-message cache (CoAP GET)."""
+    bytes of the in-process bus's latest-message cache (CoAP GET); ``nats`` says how the NATS
+    bus reaches NATS and what it keeps there (the NATS stream keeps the latest messages)."""
     if kind == "local":
         from core.bus.local import LocalBus
 
         return LocalBus(keep_last_bytes=keep_last_bytes)
-    raise ValueError(f"unknown bus {kind!r}: the bus is 'local'")
+    if kind == "nats":
+        from core.bus.nats import NatsBus
+
+        return NatsBus(nats)
+    raise ValueError(f"unknown bus {kind!r}: the bus is 'local' or 'nats'")

@@ -1,6 +1,7 @@
 """The backends every contract suite runs against. A backend that needs a server the machine
 does not run is skipped with the reason: PostgreSQL is the local one (``tests/postgres.py``),
-in a schema of its own per test, dropped after it."""
+in a schema of its own per test, dropped after it; the NATS bus runs on the machine's NATS
+(127.0.0.1:4222), each test on a subject prefix and a stream of its own, deleted after."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import pytest
 from core.bus import Bus, make_bus
 from core.sessions import SessionStore, make_sessions
 from core.store import Store, make_store
-from tests import postgres
+from tests import natsserver, postgres
 
 STORES = ["sqlite", "postgres"]
-BUSES = ["local"]
+BUSES = ["local", "nats"]
 SESSIONS = [*(f"store:{kind}" for kind in STORES), "memory"]
 
 
@@ -41,6 +42,18 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 @pytest.fixture(params=BUSES)
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+    if request.param == "nats":
+        if (reason := natsserver.unreachable()) is not None:
+            pytest.skip(reason)
+        opts = natsserver.options()
+        backend = make_bus("nats", nats=opts)
+        await backend.start()
+        try:
+            yield backend
+        finally:
+            await backend.close()
+            await natsserver.delete_stream(opts)
+        return
     backend = make_bus(request.param)
     await backend.start()
     try:
