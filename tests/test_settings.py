@@ -61,3 +61,10 @@ def test_configuration_doc_lists_every_setting() -> None:
             f" {field.description} |"
         )
         assert row in doc, row
+
+
+def test_the_cluster_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/cluster/conduit.toml, with what compose.yaml puts in the environment."""
+    monkeypatch.setenv("CONDUIT_POSTGRES_DSN", "postgresql://conduit:pw@postgres:5432/conduit")
+    settings = Settings.load(ROOT / "deploy" / "cluster" / "conduit.toml")
+    assert (settings.store, settings.bus, settings.sessions) == ("postgres", "nats", "store")
