@@ -95,6 +95,7 @@ class ConduitProcess:
     extra: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     wrapper: list[str] = field(default_factory=list)  # e.g. valgrind and its options
+    provision: bool = True  # False: another node of the same store provisioned it
     proc: subprocess.Popen[str] | None = None
     ports: dict[str, int] = field(default_factory=dict)
     secret: str = ""
@@ -144,6 +145,8 @@ class ConduitProcess:
         if not m:
             raise RuntimeError(f"conduit did not start: {line!r}")
         self.ports = {k: int(v) for k, v in (p.split("=") for p in m.group(1).split())}
+        if not self.provision:
+            return self
         self._api("POST", "/domains", {"name": "bench"})
         client = self._api("POST", "/domains/bench/clients", {"name": "bench"})
         self.secret, self.client_id = client["secret"], client["id"]
