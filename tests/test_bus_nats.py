@@ -204,8 +204,13 @@ async def test_a_node_subscribes_on_nats_to_what_its_subscribers_hold_only(
         [(f"{p}.acme.temps.a", ""), (f"{p}.acme.temps.*", queue_name("g", shared.filter))]
     )
     assert a.subjects() == []
-    assert b.nc is not None
-    received = b.nc.stats["in_msgs"]
+    assert b.nc is not None and b.qc is not None
+
+    def arrived() -> int:  # on both of the node's connections
+        assert b.nc is not None and b.qc is not None
+        return int(b.nc.stats["in_msgs"] + b.qc.stats["in_msgs"])
+
+    received = arrived()
     for subtopic, channel in (("b/c", "temps"), ("", "temps"), ("a", "other")):
         await a.publish(_message(subtopic, channel=channel))
     await a.publish(_message("a", b"wanted"))
@@ -213,7 +218,7 @@ async def test_a_node_subscribes_on_nats_to_what_its_subscribers_hold_only(
     await _settle()
     # NATS brought this node the one message it has subscribers for, once per filter holding
     # it (the exact filter and the shared one), nothing else
-    assert b.nc.stats["in_msgs"] - received == 2
+    assert arrived() - received == 2
     assert _taken(exact) == _taken(exact2) == _taken(shared) == [b"wanted"]
     await b.unsubscribe(exact)
     assert len(b.subjects()) == 2  # exact2 still holds it
@@ -533,3 +538,23 @@ async def test_a_stream_that_cannot_be_made_or_kept_is_said_at_start(opts: NatsO
         )
         with pytest.raises(UnavailableError, match="kept in file storage, not memory"):
             await NatsBus(in_memory).start()
+
+
+async def test_this_node_s_own_messages_reach_its_subscribers_without_nats(
+    two: tuple[NatsBus, NatsBus],
+) -> None:
+    """A plain subscriber gets what its own node publishes at once, not back from NATS (the
+    connection asks NATS for no echo); a shared group whose only member is on the publishing
+    node still gets its share (its queue subscription is on a connection with echo)."""
+    a, _ = two
+    plain = await _subscribed(a, "m/acme/c/temps/a")
+    shared = await _subscribed(a, "m/acme/c/temps/a", group="g")
+    assert a.nc is not None and a.qc is not None
+    before = a.nc.stats["in_msgs"], a.qc.stats["in_msgs"]
+    await a.publish(_message("a", b"here"))
+    assert _taken(plain) == [b"here"]  # delivered before the publish returned
+    await _until(lambda: len(shared._queue) == 1)
+    await _settle()
+    assert _taken(shared) == [b"here"]
+    assert _taken(plain) == []  # once
+    assert (a.nc.stats["in_msgs"] - before[0], a.qc.stats["in_msgs"] - before[1]) == (0, 1)

@@ -26,11 +26,14 @@ A shared subscription (``$share/<group>/<filter>``) is a NATS queue subscription
 named after the group and the filter: NATS gives each message to one node of those holding
 the group, and that node to one of its members (in turn). Once per cluster.
 
-A message published on this node reaches this node's subscribers back from NATS, like
-everybody else's (the connection does not ask NATS to withhold its own messages): one path,
-so a shared subscription with members here and elsewhere still gets each message once, and a
-subscriber gets a message once whichever node it was published on. MQTT's No Local needs
-nothing from the bus: the publishing session's token travels in the message's metadata.
+A message published on this node reaches this node's plain subscribers at once, through a
+local :class:`~core.bus.Router` as on the in-process bus, and NATS does not send it back: the
+connection that publishes and holds plain subscriptions asks for no echo. That round trip was
+measured to cost a third of a one-node MQTT fan-out (bench/cluster_bench.py,
+docs/performance.md). Shared subscriptions are the exception: their queue subscriptions are on
+a second connection, with echo, so that NATS chooses among every node's members, this one's
+included, for what is published here too: once per cluster. MQTT's No Local needs nothing from
+the bus: the publishing session's token travels in the message's metadata.
 
 Unavailability: while NATS is away (nats-py reconnects by itself, again and again, and then
 subscribes the node's filters again) publishing, subscribing, ``last`` and ``ping`` raise
@@ -63,7 +66,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
-from core.bus import Change, ChangeHandler, Subscription
+from core.bus import Change, ChangeHandler, Router, Subscription
 from core.errors import TooLargeError, UnavailableError
 from core.message import Message, decode, encode
 from core.topics import TOPIC_CACHE, Topic, TopicFilter, filter_subject, subject
@@ -177,6 +180,10 @@ def _value(field: object) -> object:
     return getattr(field, "value", field)
 
 
+async def _nothing() -> None:
+    """A connection callback with nothing to do."""
+
+
 class _Interest:
     """This node's subscribers of one filter (or of one shared group of one filter), and the
     NATS subscriptions that bring their messages."""
@@ -224,7 +231,11 @@ class NatsBus:
         self.prefix = self.options.prefix
         self.origin = secrets.token_hex(8)  # this node, in the changes it announces
         self.changes_subject = f"{self.prefix}.changes"
-        self.nc: Client | None = None
+        self.nc: Client | None = None  # messages and changes; NATS does not echo what it sends
+        self.qc: Client | None = None  # shared subscriptions (NATS queue groups), with echo
+        # This node's subscribers outside shared groups: a message published here reaches them
+        # at once, as on the in-process bus, not back from NATS.
+        self.router = Router()
         self._closed = False
         self._interests: dict[tuple[str | None, TopicFilter], _Interest] = {}
         self._handlers: list[ChangeHandler] = []
@@ -240,6 +251,28 @@ class NatsBus:
 
     # lifecycle
     async def start(self) -> None:
+        nc = await self._connect(no_echo=True)
+        try:
+            qc = await self._connect(no_echo=False, role="groups")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
+        self.nc, self.qc = nc, qc
+        self._errors = 0
+        try:
+            await self._ensure_stream()
+            await nc.subscribe(self.changes_subject, cb=self._heard)
+            await self.sync()
+        except BaseException:
+            self.nc = self.qc = None  # quiets the connections' callbacks
+            for client in (nc, qc):
+                with contextlib.suppress(Exception):
+                    await client.close()
+            raise
+
+    async def _connect(self, no_echo: bool, role: str = "") -> Client:
+        """A connection to NATS; ``no_echo``: NATS never sends it back what it published."""
         o = self.options
         nc = Client()
         kwargs: dict[str, Any] = {}
@@ -262,10 +295,11 @@ class NatsBus:
             await asyncio.wait_for(
                 nc.connect(
                     servers=o.servers,
-                    name=f"conduit-{self.origin}",
+                    name=f"conduit-{self.origin}" + (f"-{role}" if role else ""),
+                    no_echo=no_echo,
                     error_cb=self._error,
                     disconnected_cb=self._disconnected,
-                    reconnected_cb=self._reconnected,
+                    reconnected_cb=self._reconnected if not role else _nothing,
                     closed_cb=self._connection_closed,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,  # for ever: service resumes when NATS is back
@@ -286,17 +320,7 @@ class NatsBus:
             raise UnavailableError(
                 f"cannot reach NATS at {o.shown_url} within {o.connect_timeout:g} s: {detail}"
             ) from None
-        self.nc = nc
-        self._errors = 0
-        try:
-            await self._ensure_stream()
-            await nc.subscribe(self.changes_subject, cb=self._heard)
-            await self.sync()
-        except BaseException:
-            self.nc = None  # quiets the connection's callbacks
-            with contextlib.suppress(Exception):
-                await nc.close()
-            raise
+        return nc
 
     async def close(self) -> None:
         if self._closed:
@@ -309,6 +333,7 @@ class NatsBus:
         self._interests.clear()
         for task in list(self._tasks):
             task.cancel()
+        self.router = Router()
         nc = self.nc
         if nc is not None:
             if nc.is_connected:  # what was published reaches NATS (see sync)
@@ -317,6 +342,9 @@ class NatsBus:
                         await nc.flush(REQUEST_TIMEOUT)  # type: ignore[arg-type]
             with contextlib.suppress(Exception):
                 await nc.close()
+        if self.qc is not None:
+            with contextlib.suppress(Exception):
+                await self.qc.close()
 
     def _connected(self) -> Client:
         """The connection, if it can carry messages now; UnavailableError otherwise."""
@@ -327,16 +355,25 @@ class NatsBus:
             raise UnavailableError(f"NATS unreachable ({self._away()}): reconnecting")
         return nc
 
+    def _groups(self) -> Client:
+        """The connection of shared subscriptions, if it can carry messages now."""
+        qc = self.qc
+        if qc is None or self._closed:
+            raise UnavailableError("bus is closed")
+        if not qc.is_connected:
+            raise UnavailableError(f"NATS unreachable ({self._away()}): reconnecting")
+        return qc
+
     def _away(self) -> str:
         since = self._away_since
         return f"for {time.monotonic() - since:.1f} s" if since is not None else "connecting"
 
-    async def sync(self) -> None:
+    async def sync(self, nc: Client | None = None) -> None:
         """Return once the NATS server has processed what this node sent so far (a SUB, an
         UNSUB). nats-py's ``flush()`` writes its PING straight to the socket, ahead of commands
         its flusher task has not written yet: the first round trip lets that task write them
         (it runs before the answer can be read), the second comes back behind them."""
-        nc = self._connected()
+        nc = nc or self._connected()
         for _ in range(2):
             await nc.flush(REQUEST_TIMEOUT)  # type: ignore[arg-type]
 
@@ -374,6 +411,7 @@ class NatsBus:
         self._outbox_bytes += len(data)
         if self._drain is None:
             self._drain = asyncio.get_running_loop().create_task(self._send())
+        self.router.route(message)
         return True
 
     async def _send(self) -> None:
@@ -423,14 +461,20 @@ class NatsBus:
         if self._interests.get(key) is not interest:  # its last subscriber left meanwhile
             return await self.subscribe(sub)
         interest.subs = [*interest.subs, sub]
+        if sub.group is None:
+            self.router.add(sub)
 
     async def _open(self, nc: Client, interest: _Interest, flt: TopicFilter) -> None:
         """Subscribe on NATS for one filter, and wait until the server has it: from then on
         a message published on any node reaches the subscriber."""
-        queue = queue_name(interest.group, flt) if interest.group is not None else ""
+        queue = ""
+        if interest.group is not None:
+            # On the connection with echo: the group's members here get their share of what is
+            # published here too.
+            queue, nc = queue_name(interest.group, flt), self._groups()
         for subj in filter_subjects(flt, self.prefix):
             interest.nats.append(await nc.subscribe(subj, queue=queue, cb=interest.receive))
-        await self.sync()
+        await self.sync(nc)
 
     async def _close_nats(self, interest: _Interest) -> None:
         for ns in interest.nats:
@@ -444,6 +488,8 @@ class NatsBus:
         if interest is None or sub not in interest.subs:
             return
         interest.subs = [s for s in interest.subs if s is not sub]
+        if sub.group is None:
+            self.router.remove(sub)
         if not interest.subs:
             del self._interests[key]
             await self._close_nats(interest)
