@@ -200,9 +200,7 @@ class MemorySessions(Buffered):
         for key, holder in self._holders.items():
             if every or not holder:
                 self._holders[key] = self.node
-        return [
-            self._stored(key) for key in self._sessions if self._holders[key] == self.node
-        ]
+        return [self._stored(key) for key in self._sessions if self._holders[key] == self.node]
 
     def _stored(self, key: str) -> StoredSession:
         messages = sorted(self._messages.get(key, {}).items())
