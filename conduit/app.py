@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -70,6 +71,15 @@ RETRY = 60
 
 # Allocations between two young collections (CPython's default: 700).
 GC_THRESHOLD = 20_000
+
+
+def node_id(s: Settings) -> str:
+    """This node's name among the nodes sharing a store: ``node_id``, else
+    ``<hostname>-<mqtt_port>``. Derived so that it needs no writable disk (a PostgreSQL node may
+    have none) and stays the same when the node restarts on its host (it gets its MQTT sessions
+    back), while two live nodes cannot share it (one host has one listener per port).
+    Containers whose hostname changes when they are made again should set ``node_id``."""
+    return s.node_id or f"{socket.gethostname()}-{s.mqtt_port}"
 
 
 def _signatures(paths: list[Path]) -> list[tuple[int, int, int] | None]:
@@ -150,7 +160,7 @@ class Conduit:
                 max_subscriptions=s.max_subscriptions,
             ),
             cache_ttl=s.cache_ttl,
-            sessions=make_sessions(s.sessions, store),
+            sessions=make_sessions(s.sessions, store, node_id(s)),
             tokens=tokens,
             sealing=sealing,
             users=Users(

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         description="Where MQTT persistent sessions are kept: store (they survive a restart)"
         " or memory",
     )
+    node_id: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._:-]{0,64}$",
+        description="This node's name among the nodes sharing a store, stable across its"
+        " restarts; empty = <hostname>-<mqtt_port>",
+    )
 
     # the NATS bus (bus = "nats")
     nats_url: str = Field(

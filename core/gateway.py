@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from core import senml
 from core.auth import Authenticator, Authorizer
-from core.bus import Bus, Change, ChangeHandler, Sink, Subscription
+from core.bus import SESSION_MOVED, Bus, Change, ChangeHandler, Sink, Subscription
 from core.content import SENML
 from core.credentials import Credentials
 from core.errors import (
@@ -408,6 +408,17 @@ class Gateway:
         )
         return self.tokens.broker(identity, rules, ttl)
 
+    @property
+    def clustered(self) -> bool:
+        """Other nodes share this gateway's bus (and store): a protocol session may be held by
+        another node."""
+        return self.bus.spans_nodes
+
+    async def announce(self, change: Change) -> None:
+        """Tell every node (this one too) of a change: a protocol session that moves (kind
+        ending in ``_session``); changes to rights are announced by provisioning."""
+        await self.bus.announce(change)
+
     def connected(
         self, identity: Identity, on_revoked: Callable[[str], None]
     ) -> Callable[[], None]:
@@ -497,19 +508,26 @@ class Gateway:
             raise UnavailableError(f"cannot check authorization: {exc}") from exc
 
     async def _changed(self, change: Change) -> None:
-        """A change on any node: forget what was cached, check what is open again."""
+        """A change on any node: forget what was cached, check what is open again (a session
+        that moves changes no rights: only the handlers hear it)."""
+        if change.kind.endswith(SESSION_MOVED):
+            await self._tell(change)
+            return
         if change.kind == "keys" and self.tokens is not None:
             await self.tokens.keyring.reload()
             self.authenticator.invalidate()  # tokens of a key gone stop at once
             return
         self.authenticator.invalidate()
         self.authorizer.invalidate()
+        await self._tell(change)
+        await self.revalidate()
+
+    async def _tell(self, change: Change) -> None:
         for handler in list(self._change_handlers):
             try:
                 await handler(change)
             except Exception:
                 log.exception("a change handler failed on %s", change)
-        await self.revalidate()
 
     def on_change(self, handler: ChangeHandler) -> Callable[[], None]:
         """Call ``handler`` on every change heard from the bus, after the caches are dropped

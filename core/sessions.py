@@ -13,6 +13,13 @@ message queued and acknowledged in the same turn is never written). :meth:`Sessi
 returns once everything asked before it is durable: an adapter awaits it before telling a
 publisher its message is safe. Deleting a session deletes its messages.
 
+Every session is held by one node (``node``: the ``node_id`` setting), which alone restores,
+writes and expires it. When its client connects to another node, the holder writes the
+session's last state and hands it over (:meth:`SessionStore.hand_over`, a buffered write like
+the others); the new node reads who holds it (:meth:`SessionStore.holder`) until it is its
+own, then takes it (:meth:`SessionStore.take`). A session written before holders were
+recorded is held by nobody (``""``) and goes to the first node that loads.
+
 Implementations: :class:`MemorySessions` (the process's memory: sessions survive their
 connection, not a restart) and the stores' (:class:`core.store.sqlite.SQLiteSessions`,
 :class:`core.store.postgres.PostgresSessions`).
@@ -49,25 +56,44 @@ class Batch:
     deleted: set[str] = field(default_factory=set)
     sessions: dict[str, bytes] = field(default_factory=dict)
     messages: dict[tuple[str, int], bytes | None] = field(default_factory=dict)
+    # Last: sessions handed to another node (key: the node), if this node still holds them.
+    handed: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.deleted or self.sessions or self.messages)
+        return bool(self.deleted or self.sessions or self.messages or self.handed)
 
 
 class SessionStore(Protocol):
     """See the module docstring."""
 
+    #: The node whose sessions this store writes: a session put is held by it.
+    node: str
+
     @property
     def pending(self) -> bool:
         """Writes are buffered or being written."""
 
-    async def load(self) -> list[StoredSession]:
-        """Every session kept, with its messages (at start, before any write)."""
+    async def load(self, every: bool = False) -> list[StoredSession]:
+        """The sessions this node holds, and those nobody holds (made this node's), with their
+        messages (at start, before any write). ``every``: all of them, whoever held them (one
+        node on the store: its id may have changed)."""
 
-    def put_session(self, key: str, state: bytes) -> None: ...
+    def put_session(self, key: str, state: bytes) -> None:
+        """Keep the session's state; this node holds it (unless another node took it)."""
 
     def delete_session(self, key: str) -> None:
-        """Forget the session and its messages."""
+        """Forget the session and its messages (unless another node took it)."""
+
+    def hand_over(self, key: str, node: str) -> None:
+        """``node`` holds the session from now on, if this node still does (buffered)."""
+
+    async def holder(self, key: str) -> str | None:
+        """The node holding the session (``""``: none), or None when there is no such session.
+        Reads what is written: buffered writes of this node are not seen."""
+
+    async def take(self, key: str) -> StoredSession | None:
+        """This node holds the session from now on, whoever did; it with its messages, or None
+        when there is no such session."""
 
     def put_message(self, key: str, seq: int, data: bytes) -> None: ...
 
@@ -83,7 +109,8 @@ class SessionStore(Protocol):
 class Buffered:
     """The batching every session store shares; subclasses write a :class:`Batch`."""
 
-    def __init__(self) -> None:
+    def __init__(self, node: str = "") -> None:
+        self.node = node
         self._batch = Batch()
         self._lock = asyncio.Lock()
         self._writing = False
@@ -96,11 +123,13 @@ class Buffered:
 
     def put_session(self, key: str, state: bytes) -> None:
         self._batch.sessions[key] = state
+        self._batch.handed.pop(key, None)
         self._schedule()
 
     def delete_session(self, key: str) -> None:
         batch = self._batch
         batch.sessions.pop(key, None)
+        batch.handed.pop(key, None)
         for message in [m for m in batch.messages if m[0] == key]:
             del batch.messages[message]
         batch.deleted.add(key)
@@ -112,6 +141,10 @@ class Buffered:
 
     def delete_message(self, key: str, seq: int) -> None:
         self._batch.messages[key, seq] = None
+        self._schedule()
+
+    def hand_over(self, key: str, node: str) -> None:
+        self._batch.handed[key] = node
         self._schedule()
 
     def _schedule(self) -> None:
@@ -154,36 +187,62 @@ class Buffered:
 
 
 class MemorySessions(Buffered):
-    """Sessions in this process's memory: they outlive connections, not the process."""
+    """Sessions in this process's memory: they outlive connections, not the process (nor do
+    they move to another process: no other node sees them)."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, node: str = "") -> None:
+        super().__init__(node)
         self._sessions: dict[str, bytes] = {}
+        self._holders: dict[str, str] = {}
         self._messages: dict[str, dict[int, bytes]] = {}
 
-    async def load(self) -> list[StoredSession]:
-        return [
-            StoredSession(key, state, sorted(self._messages.get(key, {}).items()))
-            for key, state in self._sessions.items()
-        ]
+    async def load(self, every: bool = False) -> list[StoredSession]:
+        for key, holder in self._holders.items():
+            if every or not holder:
+                self._holders[key] = self.node
+        return [self._stored(key) for key in self._sessions if self._holders[key] == self.node]
+
+    def _stored(self, key: str) -> StoredSession:
+        messages = sorted(self._messages.get(key, {}).items())
+        return StoredSession(key, self._sessions[key], messages)
+
+    async def holder(self, key: str) -> str | None:
+        return self._holders.get(key)
+
+    async def take(self, key: str) -> StoredSession | None:
+        if key not in self._sessions:
+            return None
+        self._holders[key] = self.node
+        return self._stored(key)
+
+    def _mine(self, key: str) -> bool:
+        return self._holders.get(key, "") in ("", self.node)
 
     async def _write(self, batch: Batch) -> None:
         for key in batch.deleted:
-            self._sessions.pop(key, None)
-            self._messages.pop(key, None)
-        self._sessions.update(batch.sessions)
+            if self._mine(key):
+                self._sessions.pop(key, None)
+                self._holders.pop(key, None)
+                self._messages.pop(key, None)
+        for key, state in batch.sessions.items():
+            if self._mine(key):
+                self._sessions[key] = state
+                self._holders[key] = self.node
         for (key, seq), data in batch.messages.items():
             if data is None:
                 self._messages.get(key, {}).pop(seq, None)
             else:
                 self._messages.setdefault(key, {})[seq] = data
+        for key, node in batch.handed.items():
+            if self._holders.get(key) == self.node:
+                self._holders[key] = node
 
 
-def make_sessions(kind: str, store: Store) -> SessionStore:
+def make_sessions(kind: str, store: Store, node: str = "") -> SessionStore:
     """The session store a deployment's ``sessions`` setting names: ``store`` (kept by the
-    store, so they survive a restart) or ``memory``."""
+    store, so they survive a restart) or ``memory``; ``node``: this node's id."""
     if kind == "memory":
-        return MemorySessions()
+        return MemorySessions(node)
     if kind == "store":
-        return store.sessions()
+        return store.sessions(node)
     raise ValueError(f"unknown sessions {kind!r}: 'store' or 'memory'")

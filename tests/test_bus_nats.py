@@ -40,6 +40,8 @@ from tests.mqtt.conftest import RawClient, connected
 from tests.test_serve import CONDUIT
 from tests.test_serve import start as serve_process
 
+PASSWORD = "nats-password-3f9c"  # distinctive: "pw" alone turns up in random log text
+
 
 def _message(subtopic: str, payload: bytes = b"x", channel: str = "temps") -> Message:
     return Message("acme", channel, subtopic, "pub", "http", "text/plain", payload, 0, None)
@@ -516,14 +518,15 @@ def test_serve_on_nats(tmp_path: Path, opts: NatsOptions) -> None:
     port = natsserver.free_port()
     r = subprocess.run(
         [*CONDUIT, "serve", "--host", "127.0.0.1", "--bus", "nats",
-         "--nats-url", f"nats://conduit:pw@127.0.0.1:{port}", "--nats-connect-timeout", "0.5"],
+         "--nats-url", f"nats://conduit:{PASSWORD}@127.0.0.1:{port}",
+         "--nats-connect-timeout", "0.5"],
         env={**os.environ, "CONDUIT_DATA_DIR": str(tmp_path / "data2")},
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Error: nats bus: cannot reach NATS at nats://127.0.0.1:{port} within")
-    assert "pw" not in r.stderr
+    assert PASSWORD not in r.stderr
 
 
 async def test_a_stream_that_cannot_be_made_or_kept_is_said_at_start(opts: NatsOptions) -> None:

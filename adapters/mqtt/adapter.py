@@ -13,14 +13,14 @@ import contextlib
 import functools
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from adapters.mqtt.channel import subscription_closed
 from adapters.mqtt.connection import ConnectionSet, TCPConnection
 from adapters.mqtt.options import Options
 from adapters.mqtt.publish import PROTOCOL, content_type_of
 from adapters.mqtt.session import Session
-from adapters.mqtt.sessions import SessionRegistry
+from adapters.mqtt.sessions import HANDOVER_WAIT, SessionRegistry
 from adapters.mqtt.ws import WebSocketConnection
 from core.content import OCTETS
 from core.gateway import Gateway
@@ -46,7 +46,9 @@ class MQTTAdapter(Listening):
     ``max_session_expiry`` (seconds a persistent session outlives its connection),
     ``connect_timeout`` (seconds a connection may take to send CONNECT), ``max_keep_alive``
     (seconds; 0: any), ``topic_alias_maximum`` (aliases a client may set up, MQTT 5),
-    ``max_write_buffer`` (bytes waiting for a slow subscriber before QoS 0 messages are dropped).
+    ``max_write_buffer`` (bytes waiting for a slow subscriber before QoS 0 messages are dropped),
+    ``handover_wait`` (several nodes: seconds a CONNECT waits for the node holding its session
+    to hand it over before that node is presumed dead).
     They become the adapter's :class:`~adapters.mqtt.options.Options`.
     """
 
@@ -74,6 +76,7 @@ class MQTTAdapter(Listening):
         topic_alias_maximum: int = 64,
         max_write_buffer: int = 1024 * 1024,
         endpoints: Sequence[Endpoint] | None = None,
+        handover_wait: float = HANDOVER_WAIT,
     ) -> None:
         self.gateway = gateway
         if endpoints is None:
@@ -100,6 +103,8 @@ class MQTTAdapter(Listening):
         )
         self.connections = ConnectionSet(gateway, self.options)
         self.registry = SessionRegistry(gateway, self.options, self.connections.spawn)
+        self.registry.handover_wait = handover_wait
+        self._unlisten: Callable[[], None] | None = None
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -150,6 +155,8 @@ class MQTTAdapter(Listening):
         restored = await self.registry.restore(subscription_closed)
         if restored:
             log.info("mqtt: %d persistent sessions restored", restored)
+        if self.registry.clustered:  # other nodes take sessions this one holds
+            self._unlisten = self.gateway.on_change(self.registry.changed)
         for endpoint in self.endpoints:
             kind = WebSocketConnection if endpoint.websocket else TCPConnection
             try:
@@ -176,6 +183,9 @@ class MQTTAdapter(Listening):
         if not self._servers:
             return
         connections = self.connections
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
         self.registry.closing = True  # no wills from here on
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -487,9 +487,19 @@ class Channel:
         except ConduitError as exc:
             self._refuse_connect(exc, identity.client_id)
             return
+        registry = self.registry
+        if registry.clustered and registry.get(identity, client_id) is None:
+            # Another node may hold the session: it ends its connection and hands it over.
+            try:
+                await registry.claim(identity, client_id, p.clean_start, subscription_closed)
+            except ConduitError as exc:
+                self._refuse_connect(exc, identity.client_id)
+                return
+            if self.state is CLOSED:
+                return
         # A connection holding the session is ended first (MQTT-3.1.4-3: session taken over).
-        old = self.registry.get(identity, client_id)
-        if old is not None and isinstance(old.outlet, Channel):
+        old = registry.get(identity, client_id)
+        if old is not None and old.outlet is not None:
             old.outlet.take_over()  # detaches: may end a session that had no expiry
         session, present = self.registry.open(
             identity, client_id, p.clean_start, granted_expiry, will

@@ -66,6 +66,9 @@ class Outlet(Protocol):
     def deliver(self, data: bytes) -> None:
         """Queue a PUBLISH for the client (counted as a delivery)."""
 
+    def take_over(self) -> None:
+        """Another connection takes the session: end this one (DISCONNECT 0x8E in MQTT 5)."""
+
 
 class Sub:
     """One MQTT subscription of a session. It is the bus subscription's sink."""

@@ -14,6 +14,14 @@ write nothing. The state of one session is :class:`~adapters.mqtt.session.Sessio
 module holds none of it but the map. Who holds a session is the session's ``outlet`` (the
 attached channel): taking a session over is the channel's rule (:mod:`adapters.mqtt.channel`),
 not the registry's.
+
+Several nodes (a bus that spans nodes, one shared store): a client identifier is unique in the
+cluster, and a session is held by one node at a time (the session store records which). A
+CONNECT for a session this node does not hold is announced on the bus (:meth:`claim`): the node
+holding it ends its connection with 0x8E, writes the session's last state and hands it over
+(:meth:`changed`); the connecting node waits until the store says the session is its own, or
+past :attr:`SessionRegistry.handover_wait` presumes its holder dead, and brings it back here
+as a restart would. One node (the in-process bus) does none of this.
 """
 
 from __future__ import annotations
@@ -32,17 +40,24 @@ from adapters.mqtt.options import Options
 from adapters.mqtt.publish import PROTOCOL, PublishCache, inbound
 from adapters.mqtt.session import Outgoing, Session, Sub, shared, store_key
 from core import message as messages
-from core.bus import Subscription
-from core.errors import ConduitError, QuotaError
+from core.bus import Change, Subscription
+from core.errors import ConduitError, QuotaError, UnavailableError
 from core.gateway import Gateway
 from core.identity import Identity
 from core.noise import printable
+from core.sessions import StoredSession
 
 log = logging.getLogger("conduit.mqtt")
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 #: What the gateway calls when it ends a subscription (the channel's ``subscription_closed``).
 OnClose = Callable[[Subscription, str], None]
+
+#: The kind of the :class:`~core.bus.Change` by which a node takes an MQTT session; its ref is
+#: the JSON array [session store key, the node taking it].
+TAKEOVER = "mqtt_session"
+HANDOVER_WAIT = 2.0  # seconds a node waits for a session's holder to hand it over
+HANDOVER_POLL = 0.05  # seconds between two looks at the session store meanwhile
 
 
 class SessionRegistry:
@@ -52,13 +67,30 @@ class SessionRegistry:
     unsubscriptions of an ended session).
     """
 
-    __slots__ = ("_held", "cache", "closing", "gateway", "options", "sessions", "spawn", "store")
+    __slots__ = (
+        "_claims",
+        "_held",
+        "cache",
+        "closing",
+        "clustered",
+        "gateway",
+        "handover_wait",
+        "node",
+        "options",
+        "sessions",
+        "spawn",
+        "store",
+    )
 
     def __init__(self, gateway: Gateway, options: Options, spawn: Spawn) -> None:
         self.gateway = gateway
         self.options = options
         self.spawn = spawn
         self.store = gateway.sessions
+        self.node = self.store.node
+        self.clustered = gateway.clustered  # other nodes may hold sessions
+        self.handover_wait = HANDOVER_WAIT
+        self._claims: dict[tuple[str, str], asyncio.Future[None]] = {}
         self.sessions: dict[tuple[str, str], Session] = {}
         self._held: dict[str, int] = {}  # sessions by Conduit client id
         # One for all sessions: the bus offers a message to every subscription in turn.
@@ -239,6 +271,103 @@ class SessionRegistry:
         for bus in buses:
             await self.gateway.unsubscribe(bus, reason)
 
+    # ---------------------------------------------------------------------------------------
+    # several nodes
+
+    async def claim(
+        self, identity: Identity, client_id: str, clean_start: bool, on_close: OnClose
+    ) -> None:
+        """Before a CONNECT takes a session this node does not hold (several nodes only): tell
+        every node, wait until the session store says the session is this node's (its holder
+        hands it over; past :attr:`handover_wait` the holder is presumed dead and the session
+        taken), then bring it back here, or end it for a clean start. Raises UnavailableError
+        when the bus or the session store cannot answer."""
+        key = (identity.client_id, client_id)
+        earlier = self._claims.get(key)
+        if earlier is not None:  # another CONNECT of this node is taking it: after that one
+            await asyncio.shield(earlier)
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._claims[key] = done
+        try:
+            await self._claim(identity, client_id, clean_start, on_close)
+        finally:
+            del self._claims[key]
+            done.set_result(None)
+
+    async def _claim(
+        self, identity: Identity, client_id: str, clean_start: bool, on_close: OnClose
+    ) -> None:
+        skey = store_key(identity, client_id)
+        ref = msgspec.json.encode([skey, self.node]).decode()
+        try:
+            await self.gateway.announce(Change(TAKEOVER, identity.domain, ref))
+            if self.store.pending:  # what this node wrote of it before (an end) comes first
+                await self.store.flush()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.handover_wait
+            holder = await self.store.holder(skey)
+            while holder and holder != self.node:
+                if loop.time() >= deadline:
+                    log.warning(
+                        "mqtt: node %s did not hand session %s over within %g s: taken",
+                        printable(holder), printable(skey), self.handover_wait,
+                    )  # fmt: skip
+                    break
+                await asyncio.sleep(HANDOVER_POLL)
+                holder = await self.store.holder(skey)
+            stored = None if holder is None else await self.store.take(skey)
+        except ConduitError:
+            raise
+        except Exception as exc:
+            raise UnavailableError(f"cannot take the session over: {exc}") from exc
+        if stored is None or (identity.client_id, client_id) in self.sessions:
+            return
+        if clean_start:
+            self._discard(stored)
+        else:
+            await self._revive(stored, on_close, time.time())
+
+    def _discard(self, stored: StoredSession) -> None:
+        """A clean start ends the session taken from another node: a will it still owes goes."""
+        self.store.delete_session(stored.key)
+        try:
+            saved = persist.decode_session(stored.state)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        if saved.will is not None and (saved.will_at is not None or saved.expires_at is None):
+            self.spawn(self.publish_will(saved.identity.identity(), saved.will))
+
+    async def changed(self, change: Change) -> None:
+        """A change heard on the bus. Another node takes a session this node holds: its
+        connection ends (0x8E, as on one node), and the session, its last state written, is
+        handed over and forgotten here (the store keeps it)."""
+        if change.kind != TAKEOVER:
+            return
+        try:
+            skey, node = msgspec.json.decode(change.ref, type=tuple[str, str])
+            _, client, client_id = msgspec.json.decode(skey, type=tuple[str, str, str])
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.warning("mqtt: takeover announce unreadable: %s", printable(change.ref))
+            return
+        if node == self.node:
+            return
+        session = self.sessions.get((client, client_id))
+        if session is None:
+            return
+        if session.outlet is not None:
+            session.outlet.take_over()  # detached: ended (no expiry), or written as it is
+        if self.sessions.get(session.key) is not session:
+            return
+        _cancel_timers(session)
+        self._remove(session)
+        session.store = None  # nothing more is written of it here
+        buses = [bus for sub in session.subs.values() if (bus := sub.end()) is not None]
+        session.clear()
+        if buses:
+            self.spawn(self._unsubscribe(buses, "session taken over by another node"))
+        self.store.hand_over(skey, node)
+        await self.store.flush()
 
     # ---------------------------------------------------------------------------------------
     # restart
@@ -251,53 +380,57 @@ class SessionRegistry:
         that expired meanwhile ends (its will, if still due, is published). Returns how many
         came back."""
         now = time.time()
-        loop = asyncio.get_running_loop()
         restored = 0
-        for stored in await self.store.load():
-            try:
-                saved = persist.decode_session(stored.state)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.error("mqtt: session %s unreadable, dropped: %s", printable(stored.key), exc)
-                self.store.delete_session(stored.key)
-                continue
-            identity = saved.identity.identity()
-            expires_at = saved.expires_at
-            will_at = saved.will_at
-            if expires_at is None:  # connected when the server went: it ended at the restart
-                expires_at = now + saved.expiry
-                if saved.will is not None:
-                    delay = saved.will.properties.will_delay_interval or 0
-                    will_at = now + min(delay, saved.expiry)
-            if expires_at <= now or (identity.expires is not None and identity.expires <= now):
-                self.store.delete_session(stored.key)
-                if saved.will is not None and will_at is not None:
-                    self.spawn(self.publish_will(identity, saved.will))
-                continue
-            session = Session(
-                identity,
-                saved.client_id,
-                self.cache,
-                expiry=saved.expiry,
-                max_inflight=self.options.max_inflight,
-                max_queued=self.options.max_queued,
-                max_queued_bytes=self.options.max_queued_bytes,
-                limit_reached=self.gateway.metrics.limit,
-            )
-            session.store = self.store
-            session.awaiting_rel = set(saved.awaiting_rel) or None
-            for s in saved.subs:
-                await self._resubscribe(session, s, on_close)
-            self._restore_messages(session, stored.messages)
-            if saved.will is not None and will_at is not None:
-                session.will = saved.will
-                session.will_handle = loop.call_later(
-                    max(0.0, will_at - now), self._will_due, session
-                )
-            session.expiry_handle = loop.call_later(expires_at - now, self._expire, session)
-            self._add(session)
-            session.save(expires_at=expires_at, will_at=will_at if session.will else None)
-            restored += 1
+        for stored in await self.store.load(every=not self.clustered):
+            if await self._revive(stored, on_close, now) is not None:
+                restored += 1
         return restored
+
+    async def _revive(self, stored: StoredSession, on_close: OnClose, now: float) -> Session | None:
+        """Bring back one session of the session store (see :meth:`restore`): it, or None
+        when it ended (unreadable, expired)."""
+        try:
+            saved = persist.decode_session(stored.state)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("mqtt: session %s unreadable, dropped: %s", printable(stored.key), exc)
+            self.store.delete_session(stored.key)
+            return None
+        identity = saved.identity.identity()
+        expires_at = saved.expires_at
+        will_at = saved.will_at
+        if expires_at is None:  # connected when the server went: it ended at the restart
+            expires_at = now + saved.expiry
+            if saved.will is not None:
+                delay = saved.will.properties.will_delay_interval or 0
+                will_at = now + min(delay, saved.expiry)
+        if expires_at <= now or (identity.expires is not None and identity.expires <= now):
+            self.store.delete_session(stored.key)
+            if saved.will is not None and will_at is not None:
+                self.spawn(self.publish_will(identity, saved.will))
+            return None
+        session = Session(
+            identity,
+            saved.client_id,
+            self.cache,
+            expiry=saved.expiry,
+            max_inflight=self.options.max_inflight,
+            max_queued=self.options.max_queued,
+            max_queued_bytes=self.options.max_queued_bytes,
+            limit_reached=self.gateway.metrics.limit,
+        )
+        session.store = self.store
+        session.awaiting_rel = set(saved.awaiting_rel) or None
+        for s in saved.subs:
+            await self._resubscribe(session, s, on_close)
+        self._restore_messages(session, stored.messages)
+        loop = asyncio.get_running_loop()
+        if saved.will is not None and will_at is not None:
+            session.will = saved.will
+            session.will_handle = loop.call_later(max(0.0, will_at - now), self._will_due, session)
+        session.expiry_handle = loop.call_later(expires_at - now, self._expire, session)
+        self._add(session)
+        session.save(expires_at=expires_at, will_at=will_at if session.will else None)
+        return session
 
     async def _resubscribe(
         self, session: Session, saved: persist.SavedSub, on_close: OnClose

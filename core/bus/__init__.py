@@ -321,7 +321,10 @@ class Change(msgspec.Struct, frozen=True, gc=False):
     changed (``domain``, ``client``, ``channel``, ``connection``, ``dtls_key``, ...), ``domain``
     where, ``ref`` which one (a client or channel reference; empty for a whole domain). A
     distributed bus that was cut off from the others hands its node ``Change("bus", "")`` on
-    coming back: changes may have been missed, everything cached goes."""
+    coming back: changes may have been missed, everything cached goes.
+
+    A kind ending in ``_session`` (``mqtt_session``) changes no rights: a protocol session
+    moves to another node, and ``ref`` says which and where (:data:`SESSION_MOVED`)."""
 
     kind: str
     domain: str
@@ -330,12 +333,18 @@ class Change(msgspec.Struct, frozen=True, gc=False):
 
 ChangeHandler = Callable[[Change], Awaitable[None]]
 
+#: The end of the kind of every :class:`Change` that moves a protocol session between nodes.
+SESSION_MOVED = "_session"
+
 
 class Bus(Protocol):
     """Carries published messages to every matching subscription, on any node, and changes to
     what clients may do (:class:`Change`) to every node."""
 
     name: str
+    #: Several nodes share it (what one announces, every node hears): a protocol session must
+    #: be taken from the node that holds it. False for the in-process bus.
+    spans_nodes: bool
 
     async def start(self) -> None: ...
 

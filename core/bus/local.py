@@ -9,6 +9,7 @@ from core.message import Message
 
 class LocalBus:
     name = "local"
+    spans_nodes = False
 
     def __init__(self, keep_last: int = 10_000, keep_last_bytes: int = 64 * 1024 * 1024) -> None:
         self.router = Router()

@@ -225,6 +225,7 @@ class NatsBus:
     """The bus of a deployment of several nodes, on NATS (see the module's docstring)."""
 
     name = "nats"
+    spans_nodes = True  # several nodes share it: MQTT sessions move between them
 
     def __init__(self, options: NatsOptions | None = None) -> None:
         self.options = options or NatsOptions()

@@ -309,8 +309,9 @@ class Store(Protocol):
         """Remove the keys retired before that time."""
 
     # sessions that outlive their connection
-    def sessions(self) -> SessionStore:
-        """A session store kept by this backend (see :mod:`core.sessions`)."""
+    def sessions(self, node: str = "") -> SessionStore:
+        """A session store kept by this backend, writing as node ``node`` (see
+        :mod:`core.sessions`)."""
 
 
 def make_store(

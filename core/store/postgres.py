@@ -223,6 +223,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (domain, client_id)
     );
     """,
+    """
+    ALTER TABLE sessions ADD COLUMN owner TEXT COLLATE "C" NOT NULL DEFAULT '';
+    CREATE INDEX sessions_owner ON sessions(owner);
+    """,
 ]
 
 # What says the server cannot be used now, as opposed to a request it refuses: the
@@ -402,9 +406,9 @@ class PostgresStore:
             except _UNAVAILABLE:  # the server is gone already: nothing left to close well
                 pool.terminate()
 
-    def sessions(self) -> SessionStore:
+    def sessions(self, node: str = "") -> SessionStore:
         """A session store in this database (see :mod:`core.sessions`)."""
-        return PostgresSessions(self)
+        return PostgresSessions(self, node)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
@@ -979,39 +983,69 @@ class PostgresSessions(Buffered):
     """:class:`~core.sessions.SessionStore` in the store's database (tables ``sessions`` and
     ``session_messages``), on the store's pool: a batch is one transaction."""
 
-    def __init__(self, store: PostgresStore) -> None:
-        super().__init__()
+    def __init__(self, store: PostgresStore, node: str = "") -> None:
+        super().__init__(node)
         self.store = store
 
-    async def load(self) -> list[StoredSession]:
-        async with (
-            self.store.connection() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            sessions = await conn.fetch("SELECT key, state FROM sessions")
+    async def load(self, every: bool = False) -> list[StoredSession]:
+        claim = "UPDATE sessions SET owner = $1" + ("" if every else " WHERE owner = ''")
+        async with self.store.connection() as conn, conn.transaction():
+            await conn.execute(claim, self.node)
+            sessions = await conn.fetch(
+                "SELECT key, state FROM sessions WHERE owner = $1", self.node
+            )
             rows = await conn.fetch(
-                "SELECT session, seq, data FROM session_messages ORDER BY session, seq"
+                "SELECT m.session, m.seq, m.data FROM session_messages m"
+                " JOIN sessions s ON s.key = m.session WHERE s.owner = $1"
+                " ORDER BY m.session, m.seq",
+                self.node,
             )
         messages: dict[str, list[tuple[int, bytes]]] = {}
         for key, seq, data in rows:
             messages.setdefault(key, []).append((seq, bytes(data)))
         return [StoredSession(key, bytes(state), messages.get(key, [])) for key, state in sessions]
 
+    async def holder(self, key: str) -> str | None:
+        async with self.store.connection() as conn:
+            owner = await conn.fetchval("SELECT owner FROM sessions WHERE key = $1", key)
+        return None if owner is None else str(owner)
+
+    async def take(self, key: str) -> StoredSession | None:
+        async with self.store.connection() as conn, conn.transaction():
+            state = await conn.fetchval(
+                "UPDATE sessions SET owner = $1 WHERE key = $2 RETURNING state", self.node, key
+            )
+            if state is None:
+                return None
+            rows = await conn.fetch(
+                "SELECT seq, data FROM session_messages WHERE session = $1 ORDER BY seq", key
+            )
+        return StoredSession(key, bytes(state), [(seq, bytes(data)) for seq, data in rows])
+
     async def _write(self, batch: Batch) -> None:
+        node = self.node
         puts = [(k, s, d) for (k, s), d in batch.messages.items() if d is not None]
         deletes = [(k, s) for (k, s), d in batch.messages.items() if d is None]
         async with self.store.connection() as conn, conn.transaction():
             if batch.deleted:
+                # Only what this node holds (or nobody): a session another node took is its.
                 keys = list(batch.deleted)
                 await conn.execute(
-                    "DELETE FROM session_messages WHERE session = ANY($1::text[])", keys
+                    "DELETE FROM sessions WHERE key = ANY($1::text[]) AND owner IN ($2, '')",
+                    keys, node,
+                )  # fmt: skip
+                await conn.execute(
+                    "DELETE FROM session_messages WHERE session = ANY($1::text[])"
+                    " AND session NOT IN (SELECT key FROM sessions WHERE key = ANY($1::text[]))",
+                    keys,
                 )
-                await conn.execute("DELETE FROM sessions WHERE key = ANY($1::text[])", keys)
             if batch.sessions:
                 await conn.executemany(
-                    "INSERT INTO sessions (key, state) VALUES ($1, $2)"
-                    " ON CONFLICT (key) DO UPDATE SET state = excluded.state",
-                    list(batch.sessions.items()),
+                    "INSERT INTO sessions (key, state, owner) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (key) DO UPDATE"
+                    " SET state = excluded.state, owner = excluded.owner"
+                    " WHERE sessions.owner IN (excluded.owner, '')",
+                    [(key, state, node) for key, state in batch.sessions.items()],
                 )
             if puts:
                 await conn.executemany(
@@ -1022,4 +1056,9 @@ class PostgresSessions(Buffered):
             if deletes:
                 await conn.executemany(
                     "DELETE FROM session_messages WHERE session = $1 AND seq = $2", deletes
+                )
+            if batch.handed:
+                await conn.executemany(
+                    "UPDATE sessions SET owner = $1 WHERE key = $2 AND owner = $3",
+                    [(to, key, node) for key, to in batch.handed.items()],
                 )

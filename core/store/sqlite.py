@@ -191,6 +191,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (domain, client_id)
     );
     """,
+    # The node holding each session (core.sessions); "": none (written before this).
+    """
+    ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    CREATE INDEX sessions_owner ON sessions(owner);
+    """,
 ]
 
 
@@ -249,12 +254,12 @@ class SQLiteStore:
             await self._db.close()
             self._db = None
 
-    def sessions(self) -> SessionStore:
+    def sessions(self, node: str = "") -> SessionStore:
         """A session store on this database (see :mod:`core.sessions`); an in-memory database
         keeps nothing across a restart, and nor do its sessions."""
         if self.path == ":memory:":
-            return MemorySessions()
-        return SQLiteSessions(self.path)
+            return MemorySessions(node)
+        return SQLiteSessions(self.path, node)
 
     async def ping(self) -> None:
         try:
@@ -790,45 +795,97 @@ class SQLiteSessions(Buffered):
     ``session_messages``), on a connection of its own so that a batch is one transaction of
     its own. Opened by :meth:`load`."""
 
-    def __init__(self, path: str) -> None:
-        super().__init__()
+    def __init__(self, path: str, node: str = "") -> None:
+        super().__init__(node)
         self.path = path
         self._db: aiosqlite.Connection | None = None
 
-    async def load(self) -> list[StoredSession]:
+    async def _connection(self) -> aiosqlite.Connection:
         if self._db is None:
             db = await aiosqlite.connect(self.path, isolation_level=None)
             await db.execute("PRAGMA busy_timeout=5000")
             await db.execute("PRAGMA synchronous=NORMAL")
             self._db = db
-        async with self._db.execute("SELECT key, state FROM sessions") as cur:
-            sessions = list(await cur.fetchall())
-        async with self._db.execute(
-            "SELECT session, seq, data FROM session_messages ORDER BY session, seq"
-        ) as cur:
-            rows = list(await cur.fetchall())
+        return self._db
+
+    async def load(self, every: bool = False) -> list[StoredSession]:
+        db = await self._connection()
+        claim = "UPDATE sessions SET owner = ?" + ("" if every else " WHERE owner = ''")
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute(claim, (self.node,))
+            async with db.execute(
+                "SELECT key, state FROM sessions WHERE owner = ?", (self.node,)
+            ) as cur:
+                sessions = list(await cur.fetchall())
+            async with db.execute(
+                "SELECT m.session, m.seq, m.data FROM session_messages m"
+                " JOIN sessions s ON s.key = m.session WHERE s.owner = ?"
+                " ORDER BY m.session, m.seq",
+                (self.node,),
+            ) as cur:
+                rows = list(await cur.fetchall())
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
         messages: dict[str, list[tuple[int, bytes]]] = {}
         for key, seq, data in rows:
             messages.setdefault(key, []).append((seq, data))
         return [StoredSession(key, state, messages.get(key, [])) for key, state in sessions]
 
+    async def holder(self, key: str) -> str | None:
+        db = await self._connection()
+        async with db.execute("SELECT owner FROM sessions WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def take(self, key: str) -> StoredSession | None:
+        db = await self._connection()
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute("UPDATE sessions SET owner = ? WHERE key = ?", (self.node, key))
+            async with db.execute("SELECT state FROM sessions WHERE key = ?", (key,)) as cur:
+                row = await cur.fetchone()
+            async with db.execute(
+                "SELECT seq, data FROM session_messages WHERE session = ? ORDER BY seq", (key,)
+            ) as cur:
+                rows = list(await cur.fetchall())
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        if row is None:
+            return None
+        return StoredSession(key, row[0], [(seq, data) for seq, data in rows])
+
     async def _write(self, batch: Batch) -> None:
         db = self._db
         if db is None:
             raise UnavailableError("sessions: not loaded")
+        node = self.node
         puts = [(k, s, d) for (k, s), d in batch.messages.items() if d is not None]
         deletes = [(k, s) for (k, s), d in batch.messages.items() if d is None]
         await db.execute("BEGIN")
         try:
             if batch.deleted:
-                keys = [(key,) for key in batch.deleted]
-                await db.executemany("DELETE FROM session_messages WHERE session = ?", keys)
-                await db.executemany("DELETE FROM sessions WHERE key = ?", keys)
+                # Only what this node holds (or nobody): a session another node took is its.
+                await db.executemany(
+                    "DELETE FROM sessions WHERE key = ? AND owner IN (?, '')",
+                    [(key, node) for key in batch.deleted],
+                )
+                await db.executemany(
+                    "DELETE FROM session_messages WHERE session = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM sessions WHERE key = ?)",
+                    [(key, key) for key in batch.deleted],
+                )
             if batch.sessions:
                 await db.executemany(
-                    "INSERT INTO sessions (key, state) VALUES (?, ?)"
-                    " ON CONFLICT (key) DO UPDATE SET state = excluded.state",
-                    list(batch.sessions.items()),
+                    "INSERT INTO sessions (key, state, owner) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key) DO UPDATE"
+                    " SET state = excluded.state, owner = excluded.owner"
+                    " WHERE sessions.owner IN (excluded.owner, '')",
+                    [(key, state, node) for key, state in batch.sessions.items()],
                 )
             if puts:
                 await db.executemany(
@@ -839,6 +896,11 @@ class SQLiteSessions(Buffered):
             if deletes:
                 await db.executemany(
                     "DELETE FROM session_messages WHERE session = ? AND seq = ?", deletes
+                )
+            if batch.handed:
+                await db.executemany(
+                    "UPDATE sessions SET owner = ? WHERE key = ? AND owner = ?",
+                    [(to, key, node) for key, to in batch.handed.items()],
                 )
             await db.execute("COMMIT")
         except BaseException:

@@ -71,14 +71,15 @@ class Sessions:
         self.schema = schema
         self._open: list[tuple[SessionStore, Store]] = []
 
-    async def open(self) -> SessionStore:
-        """The memory store keeps nothing across instances: it is the same instance again."""
+    async def open(self, node: str = "") -> SessionStore:
+        """The memory store keeps nothing across instances: it is the same instance again.
+        ``node``: the node the store writes as (a store per node on the same data)."""
         if self.kind == "memory" and self._open:
             return self._open[0][0]
         kind = self.kind.removeprefix("store:").replace("memory", "sqlite")
         store = _store(kind, self.path, self.schema)
         await store.open()
-        sessions = make_sessions("memory" if self.kind == "memory" else "store", store)
+        sessions = make_sessions("memory" if self.kind == "memory" else "store", store, node)
         self._open.append((sessions, store))
         return sessions
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from core.sessions import StoredSession
 from tests.contracts.conftest import Sessions
 
@@ -131,3 +133,85 @@ async def test_an_in_memory_database_keeps_sessions_in_memory() -> None:
         assert await sessions.load() == [StoredSession("a", b"s", [])]
     finally:
         await store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# holders: several nodes on one store (the memory store is one process's: it has no other node)
+
+
+def shared(sessions: Sessions) -> None:
+    if sessions.kind == "memory":
+        pytest.skip("memory sessions are one process's: no other node sees them")
+
+
+async def test_a_node_loads_what_it_holds_and_what_nobody_holds(sessions: Sessions) -> None:
+    shared(sessions)
+    legacy = await sessions.open()  # written as nobody: before holders were recorded
+    await legacy.load()
+    legacy.put_session("old", b"o")
+    await legacy.flush()
+    a = await sessions.open("a")
+    assert await a.load() == [StoredSession("old", b"o", [])]  # a takes it
+    a.put_session("x", b"ax")
+    a.put_message("x", 1, b"m")
+    await a.flush()
+    b = await sessions.open("b")
+    assert await b.load() == []
+    b.put_session("y", b"by")
+    await b.flush()
+    assert await b.holder("x") == "a" and await b.holder("y") == "b"
+    assert await b.holder("none") is None
+    again = await sessions.open("a")  # a restarts with the same id: its own come back
+    loaded = sorted(await again.load(), key=lambda s: s.key)
+    assert loaded == [StoredSession("old", b"o", []), StoredSession("x", b"ax", [(1, b"m")])]
+
+
+async def test_load_every_takes_all(sessions: Sessions) -> None:
+    """One node on the store, whose id changed: everything is its."""
+    shared(sessions)
+    a = await sessions.open("a")
+    await a.load()
+    a.put_session("x", b"s")
+    await a.flush()
+    c = await sessions.open("c")
+    assert await c.load(every=True) == [StoredSession("x", b"s", [])]
+    assert await c.holder("x") == "c"
+
+
+async def test_hand_over_then_take(sessions: Sessions) -> None:
+    shared(sessions)
+    a = await sessions.open("a")
+    b = await sessions.open("b")
+    await a.load()
+    await b.load()
+    a.put_session("x", b"v1")
+    a.put_message("x", 1, b"m1")
+    await a.flush()
+    a.put_session("x", b"v2")  # its last state and the hand-over go in one batch
+    a.hand_over("x", "b")
+    await a.flush()
+    assert await b.holder("x") == "b"
+    assert await b.take("x") == StoredSession("x", b"v2", [(1, b"m1")])
+    assert await b.take("none") is None
+
+
+async def test_a_node_cannot_write_or_delete_a_session_taken_from_it(sessions: Sessions) -> None:
+    """Its holder presumed dead, another node took it: late writes of the old holder are lost."""
+    shared(sessions)
+    a = await sessions.open("a")
+    b = await sessions.open("b")
+    await a.load()
+    await b.load()
+    a.put_session("x", b"a's")
+    await a.flush()
+    assert await b.take("x") == StoredSession("x", b"a's", [])
+    a.put_session("x", b"late")
+    await a.flush()
+    a.delete_session("x")
+    a.hand_over("x", "c")
+    await a.flush()
+    assert await b.holder("x") == "b"
+    assert await b.take("x") == StoredSession("x", b"a's", [])
+    b.delete_session("x")
+    await b.flush()
+    assert await a.holder("x") is None
