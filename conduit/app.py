@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 import signal
 import socket
 import sys
@@ -77,9 +78,15 @@ def node_id(s: Settings) -> str:
     """This node's name among the nodes sharing a store: ``node_id``, else
     ``<hostname>-<mqtt_port>``. Derived so that it needs no writable disk (a PostgreSQL node may
     have none) and stays the same when the node restarts on its host (it gets its MQTT sessions
-    back), while two live nodes cannot share it (one host has one listener per port).
-    Containers whose hostname changes when they are made again should set ``node_id``."""
-    return s.node_id or f"{socket.gethostname()}-{s.mqtt_port}"
+    back), while two live nodes cannot share it (one host has one listener per port). With
+    ``mqtt_port`` 0 (a port the system picks, as tests do) nothing stable can be derived: a
+    random suffix keeps nodes apart. Containers whose hostname changes when they are made again
+    should set ``node_id``."""
+    if s.node_id:
+        return s.node_id
+    if not s.mqtt_port:  # a port the system picks: no stable name to be had, a unique one
+        return f"{socket.gethostname()}-{secrets.token_hex(4)}"
+    return f"{socket.gethostname()}-{s.mqtt_port}"
 
 
 def _signatures(paths: list[Path]) -> list[tuple[int, int, int] | None]:

@@ -100,7 +100,8 @@ class Settings(BaseSettings):
         "",
         pattern=r"^[A-Za-z0-9._:-]{0,64}$",
         description="This node's name among the nodes sharing a store, stable across its"
-        " restarts; empty = <hostname>-<mqtt_port>",
+        " restarts; empty = <hostname>-<mqtt_port> (with mqtt_port 0, a random suffix instead,"
+        " new at each start)",
     )
 
     # the NATS bus (bus = "nats")

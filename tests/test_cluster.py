@@ -1,7 +1,9 @@
 """Three `conduit serve` nodes as one gateway, on the local PostgreSQL (a schema of their own)
 and the local NATS (a subject prefix and stream of their own): a message published on one node
 over any protocol reaches subscribers on another over every protocol; a client disabled
-through one node's API is cut off on another within a second."""
+through one node's API is cut off on another within a second; an MQTT session is taken over
+from another node; a node killed (-9) loses no QoS 1 message it had written and no retained
+message."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +25,9 @@ import pytest
 from aiocoap.numbers.codes import Code
 from websockets.asyncio.client import connect as ws_connect
 
+from adapters.mqtt.codec import Disconnect, Properties, PubAck, Publish
+from tests.conftest import Party
+from tests.mqtt.conftest import RawClient
 from tests.postgres import fresh_schema
 from tests.test_serve import Server, start
 
@@ -221,3 +227,67 @@ async def test_a_client_disabled_on_one_node_is_cut_off_on_another(cluster: list
                     pass
         # The issue's bound, measured from the API's answer on node A to the end on node C.
         assert time.monotonic() - disabled < 1.0
+
+
+def session_props(expiry: int = 300) -> Properties:
+    return Properties(session_expiry_interval=expiry)
+
+
+async def test_a_session_taken_over_from_another_node(cluster: list[Server]) -> None:
+    """The same client identifier connecting on node B ends its connection on node A
+    (DISCONNECT 0x8E) and resumes its session there: its subscription, and what was published
+    meanwhile."""
+    a, b, c = cluster
+    dev = provision(a)
+    party = Party(dev["id"], dev["secret"])
+    on_a = await RawClient.open(a.ports["mqtt"], 5)
+    ack = await on_a.connect(party, "phone", clean=False, properties=session_props())
+    assert ack.reason_code == 0 and not ack.session_present
+    assert (await on_a.subscribe("m/acme/c/temps/#", qos=1)).reason_codes == [1]
+    on_b = await RawClient.open(b.ports["mqtt"], 5)
+    ack = await on_b.connect(party, "phone", clean=False, properties=session_props())
+    assert ack.reason_code == 0 and ack.session_present  # the session came from node A
+    closed = await on_a.until_closed(5)
+    assert [p.reason_code for p in closed if isinstance(p, Disconnect)] == [0x8E]
+    publisher = await RawClient.open(c.ports["mqtt"], 5)
+    await publisher.connect(party, "backend")
+    assert isinstance(await publisher.publish("m/acme/c/temps/t", b"to the phone", 1, 1), PubAck)
+    got = await on_b.expect(Publish, 10)
+    assert got.payload == b"to the phone"
+    for client in (on_b, publisher):
+        await client.disconnect()
+
+
+async def test_a_node_killed_loses_no_persisted_message(cluster: list[Server]) -> None:
+    """kill -9 of the node holding an offline session: the QoS 1 messages it had queued and
+    written, and a retained message, are there on another node."""
+    a, b, c = cluster
+    dev = provision(a)
+    party = Party(dev["id"], dev["secret"])
+    phone = await RawClient.open(a.ports["mqtt"], 5)
+    await phone.connect(party, "phone", clean=False, properties=session_props())
+    assert (await phone.subscribe("m/acme/c/temps/#", qos=1)).reason_codes == [1]
+    await phone.disconnect()  # offline; node A holds the session and queues for it
+    publisher = await RawClient.open(b.ports["mqtt"], 5)
+    await publisher.connect(party, "backend")
+    sent = [f"queued {i}".encode() for i in range(5)]
+    for i, payload in enumerate(sent, start=1):
+        assert isinstance(await publisher.publish("m/acme/c/temps/t", payload, 1, i), PubAck)
+    answer = await publisher.publish("m/acme/c/temps/status", b"retained", 1, 9, retain=True)
+    assert isinstance(answer, PubAck)
+    await publisher.disconnect()
+    await asyncio.sleep(1.0)  # node A receives them over NATS and writes them (once a turn)
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    phone = await RawClient.open(c.ports["mqtt"], 5)
+    ack = await phone.connect(party, "phone", clean=False, properties=session_props())
+    assert ack.reason_code == 0 and ack.session_present  # taken from the dead node
+    got = [(await phone.expect(Publish, 10)).payload for _ in sent]
+    assert got == sent
+    viewer = await RawClient.open(b.ports["mqtt"], 5)
+    await viewer.connect(party, "viewer")
+    await viewer.subscribe("m/acme/c/temps/status", qos=1)
+    retained = await viewer.expect(Publish, 10)
+    assert (retained.payload, retained.retain) == (b"retained", True)
+    for client in (phone, viewer):
+        await client.disconnect()

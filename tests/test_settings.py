@@ -68,3 +68,14 @@ def test_the_cluster_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONDUIT_POSTGRES_DSN", "postgresql://conduit:pw@postgres:5432/conduit")
     settings = Settings.load(ROOT / "deploy" / "cluster" / "conduit.toml")
     assert (settings.store, settings.bus, settings.sessions) == ("postgres", "nats", "store")
+
+
+def test_node_ids_of_nodes_on_ports_the_system_picks_differ() -> None:
+    """Derived from the MQTT port, except for port 0: then every start has a name of its own
+    (nodes started with port 0 on one host once all took the same name, and ignored each
+    other's session takeovers)."""
+    from conduit.app import node_id
+
+    assert node_id(Settings(mqtt_port=0)) != node_id(Settings(mqtt_port=0))
+    assert node_id(Settings(mqtt_port=1883)) == node_id(Settings(mqtt_port=1883))
+    assert node_id(Settings(node_id="edge-1")) == "edge-1"
