@@ -35,7 +35,10 @@ server's, to show which side was the bottleneck.
 
 Prints each phase of each round (rate, the server's CPU time per operation and its share of a
 core, the generator's), then the medians, the ratios asked for (exchanges/s / publishes/s,
-target >= 0.3; re-auths/s / connects/s, target >= 1.0) and one JSON line.
+target >= 0.3; re-auths/s / connects/s, target >= 1.0), what the exchange's parts cost called
+in this process without HTTP (the external token's check, the broker token's signature, the
+whole exchange with its store reads), and one JSON line. ``--profile DIR`` records the server
+with py-spy during each phase of round 1 (speedscope files; that round runs slower).
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +76,8 @@ AUDIENCE = "conduit-bench"
 AUTH_METHOD = b"CONDUIT-TOKEN"
 KIDS = {"RS256": "rsa-1", "ES256": "ec-1"}
 PROVIDERS = {"RS256": "rs", "ES256": "es"}
+RULES = [{"when": {"role": "app"}, "publish": [f"m/{DOMAIN}/c/data/{{sub}}/#"],
+          "subscribe": [f"m/{DOMAIN}/c/data/{{sub}}/#"]}]  # fmt: skip
 
 # wrk: keep-alive POSTs of the lines of $BENCH_BODIES in turn, each thread its share, from the
 # line $BENCH_OFFSET on (so that a round goes on with tokens the last did not use).
@@ -201,12 +207,10 @@ def _mint(pem: bytes, alg: str, issuer: str, subjects: list[str]) -> list[str]:
 
 
 def register(c: ConduitProcess, issuer: str) -> None:
-    rules = [{"when": {"role": "app"}, "publish": [f"m/{DOMAIN}/c/data/{{sub}}/#"],
-              "subscribe": [f"m/{DOMAIN}/c/data/{{sub}}/#"]}]  # fmt: skip
     for alg, name in PROVIDERS.items():
         c._api("POST", f"/domains/{DOMAIN}/idps", {
             "name": name, "type": "oidc", "issuer": issuer, "audience": AUDIENCE,
-            "algorithms": [alg], "rules": rules,
+            "algorithms": [alg], "rules": RULES,
         })  # fmt: skip
 
 
@@ -217,6 +221,64 @@ def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     with urllib.request.urlopen(req) as r:
         return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+async def in_process(idp: IdentityProvider, n: int, repeat: int = 3) -> dict[str, float]:
+    """CPU microseconds (this process's, every thread) per operation of the exchange's parts,
+    called here one after the other on ``n`` distinct tokens of each algorithm (no HTTP), the
+    least of ``repeat`` passes: the external token's check (:func:`core.idps.verify`), the
+    provider's registration read from a SQLite store and derived
+    (:meth:`core.idps.Exchange.provider`, done for every exchange), the broker token's
+    signature (:meth:`core.tokens.Tokens.broker`) and the whole
+    :meth:`core.idps.Exchange.exchange` (the provider, the check, the rights, the signature)."""
+    from core.identity import Identity
+    from core.idps import Exchange, rights, verify
+    from core.sealing import SealingKey
+    from core.signing import Keyring
+    from core.store.sqlite import SQLiteStore
+    from core.tokens import Tokens
+
+    async def per_op(call: Callable[[str], Awaitable[object]], items: list[str]) -> float:
+        best = float("inf")
+        for i in range(repeat):
+            part = items[i * n : (i + 1) * n]
+            start = time.process_time()
+            for item in part:
+                await call(item)
+            best = min(best, (time.process_time() - start) / len(part) * 1e6)
+        return best
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(Path(tmp) / "bench.db")
+        await store.open()
+        tokens = Tokens(Keyring(store, SealingKey.generate()), "conduit")
+        await tokens.keyring.load()
+        await store.create_domain(DOMAIN, {})
+        exchange = Exchange(store, tokens)
+        for alg, name in PROVIDERS.items():
+            config = {"issuer": idp.issuer, "audience": AUDIENCE, "algorithms": [alg],
+                      "rules": RULES}  # fmt: skip
+            await store.put_idp(DOMAIN, name, "oidc", config, create=True)
+            provider = await exchange.provider(DOMAIN, name)
+            minted = idp.mint(alg, [f"{alg}-in-process-{i}" for i in range(2 * repeat * n)])
+            claims = await verify(exchange.keys, provider, minted.pop())  # keys fetched first
+            each = repeat * n
+            read = partial(exchange.provider, DOMAIN)
+            out[f"provider read {alg}"] = await per_op(read, [name] * each)
+            out[f"verify {alg}"] = await per_op(partial(verify, exchange.keys, provider), minted)
+            swap = partial(exchange.exchange, DOMAIN, name)
+            out[f"exchange {alg}"] = await per_op(swap, minted[each:])
+        granted = rights(provider, claims)
+        identity = Identity(f"es:{claims['sub']}", DOMAIN, str(claims["sub"]), granted)
+        session = {"sid": "s", "idp": "es", "ses": int(time.time())}
+
+        async def sign(_: str) -> None:
+            tokens.broker(identity, granted, 3600, session)
+
+        out["broker token signed"] = await per_op(sign, [""] * repeat * n)
+        await store.close()
+    return out
 
 
 # --- exchanges with wrk ----------------------------------------------------------------------
@@ -500,13 +562,14 @@ def main() -> None:
                     post(f"http://127.0.0.1:{c.ports['http']}/auth/exchange", json.loads(first))
                 for rnd in range(1, args.rounds + 1):
                     one_round(rnd, c, idp, bodies, used, runs, args)
+            parts = asyncio.run(in_process(idp, 1000))
         finally:
             idp.stop()
     wrapped = {alg: n for alg, n in used.items() if n > args.tokens}
     if wrapped:
         print(f"note: more exchanges than distinct tokens ({wrapped}; {args.tokens} each):"
               " some tokens were exchanged twice (the server keeps nothing per token)")  # fmt: skip
-    summarize(runs, args)
+    summarize(runs, args, parts)
 
 
 def one_round(
@@ -588,7 +651,9 @@ RATIOS = [
 ]
 
 
-def summarize(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> None:
+def summarize(
+    runs: dict[str, list[dict[str, float]]], args: argparse.Namespace, parts: dict[str, float]
+) -> None:
     rate = {p: median([r["rate"] for r in rs]) for p, rs in runs.items()}
     cpu = {p: median([r["server_us"] for r in rs]) for p, rs in runs.items()}
     print(f"\nmedians of {args.rounds} rounds of {args.duration} s (same server, same run)")
@@ -609,12 +674,15 @@ def summarize(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         summary[name] = {"rate": round(value, 3), "per_round": round(paired, 3),
                          "cpu": round(by_cpu, 3), "target": target}  # fmt: skip
     print("(CPU/op: the anchor's server CPU time per operation over the figure's)")
+    print("\nin this process, no HTTP (CPU us per operation): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in parts.items()))  # fmt: skip
     print(json.dumps({
         "rounds": args.rounds, "duration_s": args.duration, "conc": args.conc,
         "procs": args.procs,
         "per_s": {p: round(v) for p, v in rate.items()},
         "server_cpu_us_per_op": {p: round(v) for p, v in cpu.items()},
         "ratios": summary,
+        "in_process_us": {k: round(v) for k, v in parts.items()},
     }))  # fmt: skip
 
 
