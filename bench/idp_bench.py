@@ -36,9 +36,10 @@ server's, to show which side was the bottleneck.
 Prints each phase of each round (rate, the server's CPU time per operation and its share of a
 core, the generator's), then the medians, the ratios asked for (exchanges/s / publishes/s,
 target >= 0.3; re-auths/s / connects/s, target >= 1.0), what the exchange's parts cost called
-in this process without HTTP (the external token's check, the broker token's signature, the
-whole exchange with its store reads), and one JSON line. ``--profile DIR`` records the server
-with py-spy during each phase of round 1 (speedscope files; that round runs slower).
+in this process without HTTP (the provider read from the store, the external token's check,
+the broker token's signature, the whole exchange), and one JSON line. ``--profile DIR``
+records the server with py-spy during each phase of round 1 (speedscope files; that round runs
+slower).
 """
 
 from __future__ import annotations
@@ -607,8 +608,8 @@ def one_round(
 
 @contextlib.contextmanager
 def profiled(directory: Path | None, name: str, pid: int) -> Iterator[None]:
-    """``py-spy record`` of the server while the block runs (nothing without ``directory``):
-    ``directory/name.speedscope.json``, and its hottest functions printed."""
+    """``py-spy record`` of the server while the block runs (nothing without ``directory``),
+    into ``directory/name.speedscope.json`` (py-spy from this interpreter's bin directory)."""
     if directory is None:
         yield
         return
