@@ -596,6 +596,7 @@ class ManagementAPI:
             self._exchange = Exchange(
                 self.gateway.store, tokens, self._idp_allow_http, sealing=self.gateway.sealing
             )
+            self.gateway.on_change(self._exchange.changed)  # it keeps providers a while
         m = request.match_info
         try:
             return _json(await self._exchange.test(m["domain"], m["name"], body["token"]))

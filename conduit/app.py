@@ -200,6 +200,7 @@ class Conduit:
             per_domain=s.exchange_rate_per_domain,
             sealing=sealing,
         )
+        self.gateway.on_change(self.exchange.changed)  # it keeps providers a while
         self.signin = None
         if s.signin_providers and self.gateway.users is not None:
             from core.signin import Provider, SignIn

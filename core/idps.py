@@ -43,6 +43,7 @@ import jwt
 import orjson
 from cryptography import x509
 
+from core.bus import Change
 from core.errors import AuthenticationError, AuthorizationError, UnavailableError
 from core.identity import Identity, Rules
 from core.limits import RateLimiter
@@ -65,6 +66,8 @@ REFETCH_EVERY = 30.0  # seconds between two fetches for unknown key ids, per pro
 MIN_CACHE, MAX_CACHE, DEFAULT_CACHE = 60.0, 86400.0, 3600.0  # seconds keys are kept
 FETCH_TIMEOUT = 5.0
 ORIGINS_TTL = 30.0  # seconds the allowed CORS origins are kept before being read again
+PROVIDERS_TTL = 30.0  # seconds a provider is kept; a change of it is heard at once
+MAX_PROVIDERS = 10_000  # providers kept; past it the cache starts again
 MAX_DOCUMENT = 1 << 20  # bytes of a key set or discovery document
 _PLACEHOLDER = re.compile(r"\{(sub|email|claim:[A-Za-z0-9_.-]+)\}")
 _MAX_AGE = re.compile(r"max-age=(\d+)")
@@ -547,6 +550,9 @@ class Exchange:
         # root sets it).
         self.listeners: Callable[[], dict[str, int]] | None = None
         self._origins: dict[str, frozenset[str]] = {}
+        # Providers derived from their registration (read twice from the store, rules parsed),
+        # kept a while: (provider, until).
+        self._providers: dict[tuple[str, str], tuple[IdentityProvider, float]] = {}
         self._origins_until = 0.0
         # Exchanges and refreshes a minute, per client address and per domain (0: any).
         self._addresses = _limiter(per_address, "from this address")
@@ -580,6 +586,26 @@ class Exchange:
             self._domains.check(domain)
 
     async def provider(self, domain: str, name: str) -> IdentityProvider:
+        """The domain's provider ``name``, derived from its registration: kept for
+        :data:`PROVIDERS_TTL` seconds, forgotten at once on a change of it or of its domain
+        (:meth:`changed`, on every node)."""
+        key = (domain, name)
+        held = self._providers.get(key)
+        now = time.monotonic()
+        if held is not None and held[1] > now:
+            return held[0]
+        provider = await self._read(domain, name)
+        if len(self._providers) >= MAX_PROVIDERS:
+            self._providers.clear()
+        self._providers[key] = (provider, now + PROVIDERS_TTL)
+        return provider
+
+    async def changed(self, change: Change) -> None:
+        """A change heard on the bus: a provider or domain changed, or everything may have."""
+        if change.kind in ("idp", "domain", "bus"):
+            self._providers.clear()
+
+    async def _read(self, domain: str, name: str) -> IdentityProvider:
         try:
             await self.store.get_domain(domain)
         except NotFound as exc:

@@ -126,6 +126,7 @@ async def gateway(world: World, issuer: Issuer) -> AsyncIterator[Gateway]:
     exchange = Exchange(
         world.gateway.store, tokens, refetch_every=1.0, sealing=world.gateway.sealing
     )
+    world.gateway.on_change(exchange.changed)  # as conduit serve does: providers are kept
     app = ManagementAPI(world.gateway, KEY).app
     api = Listener(world.gateway, "api", app, Endpoint("api", "127.0.0.1", 0),
                    limits=ListenerLimits())  # fmt: skip
@@ -409,6 +410,8 @@ async def test_refresh_and_its_limits(
     import core.idps
 
     class Later:
+        monotonic = staticmethod(time.monotonic)
+
         @staticmethod
         def time() -> float:
             return time.time() + 7201

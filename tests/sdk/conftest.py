@@ -173,6 +173,7 @@ async def gateway(world: World, exchange_options: dict[str, Any]) -> AsyncIterat
     tokens = world.gateway.tokens
     assert tokens is not None
     exchange = Exchange(world.gateway.store, tokens, refetch_every=1.0, **exchange_options)
+    world.gateway.on_change(exchange.changed)  # as conduit serve does: providers are kept
     api = Listener(world.gateway, "api", ManagementAPI(world.gateway, KEY).app,
                    Endpoint("api", "127.0.0.1", 0), limits=ListenerLimits())  # fmt: skip
     await api.start()
