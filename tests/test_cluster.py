@@ -3,7 +3,7 @@ and the local NATS (a subject prefix and stream of their own): a message publish
 over any protocol reaches subscribers on another over every protocol; a client disabled
 through one node's API is cut off on another within a second; an MQTT session is taken over
 from another node; a node killed (-9) loses no QoS 1 message it had written and no retained
-message."""
+message; a will published on one node reaches the others."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from websockets.asyncio.client import connect as ws_connect
 
-from adapters.mqtt.codec import Disconnect, Properties, PubAck, Publish
+from adapters.mqtt.codec import Disconnect, Properties, PubAck, Publish, Will
 from tests.conftest import Party
 from tests.mqtt.conftest import RawClient
 from tests.postgres import fresh_schema
@@ -291,3 +291,22 @@ async def test_a_node_killed_loses_no_persisted_message(cluster: list[Server]) -
     assert (retained.payload, retained.retain) == (b"retained", True)
     for client in (phone, viewer):
         await client.disconnect()
+
+
+async def test_a_will_reaches_the_other_nodes(cluster: list[Server]) -> None:
+    """A client that vanishes from node A (its TCP connection dropped): its will reaches a
+    subscriber on node B."""
+    a, b, _ = cluster
+    dev = provision(a)
+    party = Party(dev["id"], dev["secret"])
+    watcher = await RawClient.open(b.ports["mqtt"], 5)
+    await watcher.connect(party, "watcher")
+    await watcher.subscribe("m/acme/c/temps/status/#", qos=1)
+    device = await RawClient.open(a.ports["mqtt"], 5)
+    ack = await device.connect(party, "device", will=Will("m/acme/c/temps/status/device",
+                                                         b"offline", 1))  # fmt: skip
+    assert ack.reason_code == 0
+    device.writer.transport.abort()  # no DISCONNECT: the will is due
+    got = await watcher.expect(Publish, 10)
+    assert (got.topic, got.payload) == ("m/acme/c/temps/status/device", b"offline")
+    await watcher.disconnect()
