@@ -891,3 +891,15 @@ async def test_a_refused_exchange_is_logged_and_counted(
     logged = [r.getMessage() for r in caplog.records if "exchange_token_expired" in r.getMessage()]
     assert logged == ["refused http client=- reason=exchange_token_expired: the token has expired"]
     assert token not in caplog.text
+
+
+@pytest.mark.parametrize("token", ["not a token", "", "eyJ.", "!!!.x.y", "bnVsbA.x.y", "W10.x.y"])
+async def test_what_is_not_a_jwt_is_refused_before_any_key(
+    gateway: Gateway, issuer: Issuer, token: str
+) -> None:
+    await register(gateway, {"name": "app", "type": "oidc", "issuer": issuer.base,
+                             "audience": "conduit-app"})  # fmt: skip
+    status, problem = await exchange(gateway, token)
+    expected = (401, "urn:conduit:exchange:token-invalid", "the token is not a JWT")
+    assert (status, problem["type"], problem["detail"]) == expected
+    assert issuer.fetches == 0
