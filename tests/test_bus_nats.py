@@ -35,29 +35,13 @@ from core.store.sqlite import SQLiteStore
 from core.tokens import Tokens
 from core.topics import parse_filter
 from tests import natsserver
+from tests.buses import message, subscribed, taken
 from tests.conftest import World, provision, running
 from tests.mqtt.conftest import RawClient, connected
 from tests.test_serve import CONDUIT
 from tests.test_serve import start as serve_process
 
 PASSWORD = "nats-password-3f9c"  # distinctive: "pw" alone turns up in random log text
-
-
-def _message(subtopic: str, payload: bytes = b"x", channel: str = "temps") -> Message:
-    return Message("acme", channel, subtopic, "pub", "http", "text/plain", payload, 0, None)
-
-
-async def _subscribed(bus: NatsBus, flt: str, group: str | None = None) -> Subscription:
-    sub = Subscription(parse_filter(flt), group=group)
-    await bus.subscribe(sub)
-    return sub
-
-
-def _taken(sub: Subscription) -> list[bytes]:
-    out = []
-    while (message := sub.get_nowait()) is not None:
-        out.append(message.payload)
-    return out
 
 
 async def _until(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -113,18 +97,18 @@ async def test_a_message_published_on_one_node_reaches_subscribers_on_both_once(
     two: tuple[NatsBus, NatsBus],
 ) -> None:
     a, b = two
-    there = await _subscribed(b, "m/acme/c/temps/#")
-    here = await _subscribed(a, "m/acme/c/temps/#")
+    there = await subscribed(b, "m/acme/c/temps/#")
+    here = await subscribed(a, "m/acme/c/temps/#")
     # a second filter of the same node matching the same message: each subscriber once
-    exact = await _subscribed(a, "m/acme/c/temps/x.y/*z")
-    await a.publish(_message("x.y/*z", b"1"))
-    await b.publish(_message("", b"2"))
+    exact = await subscribed(a, "m/acme/c/temps/x.y/*z")
+    await a.publish(message("x.y/*z", b"1"))
+    await b.publish(message("", b"2"))
     await _until(lambda: len(there._queue) == 2 and len(here._queue) == 2)
     await _settle()
     # two publishers: NATS keeps each one's order, not an order between them
-    assert sorted(_taken(there)) == [b"1", b"2"]
-    assert sorted(_taken(here)) == [b"1", b"2"]
-    assert _taken(exact) == [b"1"]
+    assert sorted(taken(there)) == [b"1", b"2"]
+    assert sorted(taken(here)) == [b"1", b"2"]
+    assert taken(exact) == [b"1"]
 
 
 async def test_a_shared_subscription_delivers_once_across_nodes(
@@ -132,22 +116,22 @@ async def test_a_shared_subscription_delivers_once_across_nodes(
 ) -> None:
     a, b = two
     members = [
-        await _subscribed(a, "m/acme/c/temps/#", group="workers"),
-        await _subscribed(b, "m/acme/c/temps/#", group="workers"),
-        await _subscribed(b, "m/acme/c/temps/#", group="workers"),
+        await subscribed(a, "m/acme/c/temps/#", group="workers"),
+        await subscribed(b, "m/acme/c/temps/#", group="workers"),
+        await subscribed(b, "m/acme/c/temps/#", group="workers"),
     ]
-    other_group = await _subscribed(b, "m/acme/c/temps/#", group="auditors")
-    plain = await _subscribed(a, "m/acme/c/temps/#")
+    other_group = await subscribed(b, "m/acme/c/temps/#", group="auditors")
+    plain = await subscribed(a, "m/acme/c/temps/#")
     sent = [b"%d" % i for i in range(200)]
     for i, payload in enumerate(sent):
-        await (a if i % 2 else b).publish(_message("s", payload))
+        await (a if i % 2 else b).publish(message("s", payload))
     await _until(lambda: len(plain._queue) == len(sent))
     await _settle()
-    got = [_taken(m) for m in members]
+    got = [taken(m) for m in members]
     assert sorted(p for payloads in got for p in payloads) == sorted(sent)  # once in total
     assert got[0] and (got[1] or got[2])  # both nodes took a share
-    assert sorted(_taken(other_group)) == sorted(sent)  # another group: its own copy
-    assert len(_taken(plain)) == len(sent)
+    assert sorted(taken(other_group)) == sorted(sent)  # another group: its own copy
+    assert len(taken(plain)) == len(sent)
 
 
 async def test_changes_reach_every_node_and_the_announcer_once(
@@ -177,9 +161,9 @@ async def test_changes_reach_every_node_and_the_announcer_once(
 
 async def test_last_from_another_node(two: tuple[NatsBus, NatsBus]) -> None:
     a, b = two
-    await a.publish(_message("a.b", b"1"))
-    await a.publish(_message("a.b", b"2"))
-    await a.publish(_message("a.b/c", b"3"))
+    await a.publish(message("a.b", b"1"))
+    await a.publish(message("a.b", b"2"))
+    await a.publish(message("a.b/c", b"3"))
 
     async def latest() -> Message | None:
         return await b.last("acme", "temps", "a.b")
@@ -198,9 +182,9 @@ async def test_a_node_subscribes_on_nats_to_what_its_subscribers_hold_only(
 ) -> None:
     a, b = two
     assert b.subjects() == []
-    exact = await _subscribed(b, "m/acme/c/temps/a")
-    exact2 = await _subscribed(b, "m/acme/c/temps/a")  # the same filter: no second subscription
-    shared = await _subscribed(b, "m/acme/c/temps/+", group="g")
+    exact = await subscribed(b, "m/acme/c/temps/a")
+    exact2 = await subscribed(b, "m/acme/c/temps/a")  # the same filter: no second subscription
+    shared = await subscribed(b, "m/acme/c/temps/+", group="g")
     p = a.prefix
     assert sorted(b.subjects()) == sorted(
         [(f"{p}.acme.temps.a", ""), (f"{p}.acme.temps.*", queue_name("g", shared.filter))]
@@ -214,14 +198,14 @@ async def test_a_node_subscribes_on_nats_to_what_its_subscribers_hold_only(
 
     received = arrived()
     for subtopic, channel in (("b/c", "temps"), ("", "temps"), ("a", "other")):
-        await a.publish(_message(subtopic, channel=channel))
-    await a.publish(_message("a", b"wanted"))
+        await a.publish(message(subtopic, channel=channel))
+    await a.publish(message("a", b"wanted"))
     await _until(lambda: len(exact._queue) == 1)
     await _settle()
     # NATS brought this node the one message it has subscribers for, once per filter holding
     # it (the exact filter and the shared one), nothing else
     assert arrived() - received == 2
-    assert _taken(exact) == _taken(exact2) == _taken(shared) == [b"wanted"]
+    assert taken(exact) == taken(exact2) == taken(shared) == [b"wanted"]
     await b.unsubscribe(exact)
     assert len(b.subjects()) == 2  # exact2 still holds it
     await b.unsubscribe(exact2)
@@ -229,7 +213,7 @@ async def test_a_node_subscribes_on_nats_to_what_its_subscribers_hold_only(
     assert b.subjects() == []
     await b.sync()  # the server has the UNSUBs
     received = b.nc.stats["in_msgs"]
-    await a.publish(_message("a"))
+    await a.publish(message("a"))
     await _settle()
     assert b.nc.stats["in_msgs"] == received
 
@@ -245,11 +229,11 @@ async def test_a_deployment_hears_nothing_of_another_on_the_same_nats(
             heard.append(change)
 
         b.on_change(on_b)
-        sub = await _subscribed(b, "m/acme/c/temps/#")
-        await a.publish(_message("a"))
+        sub = await subscribed(b, "m/acme/c/temps/#")
+        await a.publish(message("a"))
         await a.announce(Change("client", "acme", "x"))
         await _settle()
-        assert _taken(sub) == [] and heard == []
+        assert taken(sub) == [] and heard == []
         assert await b.last("acme", "temps", "a") is None
 
 
@@ -282,18 +266,18 @@ async def test_service_stops_and_resumes_with_nats_without_restarting_the_bus(
                 heard.append(change)
 
             b.on_change(on_b)
-            sub = await _subscribed(b, "m/acme/c/temps/#")
-            await a.publish(_message("kept", b"k"))
-            await a.publish(_message("a", b"before"))
+            sub = await subscribed(b, "m/acme/c/temps/#")
+            await a.publish(message("kept", b"k"))
+            await a.publish(message("a", b"before"))
             await _until(lambda: len(sub._queue) == 2)
-            assert _taken(sub) == [b"k", b"before"]
+            assert taken(sub) == [b"k", b"before"]
 
             await server.stop()
             await _until(lambda: a.nc is not None and not a.nc.is_connected)
             with pytest.raises(UnavailableError, match="NATS unreachable"):
-                await a.publish(_message("a", b"lost"))
+                await a.publish(message("a", b"lost"))
             with pytest.raises(UnavailableError):
-                a.publish_nowait(_message("a", b"lost"))
+                a.publish_nowait(message("a", b"lost"))
             with pytest.raises(UnavailableError):
                 await a.ping()
             with pytest.raises(UnavailableError):
@@ -305,9 +289,9 @@ async def test_service_stops_and_resumes_with_nats_without_restarting_the_bus(
             await _until(lambda: all(n.nc is not None and n.nc.is_connected for n in (a, b)), 20)
             await a.ping()
             await b.ping()
-            await a.publish(_message("a", b"after"))
+            await a.publish(message("a", b"after"))
             await _until(lambda: len(sub._queue) == 1)
-            assert _taken(sub) == [b"after"]
+            assert taken(sub) == [b"after"]
             await _until(lambda: Change("bus", "") in heard)  # told to drop what it cached
             last = await b.last("acme", "temps", "a")
             assert last is not None and last.payload == b"after"
@@ -458,7 +442,7 @@ async def test_protocols_answer_unavailable_while_nats_is_away_and_resume(
             async with session.get(f"{url}/health") as r:
                 assert r.status == 200
             await _until(lambda: len(watch._queue) == 2)
-            assert _taken(watch) == [b"1", b"4"]
+            assert taken(watch) == [b"1", b"4"]
     finally:
         await gateway.close()
         await natsserver.delete_stream(opts)
@@ -550,14 +534,14 @@ async def test_this_node_s_own_messages_reach_its_subscribers_without_nats(
     connection asks NATS for no echo); a shared group whose only member is on the publishing
     node still gets its share (its queue subscription is on a connection with echo)."""
     a, _ = two
-    plain = await _subscribed(a, "m/acme/c/temps/a")
-    shared = await _subscribed(a, "m/acme/c/temps/a", group="g")
+    plain = await subscribed(a, "m/acme/c/temps/a")
+    shared = await subscribed(a, "m/acme/c/temps/a", group="g")
     assert a.nc is not None and a.qc is not None
     before = a.nc.stats["in_msgs"], a.qc.stats["in_msgs"]
-    await a.publish(_message("a", b"here"))
-    assert _taken(plain) == [b"here"]  # delivered before the publish returned
+    await a.publish(message("a", b"here"))
+    assert taken(plain) == [b"here"]  # delivered before the publish returned
     await _until(lambda: len(shared._queue) == 1)
     await _settle()
-    assert _taken(shared) == [b"here"]
-    assert _taken(plain) == []  # once
+    assert taken(shared) == [b"here"]
+    assert taken(plain) == []  # once
     assert (a.nc.stats["in_msgs"] - before[0], a.qc.stats["in_msgs"] - before[1]) == (0, 1)

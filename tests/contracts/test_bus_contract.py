@@ -6,27 +6,9 @@ import asyncio
 
 import pytest
 
-from core.bus import Bus, Change, Subscription
+from core.bus import Bus, Change
 from core.errors import UnavailableError
-from core.message import Message
-from core.topics import parse_filter
-
-
-def _message(subtopic: str, payload: bytes = b"x", channel: str = "temps") -> Message:
-    return Message("acme", channel, subtopic, "pub", "http", "text/plain", payload, 0, None)
-
-
-async def _subscribed(bus: Bus, flt: str, group: str | None = None) -> Subscription:
-    sub = Subscription(parse_filter(flt), group=group)
-    await bus.subscribe(sub)
-    return sub
-
-
-def _taken(sub: Subscription) -> list[bytes]:
-    out = []
-    while (message := sub.get_nowait()) is not None:
-        out.append(message.payload)
-    return out
+from tests.buses import message, subscribed, taken
 
 
 async def _settle() -> None:
@@ -36,54 +18,54 @@ async def _settle() -> None:
 
 
 async def test_delivery_follows_the_filters(bus: Bus) -> None:
-    everything = await _subscribed(bus, "m/acme/c/temps/#")
-    one_level = await _subscribed(bus, "m/acme/c/temps/+")
-    exact = await _subscribed(bus, "m/acme/c/temps/a/b")
-    bare = await _subscribed(bus, "m/acme/c/temps")
-    other = await _subscribed(bus, "m/acme/c/other/#")
+    everything = await subscribed(bus, "m/acme/c/temps/#")
+    one_level = await subscribed(bus, "m/acme/c/temps/+")
+    exact = await subscribed(bus, "m/acme/c/temps/a/b")
+    bare = await subscribed(bus, "m/acme/c/temps")
+    other = await subscribed(bus, "m/acme/c/other/#")
     for subtopic, payload in (("", b"0"), ("a", b"1"), ("a/b", b"2"), ("c/d/e", b"3")):
-        await bus.publish(_message(subtopic, payload))
+        await bus.publish(message(subtopic, payload))
     await _settle()
-    assert _taken(everything) == [b"0", b"1", b"2", b"3"]
-    assert _taken(one_level) == [b"1"]
-    assert _taken(exact) == [b"2"]
-    assert _taken(bare) == [b"0"]
-    assert _taken(other) == []
+    assert taken(everything) == [b"0", b"1", b"2", b"3"]
+    assert taken(one_level) == [b"1"]
+    assert taken(exact) == [b"2"]
+    assert taken(bare) == [b"0"]
+    assert taken(other) == []
 
 
 async def test_unsubscribed_gets_nothing_more(bus: Bus) -> None:
-    sub = await _subscribed(bus, "m/acme/c/temps/#")
-    await bus.publish(_message("a", b"1"))
+    sub = await subscribed(bus, "m/acme/c/temps/#")
+    await bus.publish(message("a", b"1"))
     await _settle()
     await bus.unsubscribe(sub)
-    await bus.publish(_message("a", b"2"))
+    await bus.publish(message("a", b"2"))
     await _settle()
-    assert _taken(sub) == [b"1"]
+    assert taken(sub) == [b"1"]
 
 
 async def test_a_shared_subscription_delivers_each_message_once(bus: Bus) -> None:
-    members = [await _subscribed(bus, "m/acme/c/temps/#", group="g") for _ in range(3)]
-    alone = await _subscribed(bus, "m/acme/c/temps/#")
+    members = [await subscribed(bus, "m/acme/c/temps/#", group="g") for _ in range(3)]
+    alone = await subscribed(bus, "m/acme/c/temps/#")
     for i in range(30):
-        await bus.publish(_message("a", b"%d" % i))
+        await bus.publish(message("a", b"%d" % i))
     await _settle()
-    got = [_taken(m) for m in members]
+    got = [taken(m) for m in members]
     assert sorted(p for payloads in got for p in payloads) == sorted(b"%d" % i for i in range(30))
     assert all(payloads for payloads in got)  # spread over the members
-    assert len(_taken(alone)) == 30
+    assert len(taken(alone)) == 30
 
 
 async def test_publish_nowait_publishes_all_or_nothing(bus: Bus) -> None:
-    sub = await _subscribed(bus, "m/acme/c/temps/#")
-    done = bus.publish_nowait(_message("a", b"1"))
+    sub = await subscribed(bus, "m/acme/c/temps/#")
+    done = bus.publish_nowait(message("a", b"1"))
     await _settle()
-    assert _taken(sub) == ([b"1"] if done else [])
+    assert taken(sub) == ([b"1"] if done else [])
 
 
 async def test_last_is_the_latest_of_exactly_the_topic(bus: Bus) -> None:
-    await bus.publish(_message("a", b"1"))
-    await bus.publish(_message("a", b"2"))
-    await bus.publish(_message("a/b", b"3"))
+    await bus.publish(message("a", b"1"))
+    await bus.publish(message("a", b"2"))
+    await bus.publish(message("a/b", b"3"))
     await _settle()
     last = await bus.last("acme", "temps", "a")
     assert last is not None and last.payload == b"2"
@@ -108,4 +90,4 @@ async def test_a_closed_bus_is_unavailable(bus: Bus) -> None:
     with pytest.raises(UnavailableError):
         await bus.ping()
     with pytest.raises(UnavailableError):
-        await bus.publish(_message("a"))
+        await bus.publish(message("a"))
