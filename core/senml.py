@@ -86,11 +86,11 @@ JSON takes a fast path: one msgspec decode into a typed struct that also checks 
 the ``vd`` alphabet and ``ut >= 0`` in C and refuses unknown labels (and so nesting beyond a
 record), then one Python loop over the records, with a small cache of name parts instead of
 a regex per name. A pack with an extension label, or with any fault, takes the checked path
-instead: a decode into plain values, through a type that allows :data:`MAX_DEPTH` levels (so
-that msgspec refuses a deeper container in C instead of recursing into it), with each field
-checked in Python, giving the precise error. Both paths feed the same loop, and the tests
-check that they agree. CBOR always takes the checked path, after cbor2, which is given the
-tag decoders and the depth bound.
+instead: a decode into plain values through a type that allows a few levels of nesting,
+checked in C (a deeper pack is decoded untyped and its levels counted up to
+:data:`MAX_DEPTH`), and each field checked in Python, giving the precise error. Both paths
+feed the same loop, and the tests check that they agree. CBOR always takes the checked path,
+after cbor2, which is given the tag decoders and the depth bound.
 
 Figures for PACK10 of ``/work/shared/bench/senml_samples.py`` (10 records, 343 bytes; CBOR:
 the same records with integer labels), Python 3.11.7, msgspec 0.23.0, cbor2 6.3.0, on the
@@ -233,8 +233,7 @@ _VALUE_LABELS: Final = ("v", "vs", "vb", "vd")
 def _json_value(depth: int) -> Any:
     """The type of any JSON value holding at most ``depth`` levels of arrays and objects.
 
-    Decoding into it, msgspec refuses a container one level too deep in C, before reading
-    into it, where an untyped decode would recurse as deep as the payload goes."""
+    msgspec expands the shared subtypes, so the decoder grows as 2**depth: kept shallow."""
     value: Any = bool | int | float | str | None
     for _ in range(depth):
         value = bool | int | float | str | None | list[value] | dict[str, value]
@@ -246,7 +245,9 @@ class _FloatText(str):
 
 
 _JSON_PACK: Final = msgspec.json.Decoder(list[_Raw])
-_JSON_ANY: Final = msgspec.json.Decoder(_json_value(MAX_DEPTH))
+_SHALLOW: Final = 6  # levels of nesting the first decode of the checked path accepts
+_JSON_SHALLOW: Final = msgspec.json.Decoder(_json_value(_SHALLOW))  # 3 ms to build
+_JSON_STR: Final = msgspec.json.Decoder(str)
 _JSON_FLOATS_AS_SENT: Final = msgspec.json.Decoder(float_hook=_FloatText)
 # "E" after a digit. Written with the literal first so that the regex engine skips to each "E"
 # (0.3 us on a 300-byte pack, against 2.4 us for the equivalent rb"[0-9]E").
@@ -258,6 +259,7 @@ _JSON_TOKEN: Final = re.compile(
     re.DOTALL,
 )
 _JSON_STRING: Final = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_NOT_STRUCTURE: Final = bytes(sorted(set(range(256)) - set(b"[]{},")))
 _RECORD_IN_PATH: Final = re.compile(r"\$\[(\d+)\]")  # a msgspec error's path: `$[3].v`
 _EXCERPT: Final = 40  # characters of a sent text or number an error message repeats
 
@@ -334,25 +336,80 @@ def _raw_records(payload: Payload, content_type: str) -> Iterable[_Raw]:
 
 
 def _json_records_checked(payload: bytes) -> Iterator[_Raw]:
-    """The slow path: a decode into plain values (nesting bounded), every field checked in
-    Python for a precise error."""
+    """The slow path: a decode into plain values with the nesting checked, every field
+    checked in Python for a precise error."""
+    deep = False
     try:
-        pack = _JSON_ANY.decode(payload)
-    except msgspec.ValidationError as exc:  # a container too deep, or a number beyond a double
-        message = str(exc)
-        if "got `array`" in message or "got `object`" in message:
-            raise _too_deep(False, _record_in(message)) from None
-        _raise_out_of_range(payload, message)
+        # Most packs nest a few levels, decoded with that checked in C. A deeper one is
+        # decoded untyped, msgspec then recursing as deep as the payload nests, but within
+        # Python's recursion limit (RecursionError, never a crash), and its levels counted.
+        try:
+            pack = _JSON_SHALLOW.decode(payload)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            if "got `array`" not in message and "got `object`" not in message:
+                raise
+            pack, deep = msgspec.json.decode(payload), True
+    except msgspec.ValidationError as exc:  # a number beyond a double
+        _raise_out_of_range(payload, str(exc))
     except msgspec.DecodeError as exc:
         raise SenMLError(f"payload is not valid JSON: {exc}") from None
-    except Exception as exc:  # RecursionError in a caller already deep in its stack, or worse
+    except RecursionError as exc:
+        raise _too_deep_json(payload) or _undecodable(exc) from None
+    except Exception as exc:  # worse
         raise _undecodable(exc) from None
+    if deep:
+        _check_json_depth(pack)
     if type(pack) is not list:
         raise SenMLError(f"a SenML pack is a JSON array of records, got {_kind(pack, False)}")
     _check_size(len(pack))
     if 0x45 in payload:
         _check_json_exponents(payload)
     return (_checked_raw(i, obj, False) for i, obj in enumerate(pack))
+
+
+def _check_json_depth(pack: object) -> None:
+    """Refuses a decoded JSON pack nesting arrays and objects deeper than :data:`MAX_DEPTH`,
+    naming the record. Level by level, so that it never recurses."""
+    if type(pack) is dict:
+        _check_levels(pack, 1, None)
+    elif type(pack) is list:
+        for i, record in enumerate(pack):
+            if type(record) is dict or type(record) is list:
+                _check_levels(record, 2, i)
+
+
+def _check_levels(value: list[Any] | dict[str, Any], depth: int, record: int | None) -> None:
+    level = [value]
+    while level:
+        if depth > MAX_DEPTH:
+            raise _too_deep(False, record)
+        inner = []
+        for container in level:
+            for item in container.values() if type(container) is dict else container:
+                if type(item) is dict or type(item) is list:
+                    inner.append(item)
+        level, depth = inner, depth + 1
+
+
+def _too_deep_json(payload: bytes) -> SenMLError | None:
+    """The refusal of JSON that nests deeper than :data:`MAX_DEPTH`, found without decoding it
+    (for a payload too deep to decode). Linear: one regex pass drops the strings (possessive,
+    it never backtracks), one C pass keeps brackets and commas, then one loop over those."""
+    structure = _JSON_STRING.sub(b"", payload).translate(None, _NOT_STRUCTURE)
+    in_pack = structure[:1] == b"["  # record numbers are indexes in a top-level array
+    depth, record = 0, 0
+    for byte in structure:
+        if byte == 0x2C:  # ","
+            if depth == 1:
+                record += 1
+        elif byte == 0x5B or byte == 0x7B:  # "[" or "{"
+            depth += 1
+            if depth > MAX_DEPTH:
+                return _too_deep(False, record if in_pack else None)
+        else:
+            depth -= 1
+    return None
 
 
 def _cbor_records(payload: bytes) -> Iterator[_Raw]:
@@ -810,7 +867,7 @@ def _find_number(payload: bytes, wanted: Callable[[bytes], bool]) -> tuple[int, 
             if depth == 2 and match.group(2):
                 raw = match.group(1)
                 try:
-                    label = _JSON_ANY.decode(raw) if b"\\" in raw else raw[1:-1].decode()
+                    label = _JSON_STR.decode(raw) if b"\\" in raw else raw[1:-1].decode()
                 except (msgspec.MsgspecError, UnicodeDecodeError):  # past the refused number
                     label = ""
         elif depth == 2 and _KINDS.get(label) is _NUM and first not in b"tfn" and wanted(token):
