@@ -113,6 +113,9 @@ _TOO_MANY = (
 )
 
 
+_READ = Headers()  # what a connection keeps of its upgrade's headers, once read; never written
+
+
 class WSConnection(ServerConnection):
     """A websockets server connection that carries its session and wakes its outbox when the
     transport has room again. Each adapter makes its own subclass, with ``adapter`` set."""
@@ -467,6 +470,10 @@ class WSAdapter(Listening):
     # connection
     async def _serve(self, connection: ServerConnection) -> None:
         assert isinstance(connection, WSConnection) and connection.session is not None
+        # The upgrade's headers were read: websockets keeps the request and the response
+        # for the life of the connection (2-3 kB), their headers are never read again.
+        assert connection.request is not None and connection.response is not None
+        connection.request.headers = connection.response.headers = _READ
         session = connection.session
         gateway = self.gateway
         client_id = session.identity.client_id
@@ -500,7 +507,9 @@ class WSAdapter(Listening):
                 gateway.metrics.conns[self.protocol].inc()
                 counted = True
             publish = gateway.publish
-            async for data in connection:
+            recv = connection.recv
+            while True:
+                data = await recv()  # ConnectionClosed when it ends
                 try:
                     if session.envelope and isinstance(data, str):
                         token = auth_token(data)
