@@ -120,11 +120,17 @@ class WSConnection(ServerConnection):
     """A websockets server connection that carries its session and wakes its outbox when the
     transport has room again. Each adapter makes its own subclass, with ``adapter`` set."""
 
+    # Slots: set after websockets' own attributes, they would make the instance's dict grow
+    # past its shared keys (1.5 kB per connection).
+    __slots__ = ("outbox", "refused", "session", "unregister")
     adapter: WSAdapter
-    session: Session | None = None
-    outbox: Outbox | None = None
-    refused: bool = False  # Conduit closed it for a refusal (already counted)
-    unregister: Callable[[], None] | None = None  # from the gateway's connections in use
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.session: Session | None = None
+        self.outbox: Outbox | None = None
+        self.refused = False  # Conduit closed it for a refusal (already counted)
+        self.unregister: Callable[[], None] | None = None  # from the gateway's connections
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         adapter = self.adapter
