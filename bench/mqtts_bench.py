@@ -15,11 +15,13 @@ client's only credential on both servers; Mosquitto with ``require_certificate``
 - ``conn``: ``--conns`` connections, each a full TLS handshake with a client certificate, then
   CONNECT/CONNACK: connects per second (no session resumption);
 - ``memory``: ``--idle`` MQTTS connections opened with the client certificate and left idle
-  (a Python client in another process): the server's RSS growth per connection. A third
-  server is measured beside the two: a bare uvloop TLS server on the same certificates that
-  answers a CONNACK to anything (the floor of Python's TLS on uvloop, nothing of Conduit).
+  (a Python client in another process): the server's RSS growth per connection.
 
-``--only memory`` runs that scenario alone.
+For ``conn`` and ``memory`` a third server is measured beside the two: a bare uvloop TLS server
+on the same certificates that answers a CONNACK to anything (the floor of Python's TLS on
+uvloop, nothing of Conduit in it).
+
+``--only connects`` or ``--only memory`` runs that scenario alone.
 
 Prints each round and, per scenario, the medians and Conduit's ratio to Mosquitto.
 """
@@ -206,7 +208,9 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=2000)
     ap.add_argument("--idle", type=int, default=1000)
     ap.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"])
-    ap.add_argument("--only", choices=["memory"], default=None, help="run one scenario alone")
+    ap.add_argument(
+        "--only", choices=["connects", "memory"], default=None, help="run one scenario alone"
+    )
     args = ap.parse_args()
     if not MQTTBENCH.exists():
         sys.exit(f"{MQTTBENCH} not found: build it with ../shared/bench/build.sh")
@@ -219,8 +223,10 @@ def main() -> None:
             scenarios = [*SCENARIOS, ("connects/s", -1, 0, ""), ("kB/idle conn", -2, 0, "")]
             if args.only == "memory":
                 scenarios = scenarios[-1:]
+            elif args.only == "connects":
+                scenarios = scenarios[-2:-1]
             for name, qos, subs, figure in scenarios:
-                servers = ("mosquitto", "conduit", "bare-uvloop") if qos == -2 else (
+                servers = ("mosquitto", "conduit", "bare-uvloop") if qos < 0 else (
                     "mosquitto", "conduit")  # fmt: skip
                 for who in servers:
                     if who == "bare-uvloop":
