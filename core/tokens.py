@@ -16,11 +16,14 @@ and never repeats the token.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 import time
 from typing import Any, Literal
 
 import jwt
+import orjson
 
 from core.errors import AuthenticationError, TopicError
 from core.identity import Identity, Rules
@@ -103,10 +106,10 @@ class Tokens:
         """Whether a token claims this gateway as its issuer (read without verifying: only to
         tell Conduit's tokens from other issuers', for whom a provider has no opinion)."""
         try:
-            claims = jwt.decode(token, options={"verify_signature": False})
-        except jwt.InvalidTokenError:
+            claims = unverified(token, 1)
+        except AuthenticationError:
             return False
-        return isinstance(claims, dict) and claims.get("iss") == self.issuer
+        return claims.get("iss") == self.issuer
 
     async def verify(self, token: str, typ: TokenType) -> dict[str, Any]:
         """The claims of a valid token of ``typ`` (AuthenticationError otherwise)."""
@@ -186,11 +189,28 @@ class Tokens:
         )
 
 
-def _kid(token: str) -> str:
+def unverified(token: str, segment: int) -> dict[str, Any]:
+    """A JWT's header (``segment`` 0) or claims (1), read without verifying anything: only to
+    route the token (whose is it, which key verifies it); PyJWT reads and checks it all when it
+    verifies. One segment decoded: PyJWT's ``get_unverified_header`` and its decode without
+    verification read all three, checking each character of each against the base64url
+    alphabet in Python (PyJWT 2.15: 45 us for a broker token). AuthenticationError when the
+    token is not three segments or that one is not a JSON object."""
+    parts = token.split(".")
     try:
-        kid = jwt.get_unverified_header(token).get("kid")
-    except jwt.InvalidTokenError:
-        raise AuthenticationError("the token is malformed") from None
+        if len(parts) != 3 or not parts[segment].isascii():
+            raise ValueError
+        part = parts[segment]
+        value = orjson.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except (ValueError, binascii.Error):
+        raise AuthenticationError("the token is not a JWT") from None
+    if not isinstance(value, dict):
+        raise AuthenticationError("the token is not a JWT")
+    return value
+
+
+def _kid(token: str) -> str:
+    kid = unverified(token, 0).get("kid")
     if not isinstance(kid, str):
         raise AuthenticationError("the token names no signing key (kid)")
     return kid

@@ -168,6 +168,19 @@ def another_key_same_kid(world: World) -> str:
     return jwt.encode(payload, ed25519.Ed25519PrivateKey.generate(), "EdDSA", header)
 
 
+def junk_header(world: World) -> str:
+    """Our issuer's claims behind a header that is not JSON."""
+    _, payload, signature = forge(world, {}).split(".")
+    return f"{b64(b'not json')}.{payload}.{signature}"
+
+
+def junk_in_signature(world: World) -> str:
+    """A character outside base64url in the signature: the routing read ignores the signature,
+    PyJWT refuses it."""
+    head, payload, signature = forge(world, {}).split(".")
+    return f"{head}.{payload}.{signature[:10]}!{signature[11:]}"
+
+
 REFUSALS = [
     ("no exp", lambda w: forge(w, {"exp": None}), "the token has no 'exp' claim"),
     ("no jti", lambda w: forge(w, {"jti": None}), "the token has no 'jti' claim"),
@@ -195,6 +208,10 @@ REFUSALS = [
      "the token's signature does not verify"),
     ("malformed rules", lambda w: forge(w, {"rules": {"publish": ["m/#"]}}),
      "the broker token's rules are malformed"),
+    ("a header that is not JSON", junk_header, "the token is not a JWT"),
+    ("junk in the signature", junk_in_signature, "the token is malformed"),
+    ("four segments", lambda w: forge(w, {}) + ".x",
+     "no identity provider of this gateway knows this token"),
 ]  # fmt: skip
 
 
