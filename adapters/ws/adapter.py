@@ -28,8 +28,9 @@ connection with the table's close code (1007, 1008, 1009, 1011) and the refusal'
 reason. Nothing is published unless every check passed.
 
 Delivery writes pre-encoded frames through a bounded :class:`~adapters.ws.outbox.Outbox` per
-connection; keep-alive pings, the size limit (close 1009) and the closing handshake are
-``websockets``'. On :meth:`WSAdapter.stop` connections are closed with 1001.
+connection; the size limit (close 1009) and the closing handshake are ``websockets``'; the
+keep-alive pings are the adapter's (in rounds, one timer for many connections, instead of the
+library's task per connection). On :meth:`WSAdapter.stop` connections are closed with 1001.
 ``GET /`` (no upgrade) serves a small live dashboard page (``live.html``).
 """
 
@@ -43,6 +44,7 @@ import hashlib
 import http
 import importlib.resources
 import logging
+import math
 import re
 import ssl
 from collections.abc import Callable, Sequence
@@ -122,7 +124,7 @@ class WSConnection(ServerConnection):
 
     # Slots: set after websockets' own attributes, they would make the instance's dict grow
     # past its shared keys (1.5 kB per connection).
-    __slots__ = ("outbox", "refused", "session", "unregister")
+    __slots__ = ("next_ping", "outbox", "refused", "session", "unregister")
     adapter: WSAdapter
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -131,6 +133,7 @@ class WSConnection(ServerConnection):
         self.outbox: Outbox | None = None
         self.refused = False  # Conduit closed it for a refusal (already counted)
         self.unregister: Callable[[], None] | None = None  # from the gateway's connections
+        self.next_ping: int | None = None  # the keep-alive round of its next ping
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         adapter = self.adapter
@@ -149,6 +152,7 @@ class WSConnection(ServerConnection):
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.adapter.no_ping(self)
         if self in self.adapter.tcp_connections:
             self.adapter.tcp_connections.discard(self)
             super().connection_lost(exc)
@@ -307,6 +311,7 @@ class WSAdapter(Listening):
         self._bound: dict[str, int] = {}
         self._frames = FrameCache()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._rounds: dict[int, set[WSConnection]] = {}  # keep-alive rounds, by due time
         self._stopping = False
         self._uncounted = 0
         self._count_scheduled = False
@@ -327,8 +332,8 @@ class WSAdapter(Listening):
                         logger=_RedactingLogger(log.getChild("websockets"), {}),
                         compression=None,  # frames are encoded once for every subscriber
                         max_size=self.gateway.limits.max_payload,
-                        ping_interval=self.ping_interval,
-                        ping_timeout=self.ping_timeout,
+                        ping_interval=None,  # the adapter's keep-alive (_keep_alive)
+                        ping_timeout=None,
                         close_timeout=self.close_timeout,
                         write_limit=self.write_limit,
                         ssl=endpoint.tls,
@@ -488,6 +493,7 @@ class WSAdapter(Listening):
         connection.unregister = gateway.connected(
             session.identity, functools.partial(self._end, connection)
         )
+        self._keep_alive(connection)
         try:
             if session.subscribes:
                 outbox = Outbox(
@@ -607,6 +613,53 @@ class WSAdapter(Listening):
             connection.transport.abort()
         finally:
             discard.cancel()
+
+    # keep-alive: websockets' own is a task per connection that sleeps between pings (1.4 kB
+    # each), and a timer per connection costs 0.7 kB in uvloop. Here the connections due for
+    # a ping are grouped in rounds of a tenth of the interval (at most a second), one timer
+    # per round: an idle connection is one entry in a set.
+    def _keep_alive(self, connection: WSConnection) -> None:
+        """Ping ``connection`` once ``ping_interval`` seconds have passed (up to a round more)."""
+        if self.ping_interval is None or connection.protocol.state is not OPEN:
+            return
+        loop = asyncio.get_running_loop()
+        tick = min(1.0, self.ping_interval / 10)
+        due = math.ceil((loop.time() + self.ping_interval) / tick)
+        round_ = self._rounds.get(due)
+        if round_ is None:
+            round_ = self._rounds[due] = set()
+            loop.call_at(due * tick, self._ping_round, due)
+        round_.add(connection)
+        connection.next_ping = due
+
+    def no_ping(self, connection: WSConnection) -> None:
+        """The connection ended: out of its keep-alive round."""
+        if connection.next_ping is not None:
+            self._rounds.get(connection.next_ping, set()).discard(connection)
+            connection.next_ping = None
+
+    def _ping_round(self, due: int) -> None:
+        loop = asyncio.get_running_loop()
+        for connection in self._rounds.pop(due, ()):
+            connection.next_ping = None
+            task = loop.create_task(self._ping_and_wait(connection))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _ping_and_wait(self, connection: WSConnection) -> None:
+        """One ping; the next one once its pong came, or a close 1011 when no pong came within
+        ``ping_timeout`` (as websockets' keep-alive does)."""
+        try:
+            pong = await connection.ping()
+            async with asyncio.timeout(self.ping_timeout):
+                await pong
+        except ConnectionClosed:
+            return
+        except TimeoutError:
+            log.info("closing ws connection: no pong within %g s", self.ping_timeout)
+            await self._close_with(connection, INTERNAL_ERROR, "keepalive ping timeout")
+            return
+        self._keep_alive(connection)
 
     def _subscription_closed(
         self, connection: WSConnection, sub: Subscription, reason: str
