@@ -634,9 +634,10 @@ class WSAdapter(Listening):
 
     def no_ping(self, connection: WSConnection) -> None:
         """The connection ended: out of its keep-alive round."""
-        if connection.next_ping is not None:
-            self._rounds.get(connection.next_ping, set()).discard(connection)
-            connection.next_ping = None
+        round_ = self._rounds.get(connection.next_ping) if connection.next_ping else None
+        if round_ is not None:
+            round_.discard(connection)
+        connection.next_ping = None
 
     def _ping_round(self, due: int) -> None:
         loop = asyncio.get_running_loop()
