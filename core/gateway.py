@@ -116,7 +116,7 @@ class Gateway:
         self._subs: dict[Subscription, str] = {}  # open subscriptions, and their client's id
         self._subs_of: dict[str, int] = {}  # how many each client holds
         # Open connections (MQTT, WebSocket) by their identity, told when their client goes.
-        self._connections: dict[object, tuple[Identity, Callable[[str], None]]] = {}
+        self._connections: set[_Connected] = set()
         # What ends when an identity expires: a connection's unregister, a subscription's end.
         self._expiries: dict[object, asyncio.TimerHandle] = {}
         self._recheck: asyncio.Task[None] | None = None
@@ -426,21 +426,11 @@ class Gateway:
         called once its client is disabled or deleted (at once for a change through this node's
         API, within ``cache_ttl`` for one made elsewhere), or when the identity expires
         (:data:`EXPIRED`). Returns the function that unregisters the connection when it ends."""
-        token = object()
-        self._connections[token] = (identity, on_revoked)
-
-        def unregister() -> None:
-            self._connections.pop(token, None)
-            self._cancel_expiry(token)
-
+        connection = _Connected(self, identity, on_revoked)
+        self._connections.add(connection)
         if identity.expires is not None:
-
-            def expired() -> None:
-                if self._connections.pop(token, None) is not None:
-                    on_revoked(EXPIRED)
-
-            self._expire_at(token, identity.expires, expired)
-        return unregister
+            self._expire_at(connection, identity.expires, connection.expired)
+        return connection
 
     def _expire_at(self, key: object, when: float, end: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
@@ -562,27 +552,26 @@ class Gateway:
                 except ConduitError:
                     await self.unsubscribe(sub, REVOKED)
             gone: dict[str, bool] = {}
-            for token, (identity, on_revoked) in list(self._connections.items()):
+            for connection in list(self._connections):
+                identity = connection.identity
                 if identity.certificate in revoked:
-                    if self._connections.pop(token, None) is not None:
-                        on_revoked(CERTIFICATE_REVOKED)
+                    connection.end(CERTIFICATE_REVOKED)
                     continue
                 if identity.rules is not None:
                     # its rights are its own, until it expires or its subject is revoked
                     if _revoked(identity, subjects):
-                        if self._connections.pop(token, None) is not None:
-                            on_revoked(SUBJECT_REVOKED)
+                        connection.end(SUBJECT_REVOKED)
                     continue
                 if identity.client_id not in gone:
                     gone[identity.client_id] = not await self._client_enabled(identity)
-                if gone[identity.client_id] and self._connections.pop(token, None) is not None:
-                    on_revoked(CLIENT_REVOKED)
+                if gone[identity.client_id]:
+                    connection.end(CLIENT_REVOKED)
         except UnavailableError:  # the store is down: keep serving what was allowed
             log.warning("cannot recheck subscriptions and connections: store unavailable")
 
     def _identities_in_use(self) -> list[Identity]:
         """The identities of the open connections and subscriptions."""
-        identities = [identity for identity, _ in self._connections.values()]
+        identities = [connection.identity for connection in self._connections]
         identities += [sub.identity for sub in self._subs if isinstance(sub.identity, Identity)]
         return identities
 
@@ -624,3 +613,31 @@ class Gateway:
         while True:
             await asyncio.sleep(self.cache_ttl)
             await self.revalidate()
+
+
+class _Connected:
+    """An open connection registered by :meth:`Gateway.connected`; called, it unregisters.
+    A class with slots rather than closures: one small object per connection."""
+
+    __slots__ = ("_gateway", "identity", "on_revoked")
+
+    def __init__(
+        self, gateway: Gateway, identity: Identity, on_revoked: Callable[[str], None]
+    ) -> None:
+        self._gateway = gateway
+        self.identity = identity
+        self.on_revoked = on_revoked
+
+    def __call__(self) -> None:
+        self._gateway._connections.discard(self)
+        self._gateway._cancel_expiry(self)
+
+    def end(self, reason: str) -> None:
+        """Unregister it and tell it ``reason``, once."""
+        connections = self._gateway._connections
+        if self in connections:
+            connections.remove(self)
+            self.on_revoked(reason)
+
+    def expired(self) -> None:
+        self.end(EXPIRED)
