@@ -292,16 +292,31 @@ def load_ca(directory: Path) -> Issued:
 CRL_DAYS = 7  # a CRL's nextUpdate: `conduit serve` makes it again every day
 
 
-def make_crl(ca: Issued, revoked: dict[int, datetime.datetime], days: int = CRL_DAYS) -> bytes:
-    """A CRL (PEM) signed by ``ca`` listing ``revoked`` (serial -> revocation time)."""
+def make_crl(
+    ca: Issued,
+    revoked: dict[int, datetime.datetime],
+    days: int = CRL_DAYS,
+    after: datetime.datetime | None = None,
+) -> bytes:
+    """A CRL (PEM) signed by ``ca`` listing ``revoked`` (serial -> revocation time).
+
+    ``after``: the thisUpdate of the CRL this one replaces. This one's is later, by a second
+    at least: a server that loads a newer CRL beside the one in use (``tls_crl`` reloaded)
+    checks with the one of the latest thisUpdate, to the second, and keeps the first loaded on
+    a tie, so a CRL made in the same second as the last would not take over. Its CRL number
+    (RFC 5280 section 5.2.3) is that time in seconds, so it grows too."""
     if ca.key is None:
         raise PKIError("the CA's key is needed to sign a CRL")
     now = datetime.datetime.now(datetime.UTC)
+    this_update = (now - BACKDATE).replace(microsecond=0)
+    if after is not None and this_update <= after:
+        this_update = after + datetime.timedelta(seconds=1)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.certificate.subject)
-        .last_update(now - BACKDATE)
+        .last_update(this_update)
         .next_update(now + datetime.timedelta(days=days))
+        .add_extension(x509.CRLNumber(int(this_update.timestamp())), critical=False)
     )
     for serial, when in sorted(revoked.items()):
         builder = builder.add_revoked_certificate(
@@ -309,3 +324,11 @@ def make_crl(ca: Issued, revoked: dict[int, datetime.datetime], days: int = CRL_
         )
     crl = builder.sign(ca.key, signing_hash(ca.key))
     return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def crl_updated(path: Path) -> datetime.datetime | None:
+    """The thisUpdate of the CRL in ``path``; None when there is none to read."""
+    try:
+        return x509.load_pem_x509_crl(path.read_bytes()).last_update_utc
+    except (OSError, ValueError):
+        return None

@@ -206,7 +206,8 @@ class Authority:
         return await self.revoke([c.serial for c in held if c.revoked is None])
 
     async def crl(self) -> bytes:
-        """The CRL (PEM), signed now, listing every revocation the store records."""
+        """The CRL (PEM), signed now, listing every revocation the store records; later than
+        the one in ``crl.pem`` (see :func:`certs.make_crl`)."""
         listed = await self.store.revoked_certificates()
         return certs.make_crl(
             self.ca,
@@ -214,6 +215,7 @@ class Authority:
                 int(serial, 16): datetime.datetime.fromtimestamp(int(when), datetime.UTC)
                 for serial, when in listed.items()
             },
+            after=certs.crl_updated(self.crl_path),
         )
 
     async def import_revoked_txt(self) -> int:

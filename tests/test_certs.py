@@ -217,3 +217,50 @@ def test_the_magistrala_makefile(tmp_path: Path) -> None:
     for cert in (server, client):
         cert.verify_directly_issued_by(ca)
     assert stat.S_IMODE((location / "client.key").stat().st_mode) == 0o600
+
+
+async def test_a_crl_made_in_the_same_second_takes_over(pki: Path) -> None:
+    """OpenSSL checks with the CRL of the latest thisUpdate, to the second, and keeps the first
+    loaded on a tie: each CRL the tool writes is a second later than the one it replaces, so a
+    revocation right after the last CRL is in force once the server loads it again."""
+    from conduit.tls import reload, server_context
+
+    paths = (pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    await asyncio.to_thread(run, "crl", "--dir", str(pki))  # the CLI runs its own loop
+    first = x509.load_pem_x509_crl((pki / "crl.pem").read_bytes())
+    context = server_context(*paths, "required", pki / "crl.pem")
+    assert context is not None
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    client = ssl.create_default_context(cafile=pki / "ca.pem")
+    client.load_cert_chain(pki / "client-dev-1.pem", pki / "client-dev-1.key")
+
+    async def answer() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        data = await reader.read()
+        writer.close()
+        return data
+
+    assert await answer() == b"ok"
+    await asyncio.to_thread(
+        run, "revoke", "--dir", str(pki), "--cert", str(pki / "client-dev-1.pem")
+    )
+    second = x509.load_pem_x509_crl((pki / "crl.pem").read_bytes())
+    assert second.last_update_utc > first.last_update_utc
+    numbers = [c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+               for c in (first, second)]  # fmt: skip
+    assert numbers[1] > numbers[0]
+    reload(context, *paths, "required", pki / "crl.pem")
+    try:  # TLS 1.3: the client learns of the refusal after its side of the handshake
+        refused = await answer()
+    except (ssl.SSLError, ConnectionResetError) as exc:
+        refused = str(exc).encode()
+    assert refused != b"ok", "the revocation is not in force"
+    server.close()
+    await server.wait_closed()

@@ -90,7 +90,11 @@ def test_sighup_reloads_the_certificate_and_the_crl(tmp_path: Path, pki: Path) -
             dev = x509.load_pem_x509_certificate((pki / "dev.pem").read_bytes())
             now = datetime.datetime.now(datetime.UTC)
             (pki / "crl.pem").write_bytes(
-                certs.make_crl(certs.load_ca(pki), {dev.serial_number: now})
+                certs.make_crl(
+                    certs.load_ca(pki),
+                    {dev.serial_number: now},
+                    after=certs.crl_updated(pki / "crl.pem"),
+                )
             )
             server.proc.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 10

@@ -402,7 +402,7 @@ async def test_lost_connection_leaves_the_gateway(world: World, side: Side) -> N
     assert len(world.gateway._connections) == 1
     client.channel.lost()
     assert client.channel.state is CLOSED
-    assert world.gateway._connections == {}
+    assert world.gateway._connections == set()
 
 
 # --- PUBLISH --------------------------------------------------------------------------------
