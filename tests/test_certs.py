@@ -142,6 +142,27 @@ def test_an_imported_ca_signs(tmp_path: Path, pki: Path) -> None:
     )  # fmt: skip
 
 
+async def says_ok(context: ssl.SSLContext, seen: list[bytes] | None = None) -> asyncio.Server:
+    """A TLS server on a free port that answers "ok" and closes, keeping each client's
+    certificate (DER) in ``seen``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if seen is not None:
+            seen.append(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+
+
+def dev_client(pki: Path) -> ssl.SSLContext:
+    """A client context trusting the CA and holding the certificate of client ``dev-1``."""
+    context = ssl.create_default_context(cafile=pki / "ca.pem")
+    context.load_cert_chain(pki / "client-dev-1.pem", pki / "client-dev-1.key")
+    return context
+
+
 async def test_mutual_tls_handshake_with_what_the_tool_made(pki: Path) -> None:
     """Python's TLS stack (OpenSSL) on both sides: the server proves its name, the client its
     certificate, and the server reads the client id from the CN."""
@@ -149,24 +170,16 @@ async def test_mutual_tls_handshake_with_what_the_tool_made(pki: Path) -> None:
     server_ctx.load_cert_chain(pki / "server.pem", pki / "server.key")
     server_ctx.load_verify_locations(pki / "ca.pem")
     server_ctx.verify_mode = ssl.CERT_REQUIRED
-    seen: list[str] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        seen.append(certs.common_name(x509.load_der_x509_certificate(der)))
-        writer.write(b"ok")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    seen: list[bytes] = []
+    server = await says_ok(server_ctx, seen)
     port = server.sockets[0].getsockname()[1]
-    client_ctx = ssl.create_default_context(cafile=pki / "ca.pem")
-    client_ctx.load_cert_chain(pki / "client-dev-1.pem", pki / "client-dev-1.key")
+    client_ctx = dev_client(pki)
     for host in ("localhost", "127.0.0.1"):
         reader, writer = await asyncio.open_connection(host, port, ssl=client_ctx)
         assert await reader.read() == b"ok"
         writer.close()
-    assert seen == ["dev-1", "dev-1"]
+    names = [certs.common_name(x509.load_der_x509_certificate(der)) for der in seen]
+    assert names == ["dev-1", "dev-1"]
     server.close()
     await server.wait_closed()
 
@@ -231,15 +244,9 @@ async def test_a_crl_made_in_the_same_second_takes_over(pki: Path) -> None:
     context = server_context(*paths, "required", pki / "crl.pem")
     assert context is not None
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"ok")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    server = await says_ok(context)
     port = server.sockets[0].getsockname()[1]
-    client = ssl.create_default_context(cafile=pki / "ca.pem")
-    client.load_cert_chain(pki / "client-dev-1.pem", pki / "client-dev-1.key")
+    client = dev_client(pki)
 
     async def answer() -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
