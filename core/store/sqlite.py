@@ -7,7 +7,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -811,8 +811,7 @@ class SQLiteSessions(Buffered):
     async def load(self, every: bool = False) -> list[StoredSession]:
         db = await self._connection()
         claim = "UPDATE sessions SET owner = ?" + ("" if every else " WHERE owner = ''")
-        await db.execute("BEGIN IMMEDIATE")
-        try:
+        async with _transaction(db, "BEGIN IMMEDIATE"):
             await db.execute(claim, (self.node,))
             async with db.execute(
                 "SELECT key, state FROM sessions WHERE owner = ?", (self.node,)
@@ -825,10 +824,6 @@ class SQLiteSessions(Buffered):
                 (self.node,),
             ) as cur:
                 rows = list(await cur.fetchall())
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
         messages: dict[str, list[tuple[int, bytes]]] = {}
         for key, seq, data in rows:
             messages.setdefault(key, []).append((seq, data))
@@ -842,8 +837,7 @@ class SQLiteSessions(Buffered):
 
     async def take(self, key: str) -> StoredSession | None:
         db = await self._connection()
-        await db.execute("BEGIN IMMEDIATE")
-        try:
+        async with _transaction(db, "BEGIN IMMEDIATE"):
             await db.execute("UPDATE sessions SET owner = ? WHERE key = ?", (self.node, key))
             async with db.execute("SELECT state FROM sessions WHERE key = ?", (key,)) as cur:
                 row = await cur.fetchone()
@@ -851,10 +845,6 @@ class SQLiteSessions(Buffered):
                 "SELECT seq, data FROM session_messages WHERE session = ? ORDER BY seq", (key,)
             ) as cur:
                 rows = list(await cur.fetchall())
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
         if row is None:
             return None
         return StoredSession(key, row[0], [(seq, data) for seq, data in rows])
@@ -866,8 +856,7 @@ class SQLiteSessions(Buffered):
         node = self.node
         puts = [(k, s, d) for (k, s), d in batch.messages.items() if d is not None]
         deletes = [(k, s) for (k, s), d in batch.messages.items() if d is None]
-        await db.execute("BEGIN")
-        try:
+        async with _transaction(db, "BEGIN"):
             if batch.deleted:
                 # Only what this node holds (or nobody): a session another node took is its.
                 await db.executemany(
@@ -902,13 +891,22 @@ class SQLiteSessions(Buffered):
                     "UPDATE sessions SET owner = ? WHERE key = ? AND owner = ?",
                     [(to, key, node) for key, to in batch.handed.items()],
                 )
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
 
     async def close(self) -> None:
         await super().close()
         if self._db is not None:
             await self._db.close()
             self._db = None
+
+
+@contextlib.asynccontextmanager
+async def _transaction(db: aiosqlite.Connection, begin: str) -> AsyncIterator[None]:
+    """``begin`` (``BEGIN`` or ``BEGIN IMMEDIATE``, which takes the write lock at once), then
+    COMMIT, or ROLLBACK when anything fails, COMMIT included."""
+    await db.execute(begin)
+    try:
+        yield
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
