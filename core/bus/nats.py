@@ -349,21 +349,18 @@ class NatsBus:
 
     def _connected(self) -> Client:
         """The connection, if it can carry messages now; UnavailableError otherwise."""
-        nc = self.nc
-        if nc is None or self._closed:
-            raise UnavailableError("bus is closed")
-        if not nc.is_connected:
-            raise UnavailableError(f"NATS unreachable ({self._away()}): reconnecting")
-        return nc
+        return self._usable(self.nc)
 
     def _groups(self) -> Client:
         """The connection of shared subscriptions, if it can carry messages now."""
-        qc = self.qc
-        if qc is None or self._closed:
+        return self._usable(self.qc)
+
+    def _usable(self, client: Client | None) -> Client:
+        if client is None or self._closed:
             raise UnavailableError("bus is closed")
-        if not qc.is_connected:
+        if not client.is_connected:
             raise UnavailableError(f"NATS unreachable ({self._away()}): reconnecting")
-        return qc
+        return client
 
     def _away(self) -> str:
         since = self._away_since
