@@ -5,9 +5,10 @@ process's RSS growth.
 
     .venv/bin/python bench/memory_bench.py [--n 1000]
 
-tracemalloc slows allocation down and adds its own bookkeeping to RSS: the RSS column is an
-upper bound, the traced column is what the server's objects take. C allocations outside
-Python's allocator (uvloop's transports, socket buffers in the kernel) are not traced.
+The traced column is what the server's Python objects take (C allocations outside Python's
+allocator, such as uvloop's transports, are not traced); the RSS column is the growth of a
+fresh server's RSS, one server per kind of client, without tracemalloc (whose bookkeeping would
+count in it).
 """
 
 from __future__ import annotations
@@ -69,26 +70,34 @@ async def clients(*args: str) -> asyncio.subprocess.Process:
     return proc
 
 
-async def measure(n: int, start: Callable[[int], Awaitable[asyncio.subprocess.Process]]) -> str:
+async def measure(
+    n: int, start: Callable[[int], Awaitable[asyncio.subprocess.Process]], traced: bool
+) -> float:
+    """What ``n`` clients cost the server, in kB each: traced by tracemalloc, or its RSS
+    growth."""
     warm = await start(10)
     gc.collect()
-    tracemalloc.start()
-    before, rss = tracemalloc.get_traced_memory()[0], rss_kb()
+    if traced:
+        tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0] if traced else rss_kb() * 1024
     proc = await start(n)
     await asyncio.sleep(0.3)
     gc.collect()
-    traced = tracemalloc.get_traced_memory()[0] - before
-    grown = rss_kb() - rss
+    after = tracemalloc.get_traced_memory()[0] if traced else rss_kb() * 1024
     tracemalloc.stop()
     for p in (proc, warm):
         assert p.stdin is not None
         p.stdin.close()
         await p.wait()
     await asyncio.sleep(0.3)
-    return f"{traced / n / 1024:6.1f} kB traced  {grown / n:6.1f} kB RSS"
+    return (after - before) / n / 1024
 
 
-async def main(n: int) -> None:
+KINDS = {"idle": "idle MQTT connection", "sub": "MQTT subscriber (1 sub)",
+         "ws": "WebSocket subscriber"}  # fmt: skip
+
+
+async def main(n: int, kinds: list[str], traced: bool) -> None:
     from adapters.mqtt import MQTTAdapter
     from adapters.ws import WSAdapter
     from tests.conftest import make_gateway, provision
@@ -109,20 +118,40 @@ async def main(n: int) -> None:
             MQTT_CLIENTS, port, party.id, party.secret, str(k), flag, str(HERE)
         )
 
-    print(f"per client, {n} clients (server side)")
-    print(f"idle MQTT connection      {await measure(n, mqtt_clients(False))}")
-    print(f"MQTT subscriber (1 sub)   {await measure(n, mqtt_clients(True))}")
-    print(
-        f"WebSocket subscriber      {await measure(n, lambda k: clients(WS_CLIENTS, url, str(k)))}"
-    )
+    starts = {
+        "idle": mqtt_clients(False),
+        "sub": mqtt_clients(True),
+        "ws": lambda k: clients(WS_CLIENTS, url, str(k)),
+    }
+    for kind in kinds:
+        print(f"{kind} {await measure(n, starts[kind], traced):.2f}", flush=True)
     await ws.stop(1)
     await mqtt.stop(1)
     await gateway.close()
 
 
+def report(n: int) -> None:
+    """The traced pass for every kind in one server, then each kind's RSS pass in a fresh
+    server of its own (memory another pass freed would be reused and hide the growth)."""
+    run = [sys.executable, __file__, "--n", str(n), "--kinds"]
+    traced = dict(
+        line.split() for line in subprocess.check_output([*run, *KINDS], text=True).splitlines()
+    )
+    print(f"per client, {n} clients (server side)")
+    for kind, name in KINDS.items():
+        out = subprocess.check_output([*run, kind, "--rss"], text=True).split()
+        print(f"{name:<26}{float(traced[kind]):6.1f} kB traced  {float(out[1]):6.1f} kB RSS")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1000)
-    import uvloop
+    ap.add_argument("--kinds", nargs="+", choices=list(KINDS), help=argparse.SUPPRESS)
+    ap.add_argument("--rss", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.kinds is None:
+        report(args.n)
+    else:
+        import uvloop
 
-    uvloop.run(main(ap.parse_args().n))
+        uvloop.run(main(args.n, args.kinds, traced=not args.rss))

@@ -27,10 +27,12 @@ from the error table: 401, 403, 400, 404, 415, 503); once open, a refused frame 
 connection with the table's close code (1007, 1008, 1009, 1011) and the refusal's detail as the
 reason. Nothing is published unless every check passed.
 
-Delivery writes pre-encoded frames through a bounded :class:`~adapters.ws.outbox.Outbox` per
-connection; the size limit (close 1009) and the closing handshake are ``websockets``'; the
-keep-alive pings are the adapter's (in rounds, one timer for many connections, instead of the
-library's task per connection). On :meth:`WSAdapter.stop` connections are closed with 1001.
+Each connection is an asyncio protocol of the adapter's (:class:`WSConnection`) around the
+sans-I/O ``websockets.server.ServerProtocol``, as MQTT over WebSocket is: the request's parsing,
+the framing, the size limit (close 1009) and the closing handshake are the library's; an idle
+connection has no task. Delivery writes pre-encoded frames through a bounded
+:class:`~adapters.ws.outbox.Outbox` per connection; the keep-alive pings go in rounds, one
+timer for many connections. On :meth:`WSAdapter.stop` connections are closed with 1001.
 ``GET /`` (no upgrade) serves a small live dashboard page (``live.html``).
 """
 
@@ -45,19 +47,21 @@ import http
 import importlib.resources
 import logging
 import math
+import random
 import re
 import ssl
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConcurrencyError, ConnectionClosed
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import CONNECTING, OPEN
+from websockets.protocol import CONNECTING, OPEN, Event
+from websockets.server import ServerProtocol
 
 from adapters.ws.frames import FORMATS, FrameCache
 from adapters.ws.outbox import Outbox
@@ -118,58 +122,281 @@ _TOO_MANY = (
 _READ = Headers()  # what a connection keeps of its upgrade's headers, once read; never written
 
 
-class WSConnection(ServerConnection):
-    """A websockets server connection that carries its session and wakes its outbox when the
-    transport has room again. Each adapter makes its own subclass, with ``adapter`` set."""
+class WSConnection(asyncio.Protocol):
+    """One TCP (or TLS) connection of the listener: websockets' sans-I/O ``ServerProtocol``
+    for the upgrade and the framing, and what the upgrade decided.
 
-    # Slots: set after websockets' own attributes, they would make the instance's dict grow
-    # past its shared keys (1.5 kB per connection).
-    __slots__ = ("next_ping", "outbox", "refused", "session", "unregister")
-    adapter: WSAdapter
+    Events are handled as they are read, in order, each at once when it can be (a publish
+    whose rights are cached, a pong, a control frame). One that must wait (the upgrade's
+    checks, a publish that waits for the bus, an ``auth`` message) goes to a short task with
+    the events after it, and reading pauses until it is done: an idle connection has no task,
+    and holds no timer but its keep-alive round's entry."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    __slots__ = (
+        "adapter", "busy", "closing", "counted", "fragments", "gone", "latency", "next_ping",
+        "outbox", "paused", "ping", "refused", "session", "sub", "text", "timer", "transport",
+        "unregister", "ws",
+    )  # fmt: skip
+
+    def __init__(self, adapter: WSAdapter) -> None:
+        self.adapter = adapter
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
+        self.ws = ServerProtocol(max_size=adapter.gateway.limits.max_payload, logger=adapter.logger)
         self.session: Session | None = None
         self.outbox: Outbox | None = None
+        self.sub: Subscription | None = None
         self.refused = False  # Conduit closed it for a refusal (already counted)
         self.unregister: Callable[[], None] | None = None  # from the gateway's connections
         self.next_ping: int | None = None  # the keep-alive round of its next ping
+        self.ping: tuple[bytes, float] | None = None  # the ping awaiting its pong, and when
+        self.latency = 0.0  # of the last ping answered, in seconds
+        self.timer: asyncio.TimerHandle | None = None  # upgrade, pong or closing deadline
+        self.fragments: list[bytes] | None = None  # a fragmented message's frames so far
+        self.text = False  # whether that message is text
+        self.counted = False  # counted in the open connections (a publisher only)
+        self.busy = False  # a task handles an event; the events after it wait for it
+        self.paused = False  # the transport's buffer is full
+        self.closing = False  # the closing handshake started: its deadline is set
+        self.gone = False  # connection_lost
 
+    # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         adapter = self.adapter
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
         if len(adapter.tcp_connections) >= adapter.limits.max_connections:
+            self.gone = True
             adapter.gateway.refused_input(
                 adapter.protocol, "connection_limit", "too many connections", None
             )
             body = orjson.dumps(
                 plain_problem(503, "Service Unavailable", "too many connections; retry later")
             )
-            transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
             transport.write(_TOO_MANY % (len(body), body))
             transport.close()
             return
         adapter.tcp_connections.add(self)
-        super().connection_made(transport)
+        transport.set_write_buffer_limits(adapter.write_limit)
+        self._deadline(adapter.limits.header_timeout, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self.gone:
+            return
+        try:
+            self.ws.receive_data(data)
+        except EOFError:  # data after the end of the stream
+            return
+        self.flush()
+        if not self.busy:
+            self._handle(self.ws.events_received())
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self.flush()
+        if not self.busy:
+            self._handle(self.ws.events_received())
+        return None  # the transport closes: WebSocket has its own closing handshake
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.adapter.no_ping(self)
-        if self in self.adapter.tcp_connections:
-            self.adapter.tcp_connections.discard(self)
-            super().connection_lost(exc)
+        if self.gone:
+            return
+        self.gone = True
+        with contextlib.suppress(EOFError):
+            self.ws.receive_eof()  # CLOSED: sinks and pings see it
+        self._deadline(None, None)
+        self.adapter.ended(self)
+
+    def pause_writing(self) -> None:
+        self.paused = True
 
     def resume_writing(self) -> None:
-        super().resume_writing()
+        self.paused = False
         # asyncio's transports allow writing from resume_writing (it "may append to buffer").
         if self.outbox is not None:
             self.outbox.flush()
 
+    # events
+    def _handle(self, events: list[Event]) -> None:
+        """Handle ``events`` in order; the first that must wait takes the rest to its task."""
+        for i, event in enumerate(events):
+            waiting = self._event(event)
+            if waiting is not None:
+                self.busy = True
+                if not self.transport.is_closing():
+                    self.transport.pause_reading()
+                self.adapter.spawn(self._after(waiting, events[i + 1 :]))
+                return
+        self.flush()
 
-async def _discard(connection: ServerConnection) -> None:
-    """Read and drop what the client still sends, until the connection closes (unless the
-    connection's own task is reading already: then it drains it)."""
-    with contextlib.suppress(ConnectionClosed, ConcurrencyError):
-        while True:
-            await connection.recv()
+    async def _after(self, waiting: Awaitable[None], events: list[Event]) -> None:
+        try:
+            await waiting
+        except Exception:
+            client_id = self.session.identity.client_id if self.session else "-"
+            log.exception("ws connection of client %s failed", client_id)
+            self.refuse(UnavailableError("internal error"))
+        finally:
+            self.busy = False
+        if self.gone:
+            return
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._handle(events + self.ws.events_received())
+
+    def _event(self, event: Event) -> Awaitable[None] | None:
+        if isinstance(event, Request):
+            return self.adapter.open(self, event)
+        if not isinstance(event, Frame):
+            return None  # a server receives no HTTP response
+        opcode = event.opcode
+        if opcode is Opcode.PONG:
+            self._pong(bytes(event.data))
+            return None
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if not event.fin:
+                self.fragments = [bytes(event.data)]
+                self.text = opcode is Opcode.TEXT
+                return None
+            return self._message(bytes(event.data), opcode is Opcode.TEXT)
+        if opcode is Opcode.CONT and self.fragments is not None:
+            self.fragments.append(bytes(event.data))
+            if not event.fin:
+                return None
+            data, self.fragments = b"".join(self.fragments), None
+            return self._message(data, self.text)
+        return None  # ping, close: answered by the protocol
+
+    def _message(self, data: bytes, text: bool) -> Awaitable[None] | None:
+        """A whole message from the client: published to the connection's topic, or an
+        in-band ``auth`` message (envelope format)."""
+        session = self.session
+        if session is None or self.refused:
+            # Closed by Conduit: what the client still sends is read and dropped. (The
+            # protocol's state is not the test: a close frame read with this message has
+            # moved it on already, and what came before the close counts.)
+            return None
+        adapter = self.adapter
+        try:
+            if text:
+                try:
+                    frame = data.decode()
+                except UnicodeDecodeError as exc:
+                    self.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                    return None
+                if session.envelope:
+                    token = auth_token(frame)
+                    if token is not None:
+                        return adapter.reauthenticate(self, token)
+            topic = session.topic
+            if topic is None:
+                assert session.refusal is not None
+                raise session.refusal
+            content_type = session.content_type or (JSON if text else OCTETS)
+            published = adapter.gateway.publish_nowait(
+                session.identity, topic, data, content_type, adapter.protocol
+            )
+            if published is None:
+                return self._publish(topic, data, content_type)
+        except ConduitError as exc:
+            self.refuse(exc)
+        return None
+
+    async def _publish(self, topic: Topic, data: bytes, content_type: str) -> None:
+        session = self.session
+        assert session is not None
+        adapter = self.adapter
+        try:
+            await adapter.gateway.publish(
+                session.identity, topic, data, content_type, adapter.protocol
+            )
+        except ConduitError as exc:
+            self.refuse(exc)
+
+    # writing and closing
+    def flush(self) -> None:
+        """Write what the protocol has to send; at its end of stream, half-close (TCP) or
+        close (TLS), and give the client ``close_timeout`` to close its side."""
+        transport = self.transport
+        for data in self.ws.data_to_send():
+            if data:
+                transport.write(data)
+            else:
+                if transport.can_write_eof():
+                    with contextlib.suppress(Exception):  # uvloop may raise RuntimeError
+                        transport.write_eof()
+                else:
+                    transport.close()
+                self._closing()
+        if not self.closing and self.ws.close_expected():
+            self._closing()
+
+    def send_text(self, text: bytes) -> None:
+        if self.ws.state is OPEN:
+            self.ws.send_text(text)
+            self.flush()
+
+    def refuse(self, error: ConduitError) -> None:
+        """Close for a refusal (counted), with the error table's close code and the detail."""
+        if self.refused:
+            return
+        self.adapter.gateway.refused(self.adapter.protocol, error, self.client_id)
+        self.close(error.condition.answer.ws_close or INTERNAL_ERROR, error.detail)
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake (nothing more is delivered or published)."""
+        self.refused = True
+        if self.outbox is not None:
+            self.outbox.clear()
+        if self.ws.state is OPEN:
+            self.ws.send_close(code, close_reason(reason))
+            self.flush()
+
+    def fail(self, code: int, reason: str) -> None:
+        self.refused = True
+        self.ws.fail(code, reason)
+        self.flush()
+
+    def _closing(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self._deadline(self.adapter.close_timeout, self.transport.abort)
+
+    def _deadline(self, delay: float | None, then: Callable[[], None] | None) -> None:
+        """The connection's one timer: the upgrade's, the pong's or the closing's."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if delay is not None and then is not None:
+            self.timer = asyncio.get_running_loop().call_later(delay, then)
+
+    # keep-alive
+    def send_ping(self) -> None:
+        if self.ws.state is not OPEN or self.closing:
+            return
+        data = struct.pack("!I", random.getrandbits(32))
+        self.ping = (data, asyncio.get_running_loop().time())
+        self.ws.send_ping(data)
+        self.flush()
+        if self.adapter.ping_timeout is not None:
+            self._deadline(self.adapter.ping_timeout, self._no_pong)
+
+    def _pong(self, data: bytes) -> None:
+        ping = self.ping
+        if ping is None or data != ping[0] or self.closing:
+            return  # unsolicited
+        self.latency = asyncio.get_running_loop().time() - ping[1]
+        self.ping = None
+        self._deadline(None, None)
+        self.adapter.keep_alive(self)
+
+    def _no_pong(self) -> None:
+        self.timer = None
+        log.info("closing ws connection: no pong within %g s", self.adapter.ping_timeout)
+        self.close(INTERNAL_ERROR, "keepalive ping timeout")
+
+    @property
+    def client_id(self) -> str:
+        return self.session.identity.client_id if self.session is not None else "-"
 
 
 class _RedactingLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -306,38 +533,29 @@ class WSAdapter(Listening):
         self.limits = limits or ListenerLimits()
         # Every TCP connection, upgraded or not (websockets' own list has the upgraded ones).
         self.tcp_connections: set[WSConnection] = set()
-        self._connection_class = type("WSConnection", (WSConnection,), {"adapter": self})
-        self._servers: list[Server] = []
+        self.logger = _RedactingLogger(log.getChild("websockets"), {})
+        self._servers: list[asyncio.Server] = []
         self._bound: dict[str, int] = {}
         self._frames = FrameCache()
         self._tasks: set[asyncio.Task[None]] = set()
         self._rounds: dict[int, set[WSConnection]] = {}  # keep-alive rounds, by due time
         self._stopping = False
+        self._empty: asyncio.Event | None = None  # set when the last connection ends (stop)
         self._uncounted = 0
         self._count_scheduled = False
 
     # lifecycle
     async def start(self) -> None:
         """Listen on every endpoint (:class:`~core.listeners.ListenError` if one is taken)."""
+        loop = asyncio.get_running_loop()
         try:
             for endpoint in self.endpoints:
                 try:
-                    server = await serve(
-                        self._serve,
+                    server = await loop.create_server(
+                        functools.partial(WSConnection, self),
                         endpoint.host,
                         endpoint.port,
-                        process_request=self._upgrade,
-                        create_connection=self._connection_class,
-                        open_timeout=self.limits.header_timeout,
-                        logger=_RedactingLogger(log.getChild("websockets"), {}),
-                        compression=None,  # frames are encoded once for every subscriber
-                        max_size=self.gateway.limits.max_payload,
-                        ping_interval=None,  # the adapter's keep-alive (_keep_alive)
-                        ping_timeout=None,
-                        close_timeout=self.close_timeout,
-                        write_limit=self.write_limit,
                         ssl=endpoint.tls,
-                        server_header=None,
                         reuse_address=True,
                     )
                 except OSError as exc:
@@ -355,30 +573,42 @@ class WSAdapter(Listening):
             return
         self._stopping = True
         for server in servers:
-            server.close(close_connections=True, code=GOING_AWAY, reason="server shutting down")
-        for pending in list(self.tcp_connections):  # not upgraded yet: nothing to finish
-            if pending.protocol.state is CONNECTING:
-                pending.transport.abort()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(server.wait_closed() for server in servers))
-        except TimeoutError:
-            # Peers that do not read cannot complete the closing handshake.
-            for server in servers:
-                for connection in server.connections:
-                    connection.transport.abort()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await asyncio.gather(*(server.wait_closed() for server in servers))
+            server.close()
+        for connection in list(self.tcp_connections):
+            if connection.ws.state is CONNECTING:  # not upgraded yet: nothing to finish
+                connection.transport.abort()
+            else:
+                self._end(connection, "server shutting down")
+        if not await self._drained(timeout):
+            for connection in list(self.tcp_connections):  # peers that do not read
+                connection.transport.abort()
+            await self._drained(1.0)
+        if self._tasks:  # unsubscriptions of the connections that ended
+            await asyncio.wait(list(self._tasks), timeout=1.0)
         self._flush_count()
 
+    async def _drained(self, timeout: float) -> bool:
+        """Whether every connection ended within ``timeout`` seconds."""
+        if self.tcp_connections:
+            self._empty = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._empty.wait()
+        return not self.tcp_connections
+
     @property
-    def connections(self) -> list[ServerConnection]:
-        """The open WebSocket connections."""
-        return [c for server in self._servers for c in server.connections]
+    def connections(self) -> list[WSConnection]:
+        """The upgraded connections, until they end."""
+        return [c for c in self.tcp_connections if c.ws.state is not CONNECTING]
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run ``work`` in a task the adapter keeps until it is done."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # upgrade
-    async def _upgrade(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _upgrade(self, connection: WSConnection, request: Request) -> Response | None:
         """Authenticate and authorize before the 101: refusals are plain HTTP answers."""
         gateway = self.gateway
         gateway.metrics.reqs[self.protocol].inc()
@@ -479,103 +709,98 @@ class WSAdapter(Listening):
         return None
 
     # connection
-    async def _serve(self, connection: ServerConnection) -> None:
-        assert isinstance(connection, WSConnection) and connection.session is not None
-        # The upgrade's headers were read: websockets keeps the request and the response
-        # for the life of the connection (2-3 kB), their headers are never read again.
-        assert connection.request is not None and connection.response is not None
-        connection.request.headers = connection.response.headers = _READ
-        session = connection.session
+    async def open(self, connection: WSConnection, request: Request) -> None:
+        """The upgrade: the checks, then the 101 (or the refusal), then the subscription."""
+        ws = connection.ws
+        response = await self._upgrade(connection, request)
+        if connection.gone:
+            return
+        if response is None:
+            response = ws.accept(request)
+        # The protocol's parser keeps the request for the connection's life; its headers
+        # (2-3 kB) are not read again.
+        request.headers = _READ
+        ws.send_response(response)
+        connection.flush()
+        if response.status_code == 101 and connection.session is not None:
+            connection._deadline(None, None)  # the upgrade's deadline
+            await self._opened(connection, connection.session)
+
+    async def _opened(self, connection: WSConnection, session: Session) -> None:
         gateway = self.gateway
-        client_id = session.identity.client_id
-        sub: Subscription | None = None
-        counted = False
         connection.unregister = gateway.connected(
             session.identity, functools.partial(self._end, connection)
         )
-        self._keep_alive(connection)
+        self.keep_alive(connection)
+        if not session.subscribes:
+            gateway.metrics.conns[self.protocol].inc()
+            connection.counted = True
+            return
+        outbox = Outbox(
+            connection,
+            self._frames.envelope if session.envelope else self._frames.raw,
+            gateway.limits.queue_size,
+            self._count,
+        )
         try:
-            if session.subscribes:
-                outbox = Outbox(
-                    connection,
-                    self._frames.envelope if session.envelope else self._frames.raw,
-                    gateway.limits.queue_size,
-                    self._count,
-                )
-                try:
-                    sub = await gateway.subscribe(
-                        session.identity,
-                        session.filter,
-                        self.protocol,
-                        sink=outbox.offer,
-                        on_close=functools.partial(self._subscription_closed, connection),
-                    )
-                except ConduitError as exc:
-                    gateway.refused(self.protocol, exc, client_id)
-                    await self._close(connection, exc)
-                    return
-                connection.outbox = outbox
-            else:
-                gateway.metrics.conns[self.protocol].inc()
-                counted = True
-            publish = gateway.publish
-            recv = connection.recv
-            while True:
-                data = await recv()  # ConnectionClosed when it ends
-                try:
-                    if session.envelope and isinstance(data, str):
-                        token = auth_token(data)
-                        if token is not None:
-                            await self._reauthenticate(connection, token, sub)
-                            continue
-                    topic = session.topic
-                    if topic is None:
-                        assert session.refusal is not None
-                        raise session.refusal
-                    if isinstance(data, str):
-                        payload = data.encode()
-                        content_type = session.content_type or JSON
-                    else:
-                        payload = data
-                        content_type = session.content_type or OCTETS
-                    await publish(session.identity, topic, payload, content_type, self.protocol)
-                except ConduitError as exc:
-                    gateway.refused(self.protocol, exc, client_id)
-                    await self._close(connection, exc)
-                    break
-        except ConnectionClosed:
-            pass
-        except Exception:
-            log.exception("ws connection of client %s failed", client_id)
-            await self._close(connection, UnavailableError("internal error"))
-        finally:
-            if connection.unregister is not None:
-                connection.unregister()
-                connection.unregister = None
-            connection.outbox = None
-            if sub is not None:
-                await gateway.unsubscribe(sub, "connection closed")
-            if counted:
-                gateway.metrics.conns[self.protocol].dec()
-            self._closed_by_websockets(connection, client_id)
+            sub = await gateway.subscribe(
+                session.identity,
+                session.filter,
+                self.protocol,
+                sink=outbox.offer,
+                on_close=functools.partial(self._subscription_closed, connection),
+            )
+        except ConduitError as exc:
+            connection.refuse(exc)
+            return
+        if connection.gone:  # it ended while the subscription was made
+            await gateway.unsubscribe(sub, "connection closed")
+            return
+        connection.sub = sub
+        connection.outbox = outbox
 
-    async def _reauthenticate(
-        self, connection: WSConnection, token: str, sub: Subscription | None
-    ) -> None:
+    def ended(self, connection: WSConnection) -> None:
+        """The connection is gone: it leaves the adapter, the gateway and the bus."""
+        self.tcp_connections.discard(connection)
+        if not self.tcp_connections and self._empty is not None:
+            self._empty.set()
+        self.no_ping(connection)
+        if connection.unregister is not None:
+            connection.unregister()
+            connection.unregister = None
+        if connection.outbox is not None:
+            connection.outbox.clear()
+            connection.outbox = None
+        if connection.sub is not None:
+            self.spawn(self.gateway.unsubscribe(connection.sub, "connection closed"))
+            connection.sub = None
+        if connection.counted:
+            connection.counted = False
+            self.gateway.metrics.conns[self.protocol].dec()
+        if connection.session is not None:
+            self._closed_by_websockets(connection)
+
+    async def reauthenticate(self, connection: WSConnection, token: str) -> None:
         """An in-band ``auth`` message: a fresh broker token of the same client. The
         connection's rights and expiry become the new token's, in place: it publishes only if
         the new token allows it, and its subscription ends (closing it, 1008) if that is no
         longer allowed. Answered ``{"type": "auth", "status": "ok", "expires_at": ...}``;
-        ConduitError when refused (the caller closes the connection with its code)."""
+        refused with the error's close code."""
         session = connection.session
         assert session is not None
         gateway = self.gateway
         old = session.identity
-        identity = await gateway.authenticate(
-            Credentials(token=token, certificate=session.certificate)
-        )
-        if (identity.domain, identity.client_id) != (old.domain, old.client_id):
-            raise AuthenticationError("re-authentication with another client's token")
+        try:
+            identity = await gateway.authenticate(
+                Credentials(token=token, certificate=session.certificate)
+            )
+            if (identity.domain, identity.client_id) != (old.domain, old.client_id):
+                raise AuthenticationError("re-authentication with another client's token")
+        except ConduitError as exc:
+            connection.refuse(exc)
+            return
+        if connection.gone:
+            return
         session.identity = identity
         if connection.unregister is not None:
             connection.unregister()
@@ -588,39 +813,18 @@ class WSAdapter(Listening):
             session.topic = (
                 Topic(flt.domain, flt.channel, flt.subtopic) if session.refusal is None else None
             )
-        if sub is not None:
-            await gateway.reauthenticate([sub], identity)
+        if connection.sub is not None:
+            await gateway.reauthenticate([connection.sub], identity)
         expires = int(identity.expires) if identity.expires is not None else None
-        answer = {"type": "auth", "status": "ok", "expires_at": expires}
-        await connection.send(orjson.dumps(answer).decode())
-
-    async def _close(self, connection: WSConnection, error: ConduitError) -> None:
-        connection.refused = True
-        code = error.condition.answer.ws_close or INTERNAL_ERROR
-        await self._close_with(connection, code, error.detail)
-
-    async def _close_with(self, connection: ServerConnection, code: int, reason: str) -> None:
-        # close() waits for the transport to drain: a peer that stopped reading would hold it
-        # forever, so the closing handshake gets close_timeout, then the TCP connection goes.
-        # Frames the client sent before it saw the close are read and dropped meanwhile:
-        # left in websockets' queue they would stop it reading, and the client's close frame
-        # behind them would wait for the timeout.
-        discard = asyncio.ensure_future(_discard(connection))
-        try:
-            async with asyncio.timeout(self.close_timeout):
-                await connection.close(code, close_reason(reason))
-        except TimeoutError:
-            connection.transport.abort()
-        finally:
-            discard.cancel()
+        connection.send_text(orjson.dumps({"type": "auth", "status": "ok", "expires_at": expires}))
 
     # keep-alive: websockets' own is a task per connection that sleeps between pings (1.4 kB
     # each), and a timer per connection costs 0.7 kB in uvloop. Here the connections due for
     # a ping are grouped in rounds of a tenth of the interval (at most a second), one timer
     # per round: an idle connection is one entry in a set.
-    def _keep_alive(self, connection: WSConnection) -> None:
+    def keep_alive(self, connection: WSConnection) -> None:
         """Ping ``connection`` once ``ping_interval`` seconds have passed (up to a round more)."""
-        if self.ping_interval is None or connection.protocol.state is not OPEN:
+        if self.ping_interval is None or connection.ws.state is not OPEN:
             return
         loop = asyncio.get_running_loop()
         tick = min(1.0, self.ping_interval / 10)
@@ -640,27 +844,11 @@ class WSAdapter(Listening):
         connection.next_ping = None
 
     def _ping_round(self, due: int) -> None:
-        loop = asyncio.get_running_loop()
+        """One ping to each connection of the round; each comes back in a round when its pong
+        comes, or is closed (1011) when none came within ``ping_timeout``."""
         for connection in self._rounds.pop(due, ()):
             connection.next_ping = None
-            task = loop.create_task(self._ping_and_wait(connection))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _ping_and_wait(self, connection: WSConnection) -> None:
-        """One ping; the next one once its pong came, or a close 1011 when no pong came within
-        ``ping_timeout`` (as websockets' keep-alive does)."""
-        try:
-            pong = await connection.ping()
-            async with asyncio.timeout(self.ping_timeout):
-                await pong
-        except ConnectionClosed:
-            return
-        except TimeoutError:
-            log.info("closing ws connection: no pong within %g s", self.ping_timeout)
-            await self._close_with(connection, INTERNAL_ERROR, "keepalive ping timeout")
-            return
-        self._keep_alive(connection)
+            connection.send_ping()
 
     def _subscription_closed(
         self, connection: WSConnection, sub: Subscription, reason: str
@@ -670,29 +858,25 @@ class WSAdapter(Listening):
         self._end(connection, reason)
 
     def _end(self, connection: WSConnection, reason: str) -> None:
-        """Close an open connection from outside its task (its subscription ended, its client
-        was disabled or deleted), with the reason."""
-        if connection.protocol.state is not OPEN or connection.refused:
+        """Close an open connection from outside (its subscription ended, its client was
+        disabled or deleted, the server stops), with the reason."""
+        if connection.ws.state is not OPEN or connection.refused:
             return
-        connection.refused = True
-        if connection.outbox is not None:
-            connection.outbox.clear()
         code = GOING_AWAY if self._stopping or self.gateway.closing else POLICY_VIOLATION
-        client_id = connection.session.identity.client_id if connection.session else "-"
-        log.info("closing ws client=%s code=%d: %s", client_id, code, reason)
-        task = asyncio.get_running_loop().create_task(self._close_with(connection, code, reason))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        log.info("closing ws client=%s code=%d: %s", connection.client_id, code, reason)
+        connection.close(code, reason)
 
-    def _closed_by_websockets(self, connection: WSConnection, client_id: str) -> None:
+    def _closed_by_websockets(self, connection: WSConnection) -> None:
         """Count what websockets itself refused: a message over the size limit (1009)."""
-        sent = connection.protocol.close_sent
+        sent = connection.ws.close_sent
         if sent is None or connection.refused:
             return
         if sent.code == TooLargeError.condition.answer.ws_close:
-            self.gateway.refused(self.protocol, TooLargeError(sent.reason), client_id)
+            self.gateway.refused(self.protocol, TooLargeError(sent.reason), connection.client_id)
         elif sent.code not in (1000, GOING_AWAY):
-            log.info("ws client=%s closed with %d: %s", client_id, sent.code, sent.reason)
+            log.info(
+                "ws client=%s closed with %d: %s", connection.client_id, sent.code, sent.reason
+            )
 
     # delivery count: one metrics update per event-loop turn, not one per frame
     def _count(self, n: int) -> None:

@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from websockets.asyncio.connection import Connection
 from websockets.protocol import OPEN
 
 from core.message import Message
+
+if TYPE_CHECKING:
+    from adapters.ws.adapter import WSConnection
 
 CHUNK = 64 * 1024  # bytes joined into one write; bounds the copy when a long queue drains
 
@@ -33,7 +36,7 @@ class Outbox:
 
     def __init__(
         self,
-        connection: Connection,
+        connection: WSConnection,
         encode: Callable[[Message], bytes],
         limit: int,
         count: Callable[[int], None],
@@ -53,7 +56,7 @@ class Outbox:
     def offer(self, message: Message) -> bool:
         """Queue one message for this turn's write; False when the queue is full (a loss)."""
         conn = self._connection
-        if conn.protocol.state is not OPEN:
+        if conn.ws.state is not OPEN:
             return True  # closing: the subscription goes with the connection, nothing to count
         queue = self._queue
         if queue is None:
@@ -73,7 +76,7 @@ class Outbox:
         queue = self._queue
         if queue is None:
             return
-        if conn.protocol.state is not OPEN:
+        if conn.ws.state is not OPEN:
             self._queue = None
             return
         written = 0
