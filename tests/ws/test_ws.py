@@ -13,6 +13,7 @@ import cbor2
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 
+from adapters.ws import WSAdapter
 from core.bus import Subscription
 from core.credentials import Credentials
 from core.message import Message
@@ -247,3 +248,43 @@ async def test_dashboard_page(ws: str) -> None:
         assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp
         page = await r.text()
     assert "format=envelope" in page and "textContent" in page
+
+
+async def test_a_fragmented_message_is_published_whole(
+    world: World, ws: str, watch: Subscription
+) -> None:
+    """A message sent in several frames (a first frame and continuations) is one message."""
+    url = f"{ws}/m/acme/c/temps/t?mode=publish"
+    async with connect(url, additional_headers=client(world.publisher.secret)) as conn:
+        await conn.send(iter(["[1,", " 2", ", 3]"]))  # text, in three frames
+        await conn.send(iter([b"\x00\x01", b"\x02"]))  # binary, in two
+    text, binary = await published(watch), await published(watch)
+    assert (text.payload, text.content_type) == (b"[1, 2, 3]", "application/json")
+    assert (binary.payload, binary.content_type) == (b"\x00\x01\x02", "application/octet-stream")
+
+
+async def test_a_text_frame_that_is_not_utf8_closes_with_1007(
+    world: World, ws_adapter: WSAdapter, watch: Subscription
+) -> None:
+    """RFC 6455 8.1: a text message must be UTF-8; one that is not fails the connection
+    (1007) and is not published. Sent raw: a client library would not send it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", ws_adapter.port)
+    writer.write(
+        b"GET /m/acme/c/temps/t?mode=publish HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\nAuthorization: Client "
+        + world.publisher.secret.encode()
+        + b"\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    payload, mask = b"\xff\xfe", b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    writer.write(bytes((0x81, 0x80 | len(payload))) + mask + masked)  # a masked text frame
+    first, second = await asyncio.wait_for(reader.readexactly(2), 5)
+    data = await reader.readexactly(second & 0x7F)
+    assert first & 0x0F == 0x8  # a close frame
+    assert int.from_bytes(data[:2], "big") == 1007
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert drain(watch) == []
