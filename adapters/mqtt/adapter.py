@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections.abc import Callable, Sequence
 
+from adapters import tls
 from adapters.mqtt.channel import subscription_closed
 from adapters.mqtt.connection import ConnectionSet, TCPConnection
 from adapters.mqtt.options import Options
@@ -22,6 +23,7 @@ from adapters.mqtt.publish import PROTOCOL, content_type_of
 from adapters.mqtt.session import Session
 from adapters.mqtt.sessions import HANDOVER_WAIT, SessionRegistry
 from adapters.mqtt.ws import WebSocketConnection
+from adapters.tls import TLSServer
 from core.content import OCTETS
 from core.gateway import Gateway
 from core.listeners import Endpoint, ListenError, Listening
@@ -105,7 +107,7 @@ class MQTTAdapter(Listening):
         self.registry = SessionRegistry(gateway, self.options, self.connections.spawn)
         self.registry.handover_wait = handover_wait
         self._unlisten: Callable[[], None] | None = None
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.Server | TLSServer] = []
         self._sweeper: asyncio.TimerHandle | None = None
 
     # What tests and operators read of a running adapter.
@@ -159,15 +161,16 @@ class MQTTAdapter(Listening):
             self._unlisten = self.gateway.on_change(self.registry.changed)
         for endpoint in self.endpoints:
             kind = WebSocketConnection if endpoint.websocket else TCPConnection
+            factory = functools.partial(kind, self.connections, self.registry)
             try:
-                server = await loop.create_server(
-                    functools.partial(kind, self.connections, self.registry),
-                    endpoint.host,
-                    endpoint.port,
-                    ssl=endpoint.tls,
-                    reuse_address=True,
-                    backlog=4096,
-                )
+                if endpoint.tls is not None:
+                    server: asyncio.Server | TLSServer = await tls.create_server(
+                        factory, endpoint.host, endpoint.port, endpoint.tls, backlog=4096
+                    )
+                else:
+                    server = await loop.create_server(
+                        factory, endpoint.host, endpoint.port, reuse_address=True, backlog=4096
+                    )
             except OSError as exc:
                 for server in self._servers:
                     server.close()
