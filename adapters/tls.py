@@ -8,8 +8,8 @@ saw, a read buffer, and the Python objects around them: 35 kB of server RSS per 
 mutual-TLS connection on this kind of machine, against Mosquitto's 24 kB, whose OpenSSL reads
 and writes the socket itself. :class:`TLSTransport` does what Mosquitto does: the
 ``SSLSocket`` reads and writes its file descriptor, and the event loop only says when it is
-readable or writable (``add_reader``/``add_writer``): 25 kB in the same measure
-(docs/performance.md). The handshake, the certificate checks and the cryptography stay
+readable or writable (``add_reader``/``add_writer``): 24.6 kB for a bare server in the same
+measure, 26.9 kB for Conduit's MQTTS (docs/performance.md). The handshake, the certificate checks and the cryptography stay
 OpenSSL's, through Python's ``ssl`` module and the listener's :class:`ssl.SSLContext` (reloaded
 in place, as before); only the plumbing between the socket and the protocol is here.
 

@@ -213,8 +213,9 @@ class Conduit:
             raise StartupError(str(exc)) from None
         try:
             tls = server_context(
-                s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_client_auth, s.tls_crl
-            )
+                s.tls_cert, s.tls_key, s.tls_client_ca, s.tls_client_auth, s.tls_crl,
+                session_tickets=s.tls_session_tickets,
+            )  # fmt: skip
         except TLSFileError as exc:
             raise StartupError(str(exc)) from None
         self.tls = tls  # every TLS listener's context: reload_tls() loads the files into it

@@ -203,6 +203,14 @@ class Settings(BaseSettings):
         description="PEM file: the CRL of tls_client_ca; revoked client certificates are refused"
         " in the handshake",
     )
+    tls_session_tickets: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="TLS 1.3 session tickets sent after each full handshake, for the client to"
+        " resume with (0: no resumption; none when tls_crl is set, since a resumed session is not"
+        " checked against the CRL)",
+    )
     mtls_identity: Literal["client_id", "secret"] = Field(
         "client_id",
         description="What a client certificate's CN is: the client's id, or its secret"

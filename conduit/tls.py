@@ -16,6 +16,11 @@ from typing import Literal
 
 # TLS 1.2 suites: ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 (TLS 1.3's are fixed).
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# TLS 1.3 session tickets after a full handshake (OpenSSL sends 2). One is what a device that
+# reconnects needs: it resumes with it and gets a fresh one. Each is more than a kilobyte in
+# mutual TLS (it carries the client's certificate) and costs the server about as much again as
+# a tenth of the handshake (docs/performance.md).
+SESSION_TICKETS = 1
 
 
 class TLSFileError(ValueError):
@@ -31,10 +36,14 @@ def server_context(
     client_ca: Path | None = None,
     client_auth: ClientAuth = "none",
     crl: Path | None = None,
+    *,
+    session_tickets: int = SESSION_TICKETS,
 ) -> ssl.SSLContext | None:
     """The context for ``tls_cert`` and ``tls_key``; None when neither is set. With
     ``client_auth`` ``optional`` or ``required``, clients are asked for a certificate that
-    ``client_ca`` (``tls_client_ca``, PEM) issued (mutual TLS), checked against ``crl``."""
+    ``client_ca`` (``tls_client_ca``, PEM) issued (mutual TLS), checked against ``crl``.
+    ``session_tickets``: TLS 1.3 tickets sent after a full handshake (0: no resumption; none
+    with a CRL, which a resumed session would not be checked against)."""
     if crl is not None and client_auth == "none":
         raise TLSFileError(
             "tls_crl is set but tls_client_auth is none: no client certificate to check"
@@ -51,6 +60,7 @@ def server_context(
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(CIPHERS)
+    context.num_tickets = session_tickets
     _load(context, cert, key, client_ca if client_auth != "none" else None, crl)
     if client_auth != "none":
         context.verify_mode = ssl.CERT_REQUIRED if client_auth == "required" else ssl.CERT_OPTIONAL
@@ -94,6 +104,9 @@ def _load(
             _check_crl(crl)
             context.load_verify_locations(cafile=crl)
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            # A resumed session skips the certificate checks: a certificate revoked since its
+            # ticket was issued would come back with the ticket.
+            context.num_tickets = 0
 
 
 def _check_ca(path: Path) -> None:

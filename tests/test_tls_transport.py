@@ -50,6 +50,7 @@ class Recorder(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: tls.TLSTransport | None = None
+        self.certificate: bytes | None = None  # the client's, as the handshake left it
         self.data = bytearray()
         self.events: list[str] = []
         self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
@@ -58,6 +59,7 @@ class Recorder(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, tls.TLSTransport)
         self.transport = transport
+        self.certificate = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
         self.events.append("made")
 
     def data_received(self, data: bytes) -> None:
@@ -120,7 +122,7 @@ async def test_the_peer_certificate_data_both_ways_and_close_notify(
     await until(lambda: Recorder.made and Recorder.made[0].data == b"hello")
     (proto,) = Recorder.made
     assert proto.transport is not None
-    der = proto.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    der = proto.certificate
     pem = (pki / "client.pem").read_text()
     first = pem[: pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")]
     assert der == ssl.PEM_cert_to_DER_cert(first)
@@ -220,3 +222,73 @@ async def test_close_of_the_server_cuts_handshakes_in_progress(
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", bound)
     writer.close()
+
+
+class Echo(Recorder):
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+def resumes(port: int, pki: Path) -> tuple[bool, bool]:
+    """A blocking client connects twice, the second time with the first's session: whether a
+    ticket came, and whether the second handshake resumed."""
+    context = client_context(pki)
+    with context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1"
+    ) as first:
+        first.sendall(b"x")
+        assert first.recv(1) == b"x"  # the tickets come before it
+        session = first.session
+    assert session is not None
+    with context.wrap_socket(
+        socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1", session=session
+    ) as second:
+        second.sendall(b"y")
+        assert second.recv(1) == b"y"
+        return session.has_ticket, second.session_reused
+
+
+@pytest.mark.parametrize("tickets", [1, 0])
+async def test_session_tickets_resume_with_the_client_certificate(pki: Path, tickets: int) -> None:
+    """With the default (one TLS 1.3 ticket) a client resumes, and the resumed connection still
+    carries its certificate, its identity; with 0 it makes a full handshake again."""
+    from conduit.tls import SESSION_TICKETS
+    from conduit.tls import server_context as conduit_context
+
+    assert SESSION_TICKETS == 1
+    context = conduit_context(
+        pki / "server.pem", pki / "server.key", pki / "ca.pem", "optional",
+        session_tickets=tickets,
+    )  # fmt: skip
+    assert context is not None
+    Recorder.made = []
+    srv = await tls.create_server(Echo, "127.0.0.1", 0, context)
+    try:
+        ticket, reused = await asyncio.to_thread(resumes, port(srv), pki)
+        assert (ticket, reused) == ((True, True) if tickets else (False, False))
+        await until(lambda: len(Recorder.made) == 2)
+        first, second = (made.certificate for made in Recorder.made)
+        assert first is not None and second == first
+    finally:
+        srv.close()
+
+
+async def test_no_tickets_when_a_crl_is_checked(pki: Path) -> None:
+    """A resumed handshake skips the certificate checks, the CRL's too: with a CRL there is no
+    resumption."""
+    from conduit.tls import server_context as conduit_context
+
+    ca = certs.load_ca(pki)
+    (pki / "crl.pem").write_bytes(certs.make_crl(ca, {}))
+    context = conduit_context(
+        pki / "server.pem", pki / "server.key", pki / "ca.pem", "optional", pki / "crl.pem"
+    )
+    assert context is not None and context.num_tickets == 0
+    Recorder.made = []
+    srv = await tls.create_server(Echo, "127.0.0.1", 0, context)
+    try:
+        assert await asyncio.to_thread(resumes, port(srv), pki) == (False, False)
+    finally:
+        srv.close()

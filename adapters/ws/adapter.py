@@ -63,6 +63,8 @@ from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING, OPEN, Event
 from websockets.server import ServerProtocol
 
+from adapters import tls
+from adapters.tls import TLSServer
 from adapters.ws.frames import FORMATS, FrameCache
 from adapters.ws.outbox import Outbox
 from core.bus import Subscription
@@ -534,7 +536,7 @@ class WSAdapter(Listening):
         # Every TCP connection, upgraded or not (websockets' own list has the upgraded ones).
         self.tcp_connections: set[WSConnection] = set()
         self.logger = _RedactingLogger(log.getChild("websockets"), {})
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[asyncio.Server | TLSServer] = []
         self._bound: dict[str, int] = {}
         self._frames = FrameCache()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -550,14 +552,16 @@ class WSAdapter(Listening):
         loop = asyncio.get_running_loop()
         try:
             for endpoint in self.endpoints:
+                factory = functools.partial(WSConnection, self)
                 try:
-                    server = await loop.create_server(
-                        functools.partial(WSConnection, self),
-                        endpoint.host,
-                        endpoint.port,
-                        ssl=endpoint.tls,
-                        reuse_address=True,
-                    )
+                    if endpoint.tls is not None:
+                        server: asyncio.Server | TLSServer = await tls.create_server(
+                            factory, endpoint.host, endpoint.port, endpoint.tls
+                        )
+                    else:
+                        server = await loop.create_server(
+                            factory, endpoint.host, endpoint.port, reuse_address=True
+                        )
                 except OSError as exc:
                     raise ListenError(endpoint, exc) from exc
                 self._servers.append(server)
