@@ -9,9 +9,10 @@ mutual-TLS connection on this kind of machine, against Mosquitto's 24 kB, whose 
 and writes the socket itself. :class:`TLSTransport` does what Mosquitto does: the
 ``SSLSocket`` reads and writes its file descriptor, and the event loop only says when it is
 readable or writable (``add_reader``/``add_writer``): 24.6 kB for a bare server in the same
-measure, 26.9 kB for Conduit's MQTTS (docs/performance.md). The handshake, the certificate checks and the cryptography stay
-OpenSSL's, through Python's ``ssl`` module and the listener's :class:`ssl.SSLContext` (reloaded
-in place, as before); only the plumbing between the socket and the protocol is here.
+measure, 26.9 kB for Conduit's MQTTS (docs/performance.md). The handshake, the certificate
+checks and the cryptography stay OpenSSL's, through Python's ``ssl`` module and the listener's
+:class:`ssl.SSLContext` (reloaded in place, as before); only the plumbing between the socket and
+the protocol is here.
 
 :func:`create_server` binds like ``loop.create_server`` and returns a :class:`TLSServer`, whose
 connections each get a protocol from the factory once their handshake has completed
