@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import gc
 import json
 import logging
 import os
-import platform
 import secrets
 import signal
 import socket
@@ -445,24 +443,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
-    pin_mmap_threshold()
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial value
-
-
-def pin_mmap_threshold() -> None:
-    """Keep glibc's mmap threshold at its initial 128 KiB. glibc raises it each time a block
-    above it is freed (up to 32 MiB); from then on blocks of that size come from the heap, and
-    each TLS connection's 256 KiB read buffer (uvloop's) cost about 9 kB more of resident
-    memory per idle TLS connection (50.7 kB instead of 41.8; docs/performance.md). Blocks above
-    128 KiB (those buffers, the largest payloads) are mapped and unmapped instead. Nothing
-    happens on another C library."""
-    if platform.libc_ver()[0] != "glibc":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 async def serve(settings: Settings) -> None:
