@@ -260,7 +260,12 @@ class TLSTransport(asyncio.Transport):
             if not data:
                 self._eof()
                 return
-            self._protocol.data_received(data)
+            try:
+                self._protocol.data_received(data)
+            except Exception as exc:  # as the event loop's transports do: the connection ends
+                log.exception("tls: the protocol failed on data from %s", self._peer)
+                self._fatal(exc)
+                return
         if not self._closing and not self._paused and sock.pending():
             self._loop.call_soon(self._read_ready)  # decrypted bytes the socket will not signal
 

@@ -292,3 +292,27 @@ async def test_no_tickets_when_a_crl_is_checked(pki: Path) -> None:
         assert await asyncio.to_thread(resumes, port(srv), pki) == (False, False)
     finally:
         srv.close()
+
+
+class Failing(Recorder):
+    def data_received(self, data: bytes) -> None:
+        raise RuntimeError("a bug")
+
+
+async def test_a_protocol_that_fails_on_data_ends_its_connection_alone(
+    pki: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    Recorder.made = []
+    srv = await tls.create_server(Failing, "127.0.0.1", 0, server_context(pki))
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port(srv), ssl=client_context(pki)
+        )
+        writer.write(b"boom")
+        assert await ended(reader)
+        (proto,) = Recorder.made
+        assert isinstance(await asyncio.wait_for(proto.lost, TIMEOUT), RuntimeError)
+        assert "the protocol failed on data" in caplog.text
+        writer.close()
+    finally:
+        srv.close()
