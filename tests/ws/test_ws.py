@@ -18,7 +18,7 @@ from core.bus import Subscription
 from core.credentials import Credentials
 from core.message import Message
 from tests.conftest import World
-from tests.ws.conftest import drain
+from tests.ws.conftest import drain, masked_frame, raw_upgrade
 
 SENML = [{"bn": "urn:dev:1:", "n": "temp", "u": "Cel", "v": 21.5}]
 
@@ -268,19 +268,10 @@ async def test_a_text_frame_that_is_not_utf8_closes_with_1007(
 ) -> None:
     """RFC 6455 8.1: a text message must be UTF-8; one that is not fails the connection
     (1007) and is not published. Sent raw: a client library would not send it."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", ws_adapter.port)
-    writer.write(
-        b"GET /m/acme/c/temps/t?mode=publish HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        b"Sec-WebSocket-Version: 13\r\nAuthorization: Client "
-        + world.publisher.secret.encode()
-        + b"\r\n\r\n"
+    reader, writer = await raw_upgrade(
+        ws_adapter.port, world.publisher.secret, "/m/acme/c/temps/t?mode=publish"
     )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert head.startswith(b"HTTP/1.1 101")
-    payload, mask = b"\xff\xfe", b"\x01\x02\x03\x04"
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    writer.write(bytes((0x81, 0x80 | len(payload))) + mask + masked)  # a masked text frame
+    writer.write(masked_frame(0x81, b"\xff\xfe"))  # a text frame
     first, second = await asyncio.wait_for(reader.readexactly(2), 5)
     data = await reader.readexactly(second & 0x7F)
     assert first & 0x0F == 0x8  # a close frame

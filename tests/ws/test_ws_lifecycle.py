@@ -11,6 +11,7 @@ from websockets.exceptions import ConnectionClosed
 
 from adapters.ws import WSAdapter
 from tests.conftest import World, running
+from tests.ws.conftest import masked_frame, raw_upgrade
 
 
 async def test_shutdown_closes_with_1001(world: World) -> None:
@@ -49,13 +50,6 @@ async def test_keepalive_pings_are_answered(world: World) -> None:
             assert server_side.latency > 0
 
 
-UPGRADE = (
-    b"GET /m/acme/c/temps HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    b"Sec-WebSocket-Version: 13\r\nAuthorization: Client %s\r\n\r\n"
-)
-
-
 async def test_pings_go_on_while_pongs_come_and_an_ended_connection_leaves_its_round(
     world: World,
 ) -> None:
@@ -64,19 +58,14 @@ async def test_pings_go_on_while_pongs_come_and_an_ended_connection_leaves_its_r
     async with running(
         WSAdapter(world.gateway, "127.0.0.1", 0, ping_interval=0.2, ping_timeout=5)
     ) as adapter:
-        reader, writer = await asyncio.open_connection("127.0.0.1", adapter.port)
-        writer.write(UPGRADE % world.subscriber.secret.encode())
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert head.startswith(b"HTTP/1.1 101")
+        reader, writer = await raw_upgrade(adapter.port, world.subscriber.secret)
         pings = 0
         while pings < 3:
             first, second = await asyncio.wait_for(reader.readexactly(2), 5)
             data = await reader.readexactly(second & 0x7F)
             assert first & 0x0F == 0x9  # only pings on an idle connection
             pings += 1
-            mask = b"\x01\x02\x03\x04"  # a client's frames are masked (RFC 6455 5.3)
-            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-            writer.write(bytes((0x8A, 0x80 | len(data))) + mask + masked)  # the pong
+            writer.write(masked_frame(0x8A, data))  # the pong
         for _ in range(500):  # the last pong read, the connection waits in a round again
             if sum(len(r) for r in adapter._rounds.values()) == 1:
                 break
@@ -95,16 +84,7 @@ async def test_peer_that_never_answers_pings_is_closed_with_1011(world: World) -
     async with running(
         WSAdapter(world.gateway, "127.0.0.1", 0, ping_interval=0.05, ping_timeout=0.2)
     ) as adapter:
-        reader, writer = await asyncio.open_connection("127.0.0.1", adapter.port)
-        writer.write(
-            b"GET /m/acme/c/temps HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\nAuthorization: Client "
-            + world.subscriber.secret.encode()
-            + b"\r\n\r\n"
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert head.startswith(b"HTTP/1.1 101")
+        reader, writer = await raw_upgrade(adapter.port, world.subscriber.secret)
         opcodes, close = [], None
         while close is None:  # read frames, answer nothing
             first, second = await asyncio.wait_for(reader.readexactly(2), 5)
