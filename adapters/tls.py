@@ -297,7 +297,7 @@ class TLSTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data or self._closing:
             return
-        if self._buffer:
+        if self._buffer is not None:  # behind what waits (also while it drains, then empty)
             self._buffer.append(bytes(data))
             self._buffered += len(data)
             self._check_high()
@@ -359,12 +359,12 @@ class TLSTransport(asyncio.Transport):
                 buffer[0] = chunk[sent:]
             else:
                 buffer.popleft()
+            if self._throttled and self._buffered <= self._low:
+                self._throttled = False
+                self._protocol.resume_writing()  # it may write: the loop goes on with it
         self._buffer = None
         self._buffered = 0
         self._want_writable(False)
-        if self._throttled:
-            self._throttled = False
-            self._protocol.resume_writing()
         if self._closing and not self._lost:
             self._shutdown()
 

@@ -51,6 +51,7 @@ class Recorder(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: tls.TLSTransport | None = None
         self.certificate: bytes | None = None  # the client's, as the handshake left it
+        self.on_resume = b""  # written when told it may write again
         self.data = bytearray()
         self.events: list[str] = []
         self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
@@ -74,6 +75,8 @@ class Recorder(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.events.append("resume")
+        if self.on_resume and self.transport is not None:
+            self.transport.write(self.on_resume)  # as a protocol that waited for room does
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.events.append("lost")
@@ -151,13 +154,14 @@ async def test_large_writes_to_a_slow_reader_arrive_whole_in_order_with_flow_con
     for chunk in chunks:  # the socket buffers take: the transport buffers the rest
         proto.transport.write(chunk)
     assert proto.events[-1] == "pause" and proto.transport.get_write_buffer_size() > 0
-    expected = b"".join(chunks)
+    proto.on_resume = b"TAIL"  # written while the transport still drains its buffer
+    expected = b"".join(chunks) + b"TAIL"
     got = bytearray()
     while len(got) < len(expected):
         await asyncio.sleep(0.001)  # a slow reader
         got += await asyncio.wait_for(reader.read(65536), TIMEOUT)
     assert bytes(got) == expected
-    await until(lambda: proto.events[-1] == "resume")
+    assert proto.events.count("resume") == 1
     assert proto.transport.get_write_buffer_size() == 0
     writer.close()  # close_notify, then FIN
     assert await asyncio.wait_for(proto.lost, TIMEOUT) is None
