@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -34,6 +35,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from adapters import tls
 from core.errors import PROBLEM_JSON, plain_problem
 from core.gateway import Gateway
 from core.limits import ListenerLimits
@@ -198,6 +200,29 @@ class _AppRunner(web.AppRunner):
         )
 
 
+class _TLSSite(web.BaseSite):
+    """aiohttp's site for a TLS endpoint on Conduit's TLS transport (:mod:`adapters.tls`), as
+    the other adapters' TLS endpoints are."""
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, context: ssl.SSLContext
+    ) -> None:
+        super().__init__(runner)
+        self._host, self._port, self._context = host, port, context
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await tls.create_server(  # type: ignore[assignment]
+            server, self._host, self._port, self._context, backlog=self._backlog
+        )
+
+
 class Listener:
     """One aiohttp server on one endpoint, guarded (see the module docstring).
 
@@ -245,9 +270,11 @@ class Listener:
             runner = web.ServerRunner(server, access_log=None, handle_signals=False)
         await runner.setup()
         endpoint = self.endpoint
-        site = web.TCPSite(
-            runner, endpoint.host, endpoint.port, ssl_context=endpoint.tls, reuse_address=True
-        )
+        site: web.BaseSite
+        if endpoint.tls is not None:
+            site = _TLSSite(runner, endpoint.host, endpoint.port, endpoint.tls)
+        else:
+            site = web.TCPSite(runner, endpoint.host, endpoint.port, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
