@@ -179,7 +179,7 @@ class WSConnection(asyncio.Protocol):
             return
         adapter.tcp_connections.add(self)
         transport.set_write_buffer_limits(adapter.write_limit)
-        self._deadline(adapter.limits.header_timeout, transport.abort)
+        self.deadline(adapter.limits.header_timeout, transport.abort)
 
     def data_received(self, data: bytes) -> None:
         if self.gone:
@@ -205,7 +205,7 @@ class WSConnection(asyncio.Protocol):
         self.gone = True
         with contextlib.suppress(EOFError):
             self.ws.receive_eof()  # CLOSED: sinks and pings see it
-        self._deadline(None, None)
+        self.deadline(None, None)
         self.adapter.ended(self)
 
     def pause_writing(self) -> None:
@@ -361,9 +361,9 @@ class WSConnection(asyncio.Protocol):
     def _closing(self) -> None:
         if not self.closing:
             self.closing = True
-            self._deadline(self.adapter.close_timeout, self.transport.abort)
+            self.deadline(self.adapter.close_timeout, self.transport.abort)
 
-    def _deadline(self, delay: float | None, then: Callable[[], None] | None) -> None:
+    def deadline(self, delay: float | None, then: Callable[[], None] | None) -> None:
         """The connection's one timer: the upgrade's, the pong's or the closing's."""
         if self.timer is not None:
             self.timer.cancel()
@@ -380,7 +380,7 @@ class WSConnection(asyncio.Protocol):
         self.ws.send_ping(data)
         self.flush()
         if self.adapter.ping_timeout is not None:
-            self._deadline(self.adapter.ping_timeout, self._no_pong)
+            self.deadline(self.adapter.ping_timeout, self._no_pong)
 
     def _pong(self, data: bytes) -> None:
         ping = self.ping
@@ -388,7 +388,7 @@ class WSConnection(asyncio.Protocol):
             return  # unsolicited
         self.latency = asyncio.get_running_loop().time() - ping[1]
         self.ping = None
-        self._deadline(None, None)
+        self.deadline(None, None)
         self.adapter.keep_alive(self)
 
     def _no_pong(self) -> None:
@@ -727,7 +727,7 @@ class WSAdapter(Listening):
         ws.send_response(response)
         connection.flush()
         if response.status_code == 101 and connection.session is not None:
-            connection._deadline(None, None)  # the upgrade's deadline
+            connection.deadline(None, None)  # the upgrade's deadline
             await self._opened(connection, connection.session)
 
     async def _opened(self, connection: WSConnection, session: Session) -> None:
