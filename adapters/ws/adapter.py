@@ -230,12 +230,13 @@ class WSConnection(asyncio.Protocol):
                 return
         self.flush()
 
-    async def _after(self, waiting: Awaitable[None], events: list[Event]) -> None:
+    async def _after(self, waiting: Awaitable[object], events: list[Event]) -> None:
         try:
             await waiting
+        except ConduitError as exc:  # a refusal of the awaited publish or re-authentication
+            self.refuse(exc)
         except Exception:
-            client_id = self.session.identity.client_id if self.session else "-"
-            log.exception("ws connection of client %s failed", client_id)
+            log.exception("ws connection of client %s failed", self.client_id)
             self.refuse(UnavailableError("internal error"))
         finally:
             self.busy = False
@@ -245,7 +246,7 @@ class WSConnection(asyncio.Protocol):
             self.transport.resume_reading()
         self._handle(events + self.ws.events_received())
 
-    def _event(self, event: Event) -> Awaitable[None] | None:
+    def _event(self, event: Event) -> Awaitable[object] | None:
         if isinstance(event, Request):
             return self.adapter.open(self, event)
         if not isinstance(event, Frame):
@@ -268,7 +269,7 @@ class WSConnection(asyncio.Protocol):
             return self._message(data, self.text)
         return None  # ping, close: answered by the protocol
 
-    def _message(self, data: bytes, text: bool) -> Awaitable[None] | None:
+    def _message(self, data: bytes, text: bool) -> Awaitable[object] | None:
         """A whole message from the client: published to the connection's topic, or an
         in-band ``auth`` message (envelope format)."""
         session = self.session
@@ -297,22 +298,13 @@ class WSConnection(asyncio.Protocol):
             published = adapter.gateway.publish_nowait(
                 session.identity, topic, data, content_type, adapter.protocol
             )
-            if published is None:
-                return self._publish(topic, data, content_type)
+            if published is None:  # rights not cached, or a bus that must wait
+                return adapter.gateway.publish(
+                    session.identity, topic, data, content_type, adapter.protocol
+                )
         except ConduitError as exc:
             self.refuse(exc)
         return None
-
-    async def _publish(self, topic: Topic, data: bytes, content_type: str) -> None:
-        session = self.session
-        assert session is not None
-        adapter = self.adapter
-        try:
-            await adapter.gateway.publish(
-                session.identity, topic, data, content_type, adapter.protocol
-            )
-        except ConduitError as exc:
-            self.refuse(exc)
 
     # writing and closing
     def flush(self) -> None:
@@ -789,20 +781,16 @@ class WSAdapter(Listening):
         connection's rights and expiry become the new token's, in place: it publishes only if
         the new token allows it, and its subscription ends (closing it, 1008) if that is no
         longer allowed. Answered ``{"type": "auth", "status": "ok", "expires_at": ...}``;
-        refused with the error's close code."""
+        ConduitError when refused (the connection closes with its code)."""
         session = connection.session
         assert session is not None
         gateway = self.gateway
         old = session.identity
-        try:
-            identity = await gateway.authenticate(
-                Credentials(token=token, certificate=session.certificate)
-            )
-            if (identity.domain, identity.client_id) != (old.domain, old.client_id):
-                raise AuthenticationError("re-authentication with another client's token")
-        except ConduitError as exc:
-            connection.refuse(exc)
-            return
+        identity = await gateway.authenticate(
+            Credentials(token=token, certificate=session.certificate)
+        )
+        if (identity.domain, identity.client_id) != (old.domain, old.client_id):
+            raise AuthenticationError("re-authentication with another client's token")
         if connection.gone:
             return
         session.identity = identity
